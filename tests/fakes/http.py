@@ -1,0 +1,239 @@
+"""A tiny HTTP/1.1 server on 127.0.0.1:0 for fake upstreams.
+
+Written on raw asyncio streams (not a framework) so a fake controls every byte it sends:
+exact SSE/NDJSON framing, chunked transfer, and faults no framework would produce
+(reset before headers, stall mid-body, close without a terminator). Keep-alive is
+supported because the broker's pooled httpx client reuses connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Request:
+    method: str
+    path: str  # without the query string
+    query: str
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+class Response:
+    """Handed to a handler to answer. Use `send` for a whole body, or start_stream/write/end."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self.started = False
+        self.finished = False
+        self.keep_alive = True
+
+    async def send(
+        self, status: int, body: bytes | str | Any, *, headers: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> None:
+        if not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        data = body.encode() if isinstance(body, str) else body
+        hdrs = {"content-type": content_type, "content-length": str(len(data)), **(headers or {})}
+        self._writer.write(_head(status, hdrs) + data)
+        await self._writer.drain()
+        self.started = self.finished = True
+
+    async def start_stream(
+        self, status: int = 200, *, content_type: str = "text/event-stream", headers: dict[str, str] | None = None
+    ) -> None:
+        hdrs = {"content-type": content_type, "transfer-encoding": "chunked", "cache-control": "no-cache",
+                **(headers or {})}
+        self._writer.write(_head(status, hdrs))
+        await self._writer.drain()
+        self.started = True
+
+    async def write(self, data: bytes | str) -> None:
+        """One chunk of a chunked body; raises ConnectionError once the client has gone."""
+        raw = data.encode() if isinstance(data, str) else data
+        if not raw:
+            return
+        self._writer.write(f"{len(raw):x}\r\n".encode() + raw + b"\r\n")
+        await self._writer.drain()
+
+    async def end(self) -> None:
+        self._writer.write(b"0\r\n\r\n")
+        await self._writer.drain()
+        self.finished = True
+
+    def abort(self) -> None:
+        """Drop the connection with a TCP reset (no terminator, no FIN handshake)."""
+        sock = self._writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        self._writer.transport.abort()
+        self.keep_alive = False
+        self.finished = True
+
+    async def close(self) -> None:
+        """Close the connection cleanly (FIN) wherever the body is."""
+        self.keep_alive = False
+        self.finished = True
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+            404: "Not Found", 408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large",
+            422: "Unprocessable Entity", 429: "Too Many Requests", 500: "Internal Server Error",
+            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 529: "Overloaded"}
+
+
+def _head(status: int, headers: dict[str, str]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+Handler = Callable[[Request, Response], Awaitable[None]]
+
+
+@dataclass
+class FakeHTTPServer:
+    """Serve `handler` on 127.0.0.1 on a free port. Counts requests and watches disconnects."""
+
+    handler: Handler
+    host: str = "127.0.0.1"
+    port: int = 0
+    requests: list[Request] = field(default_factory=list)
+    # Set when a client closes a connection while a handler is still streaming to it.
+    disconnects: asyncio.Queue[float] = field(default_factory=asyncio.Queue)
+    open_connections: int = 0
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> FakeHTTPServer:
+        self._server = await asyncio.start_server(self._on_conn, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        """Stop listening and drop every connection, as a crashed upstream would."""
+        if self._server is not None:
+            self._server.close()
+            for t in list(self._tasks):
+                t.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+            self._server = None
+
+    async def __aenter__(self) -> FakeHTTPServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
+        self.open_connections += 1
+        try:
+            while True:
+                req = await _read_request(reader)
+                if req is None:
+                    return
+                self.requests.append(req)
+                resp = Response(writer)
+                watcher = asyncio.create_task(_watch_eof(reader))
+                handler = asyncio.create_task(self.handler(req, resp))
+                done, _ = await asyncio.wait({watcher, handler}, return_when=asyncio.FIRST_COMPLETED)
+                if watcher in done and handler not in done:
+                    # The client went away mid-response: record when, and stop the handler.
+                    self.disconnects.put_nowait(asyncio.get_running_loop().time())
+                    handler.cancel()
+                    with contextlib.suppress(BaseException):
+                        await handler
+                    return
+                watcher.cancel()
+                with contextlib.suppress(BaseException):
+                    await watcher
+                exc = handler.exception()
+                if exc is not None:
+                    if isinstance(exc, ConnectionError):
+                        self.disconnects.put_nowait(asyncio.get_running_loop().time())
+                        return
+                    raise exc
+                if not resp.keep_alive or req.headers.get("connection", "").lower() == "close":
+                    return
+                if resp.started and not resp.finished:
+                    return  # the handler left the body open: end the connection with it
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            self.open_connections -= 1
+            self._tasks.discard(task)  # type: ignore[arg-type]
+            with contextlib.suppress(Exception):
+                writer.close()
+
+
+async def _watch_eof(reader: asyncio.StreamReader) -> None:
+    # A request body was read whole; further bytes would be a pipelined request (httpx does
+    # not pipeline), so EOF here means the client closed the connection.
+    while True:
+        data = await reader.read(1)
+        if not data:
+            return
+        await asyncio.sleep(3600)
+
+
+async def _read_request(reader: asyncio.StreamReader) -> Request | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    body = b""
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        body = b"".join(parts)
+    path, _, query = target.partition("?")
+    return Request(method=method, path=path, query=query, headers=headers, body=body)
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One SSE event as servers write it: optional `event:` line, `data:` line, blank line."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+def ndjson(obj: Any) -> bytes:
+    return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
