@@ -52,6 +52,9 @@ class ProviderConfig(_Strict):
     # Models served even if discovery does not list them (and for servers with no listing).
     models: list[str] = Field(default_factory=list)
     discovery: bool = True
+    # Bill at the catalogue's prices? Default (unset): only on the vendor's own endpoint
+    # (api.openai.com, api.anthropic.com); a proxy to the vendor can set true.
+    catalog_prices: bool | None = None
 
     @field_validator("name")
     @classmethod

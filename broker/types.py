@@ -150,7 +150,7 @@ class Cost:
 
 @dataclass(slots=True, frozen=True)
 class StartEvent:
-    """The upstream accepted the request. `model` is the id the upstream reported."""
+    """The upstream accepted the request (2xx). `model` is the model requested of it."""
 
     model: str = ""
 

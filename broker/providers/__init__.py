@@ -7,16 +7,18 @@ whichever module the caller touched first (a test checks none is missing).
 from __future__ import annotations
 
 import importlib
+from typing import TypeVar
 
 from broker.config import ProviderConfig
 from broker.providers.base import Provider
 
 _TYPES: dict[str, type[Provider]] = {}
+P = TypeVar("P", bound=type[Provider])
 # The protocol modules; each must register exactly the type named like the module.
 PROTOCOL_MODULES = ("openai", "anthropic", "ollama")
 
 
-def register[P: type[Provider]](cls: P) -> P:
+def register(cls: P) -> P:
     _TYPES[cls.type] = cls
     return cls
 

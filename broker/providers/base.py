@@ -18,7 +18,7 @@ import contextlib
 import email.utils
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -191,11 +191,19 @@ class Provider(abc.ABC):
             raise self.error_for_status(resp.status_code, resp.headers, resp.content[:MAX_ERROR_BODY], model=model)
         return decode_json(resp.content, provider=self.name, what=f"POST {path}")
 
-    async def guarded_lines(self, resp: httpx.Response, *, model: str = "") -> AsyncIterator[str]:
-        """Lines of a streamed body, with stalls and disconnects mapped to BrokerErrors."""
+    async def guarded_lines(self, resp: httpx.Response, *, model: str = "") -> AsyncGenerator[str, None]:
+        """Lines of a streamed body, with stalls and disconnects mapped to BrokerErrors.
+
+        Splits on "\n" only: httpx's aiter_lines also splits on U+2028/U+2029/U+0085, which
+        may appear raw inside a JSON string and would break an NDJSON or SSE line in two.
+        """
+        pending = ""
         try:
-            async for line in resp.aiter_lines():
-                yield line
+            async for chunk in resp.aiter_text():
+                parts = (pending + chunk).split("\n")
+                pending = parts.pop()
+                for line in parts:
+                    yield line.removesuffix("\r")
         except httpx.TimeoutException:
             raise errors.UpstreamTimeout(
                 f"{self.name}: stream stalled (no data for {self.config.read_timeout_seconds:g}s)",
@@ -208,6 +216,8 @@ class Provider(abc.ABC):
                 provider=self.name,
                 model=model,
             ) from None
+        if pending:
+            yield pending.removesuffix("\r")
 
     def error_for_status(
         self, status: int, headers: Mapping[str, str], body: bytes, *, model: str = ""

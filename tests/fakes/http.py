@@ -118,7 +118,7 @@ class FakeHTTPServer:
     disconnects: asyncio.Queue[float] = field(default_factory=asyncio.Queue)
     open_connections: int = 0
     _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -133,8 +133,11 @@ class FakeHTTPServer:
         """Stop listening and drop every connection, as a crashed upstream would."""
         if self._server is not None:
             self._server.close()
-            for t in list(self._tasks):
+            tasks = list(self._tasks)
+            for t in tasks:
                 t.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=2)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
             self._server = None
@@ -148,7 +151,7 @@ class FakeHTTPServer:
     async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         self.open_connections += 1
         try:
             while True:
@@ -158,18 +161,18 @@ class FakeHTTPServer:
                 self.requests.append(req)
                 resp = Response(writer)
                 watcher = asyncio.create_task(_watch_eof(reader))
-                handler = asyncio.create_task(self.handler(req, resp))
+                handler = asyncio.ensure_future(self.handler(req, resp))
                 done, _ = await asyncio.wait({watcher, handler}, return_when=asyncio.FIRST_COMPLETED)
                 if watcher in done and handler not in done:
                     # The client went away mid-response: record when, and stop the handler.
                     self.disconnects.put_nowait(asyncio.get_running_loop().time())
                     handler.cancel()
-                    with contextlib.suppress(BaseException):
-                        await handler
+                    # wait() rather than await: a cancellation of this connection task
+                    # (stop()) must not be swallowed along with the handler's.
+                    await asyncio.wait({handler})
                     return
                 watcher.cancel()
-                with contextlib.suppress(BaseException):
-                    await watcher
+                await asyncio.wait({watcher})
                 exc = handler.exception()
                 if exc is not None:
                     if isinstance(exc, ConnectionError):
@@ -184,7 +187,7 @@ class FakeHTTPServer:
             return
         finally:
             self.open_connections -= 1
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
 

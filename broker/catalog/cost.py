@@ -1,0 +1,64 @@
+"""Money: exact conversions and the cost of one request, in integer micro-USD.
+
+Nothing here touches a float after parsing: prices are integer micro-USD per million tokens,
+token counts are integers, and the one division rounds half-up at the end.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal
+
+from broker.types import Cost, Pricing, Usage
+
+MICRO_USD_PER_USD = 1_000_000
+TOKENS_PER_MTOK = 1_000_000
+
+
+def micro_usd_from_usd(usd: float | Decimal | str) -> int:
+    """USD (per million tokens, say) -> integer micro-USD, exactly.
+
+    A float goes through its shortest repr (`str(0.15)` is "0.15"), so 0.15 becomes 150000
+    and not 149999 from 0.15 * 1e6 = 149999.99999999997. Sub-micro amounts round half-up.
+    """
+    value = Decimal(str(usd)) if isinstance(usd, float) else Decimal(usd)
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"a price must be a finite amount >= 0, got {usd!r}")
+    return int((value * MICRO_USD_PER_USD).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def _div_half_up(numerator: int, denominator: int) -> int:
+    # Non-negative operands only (clamped by the caller), so floor division is exact here.
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def compute_cost(pricing: Pricing | None, usage: Usage, *, local: bool = False) -> Cost:
+    """The cost of one request from its usage.
+
+    Usage convention (the providers': see anthropic_wire.usage_from): input_tokens counts every
+    input token, including cache reads (cached_input_tokens) and cache writes. So:
+        input  = (input - cached) * input_price + cached * cached_price   [cached_price defaults
+                                                                            to input_price]
+        output = output * output_price
+    each / 1_000_000 tokens-per-Mtok, rounded half-up once. Cache writes are billed at the
+    input price (Pricing has no cache-write price; Anthropic charges 1.25x for them, so their
+    cost is understated by a quarter of the cache-write tokens' input price).
+
+    No pricing: unknown (known=False, never a silent 0) unless `local`, where no price means
+    free. A local model with a price (config can set one, e.g. for internal chargeback) is
+    billed at that price; the catalogue's local entries are priced 0.
+    """
+    if pricing is None:
+        return Cost(known=local)
+    total_in = max(usage.input_tokens, 0)
+    # Clamp: a provider that reports more cached tokens than input must not make cost negative.
+    cached = min(max(usage.cached_input_tokens, 0), total_in)
+    cached_price = pricing.cached_input_micro_usd_per_mtok
+    if cached_price is None:
+        cached_price = pricing.input_micro_usd_per_mtok
+    input_scaled = (total_in - cached) * pricing.input_micro_usd_per_mtok + cached * cached_price
+    output_scaled = max(usage.output_tokens, 0) * pricing.output_micro_usd_per_mtok
+    return Cost(
+        known=True,
+        input_micro_usd=_div_half_up(input_scaled, TOKENS_PER_MTOK),
+        output_micro_usd=_div_half_up(output_scaled, TOKENS_PER_MTOK),
+    )

@@ -1,0 +1,282 @@
+"""`model-broker`: serve | complete | models | providers | health | config check | config show."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from broker.config import (
+    DEFAULT_LISTEN,
+    PRESETS,
+    ConfigError,
+    Settings,
+    dump_settings,
+    load_settings,
+    preset_settings,
+    settings_from_env,
+)
+
+# `health` exit codes follow grpc_health_probe so scripts can use either.
+EXIT_SERVING, EXIT_USAGE, EXIT_CONNECT, EXIT_RPC, EXIT_NOT_SERVING = 0, 1, 2, 3, 4
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = args.config or os.environ.get("MODEL_BROKER_CONFIG")
+    if path:
+        return load_settings(path)
+    if getattr(args, "preset", None):
+        return preset_settings(args.preset)
+    return settings_from_env()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from broker.logs import configure_logging
+
+    configure_logging(args.log_level)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"model-broker: {exc}", file=sys.stderr)
+        return 2
+    if not settings.providers:
+        print(
+            "model-broker: warning: no providers configured (give --config FILE, or set OPENAI_API_KEY, "
+            "OPENAI_BASE_URL, ANTHROPIC_API_KEY or OLLAMA_HOST); readiness stays NOT_SERVING",
+            file=sys.stderr,
+        )
+    from broker.server import BrokerServer
+
+    server = BrokerServer(settings)
+    try:
+        asyncio.run(server.serve_until_signal(args.listen))
+    except OSError as exc:
+        print(f"model-broker: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.file)
+    except ConfigError as exc:
+        print(f"{args.file}: invalid config", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    names = ", ".join(f"{p.name} ({p.type})" for p in settings.enabled_providers()) or "none"
+    print(f"{args.file}: ok; providers by priority: {names}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"model-broker: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(dump_settings(settings, reveal_secrets=args.reveal_secrets))
+    return 0
+
+
+def _fail(err: Exception) -> int:
+    from modelbroker.client import BrokerError
+
+    if isinstance(err, BrokerError):
+        reason = f" [{err.reason}]" if err.reason else ""
+        print(f"error: {err.code.name}: {err.message}{reason}", file=sys.stderr)
+        for fld, desc in err.field_violations:
+            print(f"  {fld}: {desc}", file=sys.stderr)
+        if err.retry_delay is not None:
+            print(f"  retry after {err.retry_delay:g}s", file=sys.stderr)
+        return 1
+    raise err
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    from modelbroker.client import BrokerClient, BrokerError, StreamEnded, StreamStarted, TextDelta, ToolCallDelta
+    from modelbroker.client import system as system_msg
+    from modelbroker.client import user as user_msg
+    from modelbroker.v1 import broker_pb2 as pb
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    messages = ([system_msg(args.system)] if args.system else []) + [user_msg(prompt)]
+    params = pb.GenerationParams()
+    if args.max_tokens is not None:
+        params.max_tokens = args.max_tokens
+    if args.temperature is not None:
+        params.temperature = args.temperature
+    kw = {"params": params, "timeout": args.timeout, "fallback_models": args.fallback}
+    with BrokerClient(args.target, api_key=args.api_key or os.environ.get("MODEL_BROKER_API_KEY")) as client:
+        try:
+            if args.no_stream:
+                ans = client.complete(args.model, messages, **kw)
+                sys.stdout.write(ans.text)
+                for tc in ans.tool_calls:
+                    sys.stdout.write(f"\n[tool call {tc.id}] {tc.name}({tc.arguments})")
+                sys.stdout.write("\n")
+                _summary(ans.provider, ans.model, ans.finish_reason, ans.usage, ans.cost)
+                return 0
+            for ev in client.stream(args.model, messages, **kw):
+                if isinstance(ev, TextDelta):
+                    sys.stdout.write(ev.text)
+                    sys.stdout.flush()
+                elif isinstance(ev, ToolCallDelta):
+                    if ev.name:
+                        sys.stdout.write(f"\n[tool call {ev.id}] {ev.name}(")
+                    sys.stdout.write(ev.arguments_delta)
+                elif isinstance(ev, StreamStarted):
+                    started = ev
+                elif isinstance(ev, StreamEnded):
+                    sys.stdout.write(")\n" if ev.finish_reason == "tool_calls" else "\n")
+                    _summary(started.provider, started.model, ev.finish_reason, ev.usage, ev.cost)
+        except BrokerError as err:
+            sys.stdout.flush()
+            return _fail(err)
+    return 0
+
+
+def _summary(provider: str, model: str, finish: str, usage: object, cost: object) -> None:
+    from modelbroker.client import Cost, Usage
+
+    assert isinstance(usage, Usage) and isinstance(cost, Cost)
+    price = f"${cost.total_micro_usd / 1e6:.6f} ({cost.total_micro_usd} micro-USD)" if cost.known else "unknown"
+    print(
+        f"[{provider}/{model}] finish={finish} tokens in={usage.input_tokens} out={usage.output_tokens} "
+        f"cached={usage.cached_input_tokens} cost={price}",
+        file=sys.stderr,
+    )
+
+
+def _price(micro: int) -> str:
+    return f"{micro / 1e6:.4g}"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from modelbroker.client import BrokerClient, BrokerError
+    from modelbroker.v1 import broker_pb2 as pb
+
+    with BrokerClient(args.target, api_key=args.api_key, timeout=args.timeout) as client:
+        try:
+            models = client.list_models(args.provider)
+        except BrokerError as err:
+            return _fail(err)
+    cap_names = {pb.CAPABILITY_VISION: "vision", pb.CAPABILITY_TOOLS: "tools", pb.CAPABILITY_JSON_MODE: "json"}
+    print(f"{'MODEL':48} {'CONTEXT':>8} {'MAX OUT':>8} {'IN $/M':>8} {'OUT $/M':>8}  CAPABILITIES")
+    for m in models:
+        caps = ",".join(cap_names[c] for c in m.capabilities) if m.capabilities_known else "unknown"
+        if m.pricing.known:
+            pin, pout = _price(m.pricing.input_micro_usd_per_mtok), _price(m.pricing.output_micro_usd_per_mtok)
+        else:
+            pin = pout = "?"
+        ctx = str(m.context_window or "?")
+        mo = str(m.max_output_tokens or "?")
+        print(f"{m.id:48} {ctx:>8} {mo:>8} {pin:>8} {pout:>8}  {caps}")
+    return 0
+
+
+def cmd_providers(args: argparse.Namespace) -> int:
+    from modelbroker.client import BrokerClient, BrokerError
+    from modelbroker.v1 import broker_pb2 as pb
+
+    with BrokerClient(args.target, api_key=args.api_key, timeout=args.timeout) as client:
+        try:
+            providers = client.list_providers()
+        except BrokerError as err:
+            return _fail(err)
+    for p in providers:
+        health = pb.ProviderHealth.Name(p.health).removeprefix("PROVIDER_HEALTH_")
+        err = f"  last error: {p.last_error}" if p.last_error else ""
+        print(f"{p.name:16} {p.type:10} prio={p.priority:<4} {health:12} models={p.model_count:<4} {p.base_url}{err}")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=args.timeout)
+        except grpc.FutureTimeoutError:
+            print(f"error: cannot connect to {args.target} within {args.timeout:g}s", file=sys.stderr)
+            return EXIT_CONNECT
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as err:
+            print(f"error: health check of {args.service!r} failed: {err.code().name}: {err.details()}",  # type: ignore[attr-defined]
+                  file=sys.stderr)
+            return EXIT_RPC
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(f"{args.service or '(server)'}: {name}")
+    return EXIT_SERVING if resp.status == health_pb2.HealthCheckResponse.SERVING else EXIT_NOT_SERVING
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="model-broker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the daemon")
+    p.add_argument("--config", help="YAML config file (default: $MODEL_BROKER_CONFIG, else the environment)")
+    p.add_argument("--preset", choices=PRESETS, help="use a built-in config instead of a file")
+    p.add_argument("--listen", default=None, help=f"HOST:PORT (default: server.listen, {DEFAULT_LISTEN})")
+    p.add_argument("--log-level", default=os.environ.get("MODEL_BROKER_LOG_LEVEL", "info"))
+    p.set_defaults(func=cmd_serve)
+
+    def client_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", default=os.environ.get("MODEL_BROKER_TARGET", DEFAULT_LISTEN))
+        p.add_argument("--api-key", default=os.environ.get("MODEL_BROKER_API_KEY"), help="caller key, if auth is on")
+        p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+
+    p = sub.add_parser("complete", help="stream a completion to stdout (usage and cost to stderr)")
+    client_args(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--system")
+    p.add_argument("--no-stream", action="store_true", help="use the unary Complete RPC")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--fallback", action="append", default=[], help="fallback model (repeatable)")
+    p.add_argument("prompt", help="the user message ('-' reads stdin)")
+    p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("models", help="list models with context, prices and capabilities")
+    client_args(p)
+    p.add_argument("--provider", default="")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("providers", help="list providers with their health")
+    client_args(p)
+    p.set_defaults(func=cmd_providers)
+
+    p = sub.add_parser("health", help="check a grpc.health.v1 service; exit 0 only when SERVING")
+    p.add_argument("--target", default=os.environ.get("MODEL_BROKER_TARGET", DEFAULT_LISTEN))
+    p.add_argument("--service", default="", help='"" (liveness), modelbroker.v1.ModelBroker, provider/<name>')
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("config", help="check or show configuration")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("check", help="validate a config file; list every problem with its path")
+    c.add_argument("file", type=Path)
+    c.set_defaults(func=cmd_config_check)
+    c = csub.add_parser("show", help="print the effective config as YAML (keys masked)")
+    c.add_argument("--config")
+    c.add_argument("--preset", choices=PRESETS)
+    c.add_argument("--reveal-secrets", action="store_true")
+    c.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Provider health -> grpc.health.v1 statuses.
+
+| service name                   | meaning                                             |
+| ""                             | the process is up and not shutting down (liveness)  |
+| "modelbroker.v1.ModelBroker"   | can serve: per `health.readiness` (any/all healthy) |
+| "provider/<name>"              | that provider's health                              |
+
+Each provider gets a cheap active check (listing models or a version endpoint, never a
+paid completion) every `health.interval_seconds`; a failure flips it to NOT_SERVING at
+once, so a provider that goes away is seen within one interval plus the check timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2
+
+from broker import errors
+from broker.config import HealthConfig
+from broker.redact import redact
+from broker.registry import ProviderState, Registry
+
+log = structlog.get_logger("broker.health")
+
+SERVICE_NAME = "modelbroker.v1.ModelBroker"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+MAX_LIST = 100  # grpc.health.v1 List: at most 100 entries, else RESOURCE_EXHAUSTED
+
+
+def provider_service(name: str) -> str:
+    return f"provider/{name}"
+
+
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
+    """The library's aio servicer plus `List`, which grpcio-health-checking 1.85 leaves UNIMPLEMENTED."""
+
+    async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        statuses = dict(self._server_status)
+        if len(statuses) > MAX_LIST:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {MAX_LIST} services")
+        resp = health_pb2.HealthListResponse()
+        for name, status in statuses.items():
+            resp.statuses[name].status = status
+        return resp
+
+    def status(self, service: str) -> int | None:
+        return self._server_status.get(service)  # type: ignore[no-any-return]
+
+
+class HealthMonitor:
+    def __init__(self, registry: Registry, config: HealthConfig, servicer: HealthServicer | None = None) -> None:
+        self.registry = registry
+        self.config = config
+        self.servicer = servicer or HealthServicer()
+        self._task: asyncio.Task[None] | None = None
+        self._shutting_down = False
+
+    async def start(self) -> None:
+        """Register every name as NOT_SERVING, run the first round of checks, then keep checking."""
+        await self.servicer.set(SERVICE_NAME, NOT_SERVING)
+        for s in self.registry.providers:
+            await self.servicer.set(provider_service(s.name), NOT_SERVING)
+        await self.check_all()
+        self._task = asyncio.create_task(self._loop(), name="health-checks")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Every name turns NOT_SERVING (liveness too) so probes and balancers stop sending work."""
+        self._shutting_down = True
+        await self.servicer.enter_graceful_shutdown()
+        log.info("health_shutdown", status="NOT_SERVING")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval_seconds)
+            await self.check_all()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(s) for s in self.registry.providers))
+        await self._update_readiness()
+
+    async def _check(self, s: ProviderState) -> None:
+        try:
+            await asyncio.wait_for(s.provider.health_check(), self.config.timeout_seconds)
+        except errors.BrokerError as exc:
+            await self.record(s, False, exc.message)
+        except TimeoutError:
+            await self.record(s, False, f"health check timed out after {self.config.timeout_seconds:g}s")
+        except Exception as exc:  # a provider bug must not stop health checking
+            await self.record(s, False, f"health check failed: {type(exc).__name__}: {exc}")
+        else:
+            await self.record(s, True, "")
+
+    async def record(self, s: ProviderState, healthy: bool, error: str) -> None:
+        changed = s.healthy is not healthy
+        s.healthy = healthy
+        s.last_check_wall = time.time()
+        if error:
+            s.last_error = redact(error)
+        if changed:
+            log.info("provider_health", provider=s.name, serving=healthy, error=s.last_error if not healthy else "")
+        await self.servicer.set(provider_service(s.name), SERVING if healthy else NOT_SERVING)
+
+    def ready(self) -> bool:
+        states = [s.healthy is True for s in self.registry.providers]
+        if not states:
+            return False
+        return all(states) if self.config.readiness == "all" else any(states)
+
+    async def _update_readiness(self) -> None:
+        if self._shutting_down:
+            return
+        want = SERVING if self.ready() else NOT_SERVING
+        if self.servicer.status(SERVICE_NAME) != want:
+            log.info("readiness", service=SERVICE_NAME, serving=want == SERVING)
+        await self.servicer.set(SERVICE_NAME, want)

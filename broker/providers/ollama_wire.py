@@ -1,0 +1,367 @@
+"""Ollama native API <-> neutral types: pure mapping, no I/O.
+
+`build_body` turns a CompletionRequest into a `POST /api/chat` body; `ChatStreamParser` turns
+the NDJSON lines of the answer into neutral events; `parse_error_body`, `parse_tags` and
+`parse_show` read the error, listing and model-detail documents. Field rules are in
+PROTOCOLS.md section C.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from broker import errors
+from broker.providers.base import UpstreamErrorInfo, classify_error, decode_json
+from broker.types import (
+    Capability,
+    CompletionEvent,
+    CompletionRequest,
+    DiscoveredModel,
+    EndEvent,
+    FinishReason,
+    ImagePart,
+    Message,
+    ResponseFormat,
+    Role,
+    TextDeltaEvent,
+    ToolCallDeltaEvent,
+    ToolChoiceMode,
+    Usage,
+)
+
+Json = dict[str, Any]
+
+# --- request ---------------------------------------------------------------------------------
+
+
+def build_body(request: CompletionRequest) -> Json:
+    """The /api/chat body for `request` (always streamed). Raises errors.InvalidRequest."""
+    # Ollama's tool message carries the tool's name, not the call id: remember which call
+    # id belongs to which name so a tool result can say which tool produced it.
+    names_by_call_id = {c.id: c.name for m in request.messages for c in m.tool_calls if c.id}
+    body: Json = {
+        "model": request.model,
+        "messages": [_message(m, i, names_by_call_id) for i, m in enumerate(request.messages)],
+        "stream": True,
+    }
+    tools = _tools(request)
+    if tools:
+        body["tools"] = tools
+    if request.params.response_format == ResponseFormat.JSON:
+        body["format"] = "json"
+    options = _options(request)
+    if options:
+        body["options"] = options
+    return body
+
+
+def _message(msg: Message, i: int, names_by_call_id: Mapping[str, str]) -> Json:
+    out: Json = {"role": msg.role.value, "content": msg.text()}
+    images = [
+        _image_base64(part, f"messages[{i}].content[{j}].image")
+        for j, part in enumerate(msg.content)
+        if isinstance(part, ImagePart)
+    ]
+    if images:
+        out["images"] = images
+    if msg.role == Role.ASSISTANT and msg.tool_calls:
+        calls: list[Json] = []
+        for k, call in enumerate(msg.tool_calls):
+            entry: Json = {"function": {"name": call.name, "arguments": _arguments(call.arguments, i, k)}}
+            if call.id:
+                entry["id"] = call.id  # newer Ollama keeps ids; older ones ignore unknown fields
+            calls.append(entry)
+        out["tool_calls"] = calls
+    if msg.role == Role.TOOL:
+        name = names_by_call_id.get(msg.tool_call_id)
+        if name:
+            out["tool_name"] = name
+        if msg.tool_call_id:
+            out["tool_call_id"] = msg.tool_call_id
+    return out
+
+
+def _image_base64(part: ImagePart, where: str) -> str:
+    if part.data is not None:
+        # Ollama wants raw base64 with no data: prefix; it sniffs the format itself.
+        return base64.b64encode(part.data).decode("ascii")
+    if part.url and part.url.startswith("data:"):
+        # A data: URL is inline bytes in disguise, so it can still be sent.
+        head, sep, data = part.url.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise errors.InvalidRequest(
+                [(f"{where}.url", "a data: URL must be data:<media type>;base64,<data>")]
+            )
+        try:
+            base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise errors.InvalidRequest([(f"{where}.url", "the data: URL is not valid base64")]) from None
+        return data
+    if part.url:
+        raise errors.InvalidRequest(
+            [
+                (
+                    f"{where}.url",
+                    "Ollama cannot fetch images by URL; it needs inline image bytes (or a data: URL)",
+                )
+            ]
+        )
+    raise errors.InvalidRequest([(where, "an image needs bytes or a URL")])
+
+
+def _arguments(arguments: str, i: int, k: int) -> Json:
+    where = f"messages[{i}].tool_calls[{k}].arguments"
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except ValueError as exc:
+        raise errors.InvalidRequest([(where, f"not valid JSON ({exc})")]) from None
+    if not isinstance(value, dict):
+        raise errors.InvalidRequest(
+            [(where, "must be a JSON object (Ollama's tool arguments are an object)")]
+        )
+    return value
+
+
+def _tools(request: CompletionRequest) -> list[Json]:
+    choice = request.tool_choice
+    # Ollama has no tool_choice. "none" is honoured by not offering tools at all, and "this
+    # tool" by offering only that one; "required" cannot be enforced and stays best effort.
+    if choice.mode == ToolChoiceMode.NONE:
+        return []
+    tools = request.tools
+    if choice.mode == ToolChoiceMode.TOOL and choice.tool_name:
+        tools = [t for t in tools if t.name == choice.tool_name]
+        if not tools:
+            raise errors.InvalidRequest(
+                [("tool_choice.tool_name", f"{choice.tool_name!r} is not one of the request's tools")]
+            )
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": t.name,
+                "description": t.description,
+                # An empty schema is not an object schema; models handle "no parameters" better.
+                "parameters": t.parameters or {"type": "object", "properties": {}},
+            },
+        }
+        for t in tools
+    ]
+
+
+def _options(request: CompletionRequest) -> Json:
+    p = request.params
+    options: Json = {}
+    if p.temperature is not None:
+        options["temperature"] = p.temperature
+    if p.top_p is not None:
+        options["top_p"] = p.top_p
+    if p.max_tokens is not None:
+        options["num_predict"] = p.max_tokens
+    if p.stop:
+        options["stop"] = list(p.stop)
+    if p.seed is not None:
+        options["seed"] = p.seed
+    return options
+
+
+# --- streamed answer -------------------------------------------------------------------------
+
+_FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
+
+
+class ChatStreamParser:
+    """NDJSON lines of /api/chat -> neutral deltas and one EndEvent. Raises BrokerError.
+
+    Ollama sends each tool call whole (arguments as an object) in one line, so every call
+    becomes a single ToolCallDeltaEvent with the full arguments JSON text. `done` says whether
+    the final `"done": true` line arrived, so a body that just stops can be told apart.
+    """
+
+    def __init__(self, *, provider: str, model: str) -> None:
+        self.provider = provider
+        self.model = model
+        self.done = False
+        self._tool_calls = 0
+
+    def feed(self, line: str) -> list[CompletionEvent]:
+        if not line.strip() or self.done:
+            return []
+        try:
+            doc = decode_json(line, provider=self.provider, what="the /api/chat stream")
+        except errors.BrokerError as exc:
+            raise exc.with_target(self.provider, self.model) from None
+        if not isinstance(doc, dict):
+            raise errors.UpstreamProtocolError(
+                f"{self.provider}: /api/chat line is {type(doc).__name__}, not an object: {line[:200]!r}",
+                provider=self.provider,
+                model=self.model,
+            )
+        if "error" in doc:
+            raise stream_error(str(doc["error"]), provider=self.provider, model=self.model)
+        events: list[CompletionEvent] = []
+        message = doc.get("message")
+        if isinstance(message, dict):
+            # `thinking` is deliberately dropped: the neutral stream carries only the answer.
+            if content := message.get("content"):
+                events.append(TextDeltaEvent(str(content)))
+            for call in message.get("tool_calls") or []:
+                if isinstance(call, dict):
+                    events.append(self._tool_call(call))
+        if doc.get("done"):
+            self.done = True
+            finish = _FINISH.get(str(doc.get("done_reason") or "stop"), FinishReason.OTHER)
+            if finish == FinishReason.STOP and self._tool_calls:
+                finish = FinishReason.TOOL_CALLS  # Ollama says "stop" after calling tools
+            # Metric fields are omitempty: a missing count is 0.
+            usage = Usage(
+                input_tokens=_count(doc, "prompt_eval_count"), output_tokens=_count(doc, "eval_count")
+            )
+            events.append(EndEvent(finish, usage))
+        return events
+
+    def _tool_call(self, call: Mapping[str, Any]) -> ToolCallDeltaEvent:
+        index = self._tool_calls
+        self._tool_calls += 1
+        function = call.get("function") or {}
+        args = function.get("arguments")
+        # Arguments are an object on the wire; the neutral form is JSON text.
+        text = (
+            args
+            if isinstance(args, str)
+            else json.dumps(args if args is not None else {}, ensure_ascii=False)
+        )
+        # Older Ollama sends no id; a synthesized one lets the caller's tool result refer to it.
+        return ToolCallDeltaEvent(
+            index=index,
+            id=str(call.get("id") or f"call_{index}"),
+            name=str(function.get("name") or ""),
+            arguments_delta=text,
+        )
+
+
+def _count(doc: Mapping[str, Any], key: str) -> int:
+    value = doc.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def status_for_message(text: str) -> int:
+    """The HTTP status an Ollama error text would come with, for errors sent after the 200."""
+    low = text.lower()
+    if "not found" in low and "model" in low:
+        return 404
+    if "does not support" in low or "context length" in low or "too long" in low:
+        return 400
+    if "timed out" in low or "timeout" in low:
+        return 504
+    return 500
+
+
+def stream_error(text: str, *, provider: str, model: str) -> errors.BrokerError:
+    """A `{"error": ...}` line mid-stream: classified like the HTTP error it would have been."""
+    status = status_for_message(text)
+    info = UpstreamErrorInfo(message=text)
+    message = f"{provider} failed mid-stream: {text or 'no message'}"
+    return classify_error(status, info, message, {}, {"provider": provider, "model": model})
+
+
+def parse_error_body(body: bytes) -> UpstreamErrorInfo:
+    """`{"error": "..."}`, or whatever text came (Go's router answers `404 page not found`)."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return UpstreamErrorInfo(message=text[:500])
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        return UpstreamErrorInfo(message=doc["error"])
+    return UpstreamErrorInfo(message=text[:500])
+
+
+def is_missing_model(message: str) -> bool:
+    """Ollama's "not pulled" texts: `model 'x' not found` and `model "x" not found, try pulling it first`."""
+    low = message.lower()
+    return low.startswith("model") and "not found" in low
+
+
+# --- discovery -------------------------------------------------------------------------------
+
+
+def model_name(name: str) -> str:
+    # Ollama treats "llama3.2" and "llama3.2:latest" as one model; callers type the short form.
+    return name.removesuffix(":latest")
+
+
+@dataclass(slots=True, frozen=True)
+class ListedModel:
+    """What Ollama said about one model: raw capability strings (None: not said), context."""
+
+    name: str
+    capabilities: tuple[str, ...] | None = None
+    context_length: int | None = None
+
+    def merged(self, other: ListedModel) -> ListedModel:
+        """`other` (from /api/show) wins where it knows something."""
+        return ListedModel(
+            self.name,
+            other.capabilities if other.capabilities is not None else self.capabilities,
+            other.context_length or self.context_length,
+        )
+
+    @property
+    def can_chat(self) -> bool:
+        # Embedding-only models list no "completion"; /api/chat would refuse them.
+        return self.capabilities is None or "completion" in self.capabilities
+
+    def discovered(self) -> DiscoveredModel:
+        caps: frozenset[Capability] | None = None
+        if self.capabilities is not None:
+            found = {Capability.JSON_MODE}  # `format: "json"` works with every chat model
+            if "vision" in self.capabilities:
+                found.add(Capability.VISION)
+            if "tools" in self.capabilities:
+                found.add(Capability.TOOLS)
+            caps = frozenset(found)
+        return DiscoveredModel(name=self.name, capabilities=caps, context_window=self.context_length)
+
+
+def parse_tags(doc: Any, *, provider: str) -> list[ListedModel]:
+    """GET /api/tags -> models, with what newer builds put in the listing itself."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("models") or [], list):
+        raise errors.UpstreamProtocolError(
+            f'{provider}: /api/tags did not answer {{"models": [...]}}', provider=provider
+        )
+    out: list[ListedModel] = []
+    for entry in doc.get("models") or []:
+        if not isinstance(entry, dict):
+            continue
+        name = entry.get("name") or entry.get("model")
+        if not isinstance(name, str) or not name:
+            continue
+        details = entry.get("details")
+        ctx = details.get("context_length") if isinstance(details, dict) else None
+        out.append(ListedModel(model_name(name), _strings(entry.get("capabilities")), _positive(ctx)))
+    return out
+
+
+def parse_show(name: str, doc: Any) -> ListedModel:
+    """POST /api/show -> capabilities and the context length from model_info."""
+    if not isinstance(doc, dict):
+        return ListedModel(name)
+    info = doc.get("model_info")
+    ctx = None
+    if isinstance(info, dict) and isinstance(arch := info.get("general.architecture"), str):
+        ctx = _positive(info.get(f"{arch}.context_length"))
+    return ListedModel(name, _strings(doc.get("capabilities")), ctx)
+
+
+def _strings(value: Any) -> tuple[str, ...] | None:
+    return tuple(str(v) for v in value) if isinstance(value, list) else None
+
+
+def _positive(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -1,0 +1,158 @@
+"""OpenAI Chat Completions, and every server that speaks it (Ollama /v1, vLLM, llama.cpp).
+
+The JSON mapping lives in `openai_wire`; this module is the HTTP side: auth, the SSE
+stream read with httpx-sse, and the rules of the stream (events only after a 200, exactly
+one EndEvent, and only after `data: [DONE]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import httpx
+import httpx_sse
+
+from broker import errors
+from broker.config import ProviderConfig
+from broker.providers import register
+from broker.providers.base import Provider, UpstreamErrorInfo
+from broker.providers.openai_wire import (
+    ChunkParser,
+    build_body,
+    error_from_payload,
+    parse_models,
+    token_limit_field,
+)
+from broker.providers.openai_wire import parse_error as parse_error_body
+from broker.redact import redact
+from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
+
+DONE = "[DONE]"
+# After [DONE] only the chunked-body terminator should follow, at once. Reading it lets
+# httpx put the connection back in the pool (closing an unfinished body drops it, and a
+# new TLS handshake costs far more), but a server that keeps the body open must not hold
+# the caller for long.
+_DRAIN_SECONDS = 0.2
+
+
+@register
+class OpenAIProvider(Provider):
+    type = "openai"
+
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)
+        self.max_tokens_field = token_limit_field(self.base_url)
+
+    def auth_headers(self) -> dict[str, str]:
+        # Local compatible servers usually run without a key; sending "Bearer " would be noise.
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    async def stream(self, request: CompletionRequest) -> AsyncIterator[CompletionEvent]:
+        model = request.model
+        body = build_body(request, max_tokens_field=self.max_tokens_field)
+        parser = ChunkParser(provider=self.name, model=model)
+        async with self.open("POST", "chat/completions", json=body, request=request) as resp:
+            await self._expect_event_stream(resp, model)
+            yield StartEvent(model=model)
+            async with contextlib.aclosing(self._sse_events(resp, request)) as events:
+                done = False
+                async for sse in events:
+                    if sse.data == DONE:
+                        done = True
+                        break
+                    if not sse.data:
+                        continue  # keep-alive or an event without data
+                    payload = self._decode(sse.data, model)
+                    if sse.event == "error":
+                        raise error_from_payload(
+                            payload.get("error", payload), provider=self.name, model=model
+                        )
+                    for event in parser.feed(payload):
+                        yield event
+                if not done:
+                    raise errors.UpstreamProtocolError(
+                        f"{self.name}: stream ended without [DONE] (the response may be truncated)",
+                        provider=self.name,
+                        model=model,
+                    )
+                # Drain before the last event: a consumer may stop at EndEvent and close us.
+                with contextlib.suppress(errors.BrokerError, TimeoutError):
+                    async with asyncio.timeout(_DRAIN_SECONDS):
+                        async for _ in events:
+                            pass
+                yield parser.end()
+
+    async def list_models(self) -> list[DiscoveredModel]:
+        return parse_models(await self.get_json("models"), provider=self.name)
+
+    async def health_check(self) -> None:
+        # GET /models is free and needs a valid key, so it checks reachability and auth.
+        # The abstract signature takes no timeout: the connect timeout is the short one.
+        await self.get_json("models", timeout=self.config.connect_timeout_seconds)
+
+    def parse_error(self, status: int, body: bytes) -> UpstreamErrorInfo:
+        return parse_error_body(status, body)
+
+    # --- stream mechanics ------------------------------------------------------------------
+
+    async def _sse_events(
+        self, resp: httpx.Response, request: CompletionRequest
+    ) -> AsyncGenerator[httpx_sse.ServerSentEvent, None]:
+        """SSE events with stalls and disconnects mapped as base.guarded_lines maps them.
+
+        httpx-sse splits lines only on CR/LF as SSE requires; httpx's aiter_lines also splits
+        on U+2028, U+0085 and friends, which may appear raw inside a JSON string.
+        """
+        source = httpx_sse.EventSource(resp).aiter_sse()
+        try:
+            async for sse in source:
+                yield sse
+        except httpx.TimeoutException:
+            raise errors.UpstreamTimeout(
+                f"{self.name}: stream stalled (no data for {self._timeout_for(request).read:g}s)",
+                provider=self.name,
+                model=request.model,
+            ) from None
+        except httpx.TransportError as exc:
+            raise errors.UpstreamUnavailable(
+                f"{self.name}: connection lost mid-stream: {exc or type(exc).__name__}",
+                provider=self.name,
+                model=request.model,
+            ) from None
+        finally:
+            await source.aclose()
+
+    async def _expect_event_stream(self, resp: httpx.Response, model: str) -> None:
+        """A 200 that is not SSE (a proxy's HTML page, a server ignoring `stream`) is not our protocol."""
+        ctype = resp.headers.get("content-type", "")
+        if "text/event-stream" in ctype:
+            return
+        head = b""
+        with contextlib.suppress(httpx.HTTPError):
+            async for chunk in resp.aiter_bytes():
+                head += chunk
+                if len(head) >= 512:
+                    break
+        snippet = redact(" ".join(head[:200].decode("utf-8", "replace").split()))
+        raise errors.UpstreamProtocolError(
+            f"{self.name}: expected an event stream, got {ctype or 'no content-type'}: {snippet!r}",
+            provider=self.name,
+            model=model,
+        )
+
+    def _decode(self, data: str, model: str) -> dict[str, Any]:
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            raise errors.UpstreamProtocolError(
+                f"{self.name}: a stream chunk is not a JSON object: {redact(data[:200])!r}",
+                provider=self.name,
+                model=model,
+            )
+        return payload

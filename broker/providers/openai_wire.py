@@ -1,0 +1,347 @@
+"""OpenAI Chat Completions wire format <-> neutral types. Pure functions, no I/O.
+
+Also serves OpenAI-compatible servers (Ollama /v1, vLLM, llama.cpp), so every reader is
+lenient: unknown fields are ignored, optional fields may be missing or null, and the
+error shapes of the common servers are all understood (PROTOCOLS.md section A).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+from urllib.parse import urlsplit
+
+from broker import errors
+from broker.providers.base import UpstreamErrorInfo, classify_error
+from broker.redact import redact
+from broker.types import (
+    CompletionEvent,
+    CompletionRequest,
+    DiscoveredModel,
+    EndEvent,
+    FinishReason,
+    ImagePart,
+    Message,
+    ResponseFormat,
+    Role,
+    TextDeltaEvent,
+    ToolCallDeltaEvent,
+    ToolChoiceMode,
+    Usage,
+)
+
+MAX_COMPLETION_TOKENS = "max_completion_tokens"
+MAX_TOKENS = "max_tokens"
+
+_FINISH = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    "content_filter": FinishReason.CONTENT_FILTER,
+    "function_call": FinishReason.TOOL_CALLS,  # the deprecated name of the same thing
+}
+_SNIPPET = 200
+
+
+# --- request ---------------------------------------------------------------------------------
+
+
+def token_limit_field(base_url: str) -> str:
+    """Which output-limit field a server understands.
+
+    api.openai.com deprecated `max_tokens` and rejects it for o-series models, so it gets
+    `max_completion_tokens`. The compatible servers (Ollama /v1, vLLM, llama.cpp) know
+    `max_tokens`, and Ollama silently drops `max_completion_tokens`: the limit would vanish.
+    """
+    host = urlsplit(base_url).hostname or ""
+    if host == "api.openai.com" or host.endswith(".api.openai.com"):  # incl. us./eu. residency hosts
+        return MAX_COMPLETION_TOKENS
+    return MAX_TOKENS
+
+
+def build_body(
+    request: CompletionRequest, *, max_tokens_field: str = MAX_COMPLETION_TOKENS
+) -> dict[str, Any]:
+    """The JSON body of POST chat/completions. Always streamed, always asking for usage."""
+    body: dict[str, Any] = {
+        "model": request.model,
+        "messages": [_message(i, m) for i, m in enumerate(request.messages)],
+    }
+    if request.tools:
+        body["tools"] = [_tool(t.name, t.description, t.parameters) for t in request.tools]
+    choice = request.tool_choice
+    if choice.mode == ToolChoiceMode.TOOL:
+        body["tool_choice"] = {"type": "function", "function": {"name": choice.tool_name}}
+    elif choice.mode != ToolChoiceMode.DEFAULT:
+        body["tool_choice"] = choice.mode.value  # "auto" | "none" | "required"
+    p = request.params
+    if p.temperature is not None:
+        body["temperature"] = p.temperature
+    if p.top_p is not None:
+        body["top_p"] = p.top_p
+    # Only the caller's own limit: the catalogue's default_max_tokens exists for Anthropic,
+    # which requires one; here it would only risk a 400 from a server with a smaller cap.
+    if p.max_tokens is not None:
+        body[max_tokens_field] = p.max_tokens
+    if p.stop:
+        body["stop"] = list(p.stop)
+    if p.seed is not None:
+        body["seed"] = p.seed
+    if p.response_format == ResponseFormat.JSON:
+        body["response_format"] = {"type": "json_object"}
+    elif p.response_format == ResponseFormat.TEXT:
+        body["response_format"] = {"type": "text"}
+    body["stream"] = True
+    # Without this OpenAI sends no usage at all when streaming, and cost needs it.
+    body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _message(i: int, m: Message) -> dict[str, Any]:
+    if m.role == Role.TOOL:
+        return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.text()}
+    if m.role != Role.USER and m.has_image():
+        raise errors.InvalidRequest([(f"messages[{i}].content", "images are only accepted in user messages")])
+    if m.role == Role.ASSISTANT:
+        out: dict[str, Any] = {"role": "assistant", "content": m.text()}
+        if m.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in m.tool_calls
+            ]
+            # The spec's shape for a pure tool-call turn: content is null, not "".
+            out["content"] = out["content"] or None
+        return out
+    role = "system" if m.role == Role.SYSTEM else "user"
+    if not m.has_image() and (role == "system" or len(m.content) <= 1):
+        # A plain string is what every OpenAI-compatible server accepts.
+        return {"role": role, "content": m.text()}
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(m.content):
+        if isinstance(part, ImagePart):
+            parts.append(
+                {"type": "image_url", "image_url": {"url": _image_url(part, f"messages[{i}].content[{j}]")}}
+            )
+        else:
+            parts.append({"type": "text", "text": part.text})
+    return {"role": role, "content": parts}
+
+
+def _image_url(part: ImagePart, where: str) -> str:
+    if part.data is not None:
+        if not part.media_type:
+            raise errors.InvalidRequest([(where, "an inline image needs a media_type")])
+        return f"data:{part.media_type};base64,{base64.b64encode(part.data).decode('ascii')}"
+    if part.url:
+        return part.url
+    raise errors.InvalidRequest([(where, "an image needs data or a url")])
+
+
+def _tool(name: str, description: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    fn: dict[str, Any] = {"name": name}
+    if description:
+        fn["description"] = description
+    if parameters:  # omitted means "takes no arguments" in the spec
+        fn["parameters"] = parameters
+    return {"type": "function", "function": fn}
+
+
+# --- streaming response ----------------------------------------------------------------------
+
+
+class ChunkParser:
+    """Turns decoded `data:` payloads of one stream into neutral events.
+
+    Feed every JSON object in order; call `end()` after `[DONE]` for the one EndEvent.
+    Raises the mapped BrokerError when a payload is an error (mid-stream failure).
+    """
+
+    def __init__(self, *, provider: str, model: str) -> None:
+        self.provider = provider
+        self.model = model
+        self._finish: FinishReason | None = None
+        self._usage = Usage()
+        # Upstream tool-call index -> (id sent, name sent); ids keep index-less servers keyed.
+        self._calls: dict[int, tuple[bool, bool]] = {}
+        self._ids: dict[str, int] = {}
+        self._last_index = 0
+
+    def feed(self, payload: Any) -> list[CompletionEvent]:
+        if not isinstance(payload, dict):
+            raise self._protocol(f"a stream chunk is not a JSON object: {_snip(json.dumps(payload))}")
+        if payload.get("error") is not None:
+            raise error_from_payload(payload["error"], provider=self.provider, model=self.model)
+        if isinstance(payload.get("usage"), dict):
+            self._usage = usage_from(payload["usage"])
+        events: list[CompletionEvent] = []
+        for choice in payload.get("choices") or ():
+            # n is never sent, so only choice 0 exists; ignore anything else defensively.
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if isinstance(delta, dict):
+                events.extend(self._delta(delta))
+            reason = choice.get("finish_reason")
+            if isinstance(reason, str) and reason:
+                self._finish = _FINISH.get(reason, FinishReason.OTHER)
+        return events
+
+    def _delta(self, delta: dict[str, Any]) -> list[CompletionEvent]:
+        events: list[CompletionEvent] = []
+        # `refusal` is the text a model shows when it declines; the caller should see it.
+        # reasoning / reasoning_content (Ollama, llama.cpp) are deliberately not forwarded.
+        for key in ("content", "refusal"):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                events.append(TextDeltaEvent(text))
+        for call in delta.get("tool_calls") or ():
+            if isinstance(call, dict) and (ev := self._tool_delta(call)) is not None:
+                events.append(ev)
+        return events
+
+    def _tool_delta(self, call: dict[str, Any]) -> ToolCallDeltaEvent | None:
+        call_id = _str(call.get("id"))
+        fn = call.get("function")
+        fn = fn if isinstance(fn, dict) else {}
+        name = _str(fn.get("name"))
+        raw_args = fn.get("arguments")
+        if isinstance(raw_args, dict):  # a few servers send parsed arguments
+            raw_args = json.dumps(raw_args, separators=(",", ":"))
+        args = _str(raw_args)
+        index = call.get("index")
+        if not isinstance(index, int):
+            # `index` is required by the spec; without it, a new id starts a new call.
+            if call_id and call_id not in self._ids:
+                index = max(self._calls, default=-1) + 1
+            else:
+                index = self._ids.get(call_id, self._last_index)
+        self._last_index = index
+        id_sent, name_sent = self._calls.get(index, (False, False))
+        # Some servers repeat id and name on every fragment: pass them on once only.
+        out_id = call_id if call_id and not id_sent else ""
+        out_name = name if name and not name_sent else ""
+        self._calls[index] = (id_sent or bool(out_id), name_sent or bool(out_name))
+        if call_id:
+            self._ids.setdefault(call_id, index)
+        if not (out_id or out_name or args):
+            return None
+        return ToolCallDeltaEvent(index=index, id=out_id, name=out_name, arguments_delta=args)
+
+    def end(self) -> EndEvent:
+        reason = self._finish
+        if reason is None:
+            # [DONE] with no finish_reason: the server did not say why it stopped.
+            reason = FinishReason.OTHER
+        elif reason == FinishReason.STOP and self._calls:
+            # Some compatible servers report "stop" after tool calls; callers loop on tool_calls.
+            reason = FinishReason.TOOL_CALLS
+        return EndEvent(finish_reason=reason, usage=self._usage)
+
+    def _protocol(self, message: str) -> errors.UpstreamProtocolError:
+        return errors.UpstreamProtocolError(
+            f"{self.provider}: {message}", provider=self.provider, model=self.model
+        )
+
+
+def usage_from(u: dict[str, Any]) -> Usage:
+    details = u.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(
+        input_tokens=_int(u.get("prompt_tokens")),
+        output_tokens=_int(u.get("completion_tokens")),
+        cached_input_tokens=_int(cached),
+    )
+
+
+def error_from_payload(err: Any, *, provider: str, model: str) -> errors.BrokerError:
+    """A top-level `error` inside a 200 stream (OpenAI, vLLM): the same table as HTTP errors."""
+    info = _info_from_error(err)
+    code = err.get("code") if isinstance(err, dict) else None
+    status = code if isinstance(code, int) and 400 <= code <= 599 else _status_for_kind(info.kind)
+    message = f"{provider} failed mid-stream: {redact(info.message) or 'no message'}"
+    kw: dict[str, Any] = {"provider": provider, "model": model, "upstream_status": status}
+    return classify_error(status, info, message, {}, kw)
+
+
+def _status_for_kind(kind: str) -> int:
+    """No HTTP status in the payload: infer one from the vendor's type/code words."""
+    k = kind.lower()
+    if "rate_limit" in k or "quota" in k:
+        return 429
+    if "context_length" in k or "invalid_request" in k:
+        return 400
+    if "auth" in k or "api_key" in k:
+        return 401
+    if "not_found" in k:
+        return 404
+    return 500  # server_error and anything unknown: transient, like a 5xx
+
+
+# --- other documents ---------------------------------------------------------------------------
+
+
+def parse_error(status: int, body: bytes) -> UpstreamErrorInfo:
+    """Read an error body: OpenAI's `{"error":{...}}`, old vLLM's top level, or plain text."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        doc = json.loads(text) if text else None
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        if doc.get("error") is not None:
+            return _info_from_error(doc["error"])
+        if doc.get("object") == "error" or "message" in doc:
+            return _info_from_error(doc)
+        if isinstance(doc.get("detail"), str):  # FastAPI-based servers
+            return UpstreamErrorInfo(message=doc["detail"])
+    # HTML from a gateway, or anything else: a short snippet says enough to debug.
+    return UpstreamErrorInfo(message=_snip(" ".join(text.split())))
+
+
+def _info_from_error(err: Any) -> UpstreamErrorInfo:
+    if isinstance(err, str):
+        return UpstreamErrorInfo(message=err)
+    if not isinstance(err, dict):
+        return UpstreamErrorInfo(message=_snip(json.dumps(err)))
+    message = err.get("message")
+    code, etype, param = err.get("code"), err.get("type"), err.get("param")
+    # The code is the more specific word (insufficient_quota, context_length_exceeded).
+    kind = code if isinstance(code, str) and code else etype if isinstance(etype, str) else ""
+    return UpstreamErrorInfo(
+        message=message if isinstance(message, str) else "",
+        kind=kind,
+        param=param if isinstance(param, str) else "",
+    )
+
+
+def parse_models(doc: Any, *, provider: str) -> list[DiscoveredModel]:
+    """GET /models: `{"object":"list","data":[{"id":...}]}`."""
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise errors.UpstreamProtocolError(
+            f"{provider}: GET models answered without a data list: {_snip(json.dumps(doc))}",
+            provider=provider,
+        )
+    models = []
+    for entry in data:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
+            # vLLM reports the context it serves with; OpenAI and others say nothing.
+            ctx = entry.get("max_model_len")
+            models.append(
+                DiscoveredModel(name=entry["id"], context_window=ctx if isinstance(ctx, int) else None)
+            )
+    return models
+
+
+def _str(v: Any) -> str:
+    return v if isinstance(v, str) else ""
+
+
+def _int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _snip(text: str) -> str:
+    text = redact(text)
+    return text if len(text) <= _SNIPPET else text[:_SNIPPET] + "..."

@@ -1,0 +1,201 @@
+"""Providers by priority, model resolution, and the discovery cache.
+
+Resolution of a model reference, in order:
+  1. an alias from config (which may point at any of the forms below);
+  2. `name/model` where `name` is a configured provider: that provider, even if discovery
+     did not list the model (a model launched today must not need a release);
+  3. `type/model` where `type` is a provider type ("openai"): the providers of that type;
+  4. a bare id (which may itself contain '/', as vLLM model ids do): every provider that
+     lists it, by priority.
+The result is an ordered candidate list; routing decides what to do with more than one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import structlog
+
+from broker import errors
+from broker.catalog import Catalog
+from broker.config import ProviderConfig, Settings
+from broker.providers import create_provider
+from broker.providers.base import Provider
+from broker.redact import redact
+from broker.types import Capability, DiscoveredModel, ModelSpec
+
+log = structlog.get_logger("broker.registry")
+
+# The vendors' own endpoints: only these are billed at catalogue prices.
+_VENDOR_HOSTS = {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}
+_ALIAS_DEPTH = 5
+
+
+@dataclass(eq=False)
+class ProviderState:
+    provider: Provider
+    config: ProviderConfig
+    healthy: bool | None = None  # None until the first check
+    last_error: str = ""
+    last_check_wall: float | None = None
+    models: dict[str, DiscoveredModel] = field(default_factory=dict)
+    discovered_at: float | None = None  # monotonic
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def type(self) -> str:
+        return self.config.type
+
+    @property
+    def local(self) -> bool:
+        """Local models cost nothing per token."""
+        return self.config.type == "ollama"
+
+    @property
+    def vendor_endpoint(self) -> bool:
+        """Serves the vendor's catalogue at the vendor's prices (see ProviderConfig.catalog_prices)."""
+        if self.config.catalog_prices is not None:
+            return self.config.catalog_prices
+        host = _VENDOR_HOSTS.get(self.config.type)
+        return host is not None and urlparse(self.provider.base_url).hostname == host
+
+    def served_models(self) -> set[str]:
+        return set(self.models) | set(self.config.models)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    state: ProviderState
+    model: str
+    spec: ModelSpec
+
+    @property
+    def provider(self) -> Provider:
+        return self.state.provider
+
+
+class Registry:
+    def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
+        self.settings = settings
+        self.catalog = catalog or Catalog.load()
+        self.catalog.apply_overrides(settings.models, {p.name: p.type for p in settings.providers})
+        self.providers: list[ProviderState] = [
+            ProviderState(provider=create_provider(cfg), config=cfg) for cfg in settings.enabled_providers()
+        ]
+        self.by_name = {s.name: s for s in self.providers}
+        self._refresher: asyncio.Task[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for s in self.providers:
+            await s.provider.start()
+        await self.refresh(force=True)
+        self._refresher = asyncio.create_task(self._refresh_loop(), name="discovery-refresh")
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        for s in self.providers:
+            await s.provider.close()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.discovery.ttl_seconds)
+            await self.refresh()
+
+    async def refresh(self, *, force: bool = False) -> None:
+        """Re-list models where the cache is older than the TTL; a failure keeps the old list."""
+        ttl = self.settings.discovery.ttl_seconds
+        now = time.monotonic()
+        due = [
+            s
+            for s in self.providers
+            if s.config.discovery and (force or s.discovered_at is None or now - s.discovered_at >= ttl)
+        ]
+        await asyncio.gather(*(self._discover(s) for s in due))
+
+    async def _discover(self, s: ProviderState) -> None:
+        try:
+            found = await asyncio.wait_for(s.provider.list_models(), self.settings.health.timeout_seconds * 5)
+        except (errors.BrokerError, TimeoutError) as exc:
+            msg = redact(str(exc) or "discovery timed out")
+            log.warning("discovery_failed", provider=s.name, error=msg)
+            s.last_error = msg
+            return
+        s.models = {m.name: m for m in found}
+        s.discovered_at = time.monotonic()
+        log.info("discovered", provider=s.name, models=len(s.models))
+
+    # --- model facts ------------------------------------------------------------------------------
+
+    def spec(self, s: ProviderState, model: str) -> ModelSpec:
+        return self.catalog.spec_for(
+            s.name, s.type, model, s.models.get(model), vendor_endpoint=s.vendor_endpoint, local=s.local
+        )
+
+    def list_models(self, provider: str = "", capabilities: frozenset[Capability] = frozenset()) -> list[ModelSpec]:
+        out: list[ModelSpec] = []
+        for s in self.providers:
+            if provider and s.name != provider:
+                continue
+            names = s.served_models()
+            if s.vendor_endpoint:
+                # The vendor's own endpoint serves the catalogue's models even before discovery answers.
+                names |= self.catalog.models_for(s.type)
+            names |= self.catalog.override_models(s.name)
+            for name in sorted(names):
+                spec = self.spec(s, name)
+                if capabilities and not (spec.capabilities_known and capabilities <= spec.capabilities):
+                    continue
+                out.append(spec)
+        return out
+
+    # --- resolution ------------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> list[Target]:
+        """Candidates for a model reference, in priority order; NOT_FOUND when there are none."""
+        original = ref
+        for _ in range(_ALIAS_DEPTH):
+            if ref not in self.settings.aliases:
+                break
+            ref = self.settings.aliases[ref]
+        targets = self._resolve_plain(ref)
+        if not targets:
+            raise errors.ModelNotFound(self._not_found_message(original, ref), model=original)
+        return targets
+
+    def _resolve_plain(self, ref: str) -> list[Target]:
+        prefix, sep, rest = ref.partition("/")
+        if sep and rest:
+            if prefix in self.by_name:
+                s = self.by_name[prefix]
+                return [Target(s, rest, self.spec(s, rest))]
+            of_type = [s for s in self.providers if s.type == prefix]
+            if of_type:
+                listing = [s for s in of_type if rest in s.served_models()]
+                return [Target(s, rest, self.spec(s, rest)) for s in (listing or of_type)]
+        listing = [s for s in self.providers if ref in s.served_models()]
+        if not listing:
+            # Discovery may have failed (or be off): the vendor endpoint still serves its catalogue.
+            listing = [s for s in self.providers if s.vendor_endpoint and ref in self.catalog.models_for(s.type)]
+        return [Target(s, ref, self.spec(s, ref)) for s in listing]
+
+    def _not_found_message(self, original: str, ref: str) -> str:
+        via = f" (alias of {ref!r})" if ref != original else ""
+        if not self.providers:
+            return f"model {original!r}{via} not found: no providers are configured"
+        names = ", ".join(s.name for s in self.providers)
+        return (
+            f"model {original!r}{via} not found: no provider lists it; use 'provider/model' "
+            f"with one of: {names} (ListModels shows what each serves)"
+        )

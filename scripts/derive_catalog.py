@@ -1,0 +1,246 @@
+"""Derive broker/catalog/models.json from LiteLLM's model_prices_and_context_window.json.
+
+Usage (from the repo root):
+    .venv/bin/python scripts/derive_catalog.py [SOURCE] [--output PATH] [--date YYYY-MM-DD] [--check]
+
+SOURCE defaults to ../shared/data/model_prices_and_context_window.json (relative to the repo
+root). The output is deterministic (sorted keys, entries sorted by provider type then model,
+two-space indent, trailing newline): re-running on the same source gives no diff, and
+`--check` exits 1 when the committed file is stale. To refresh prices, update the source and
+SOURCE_VERSION, pass --date (or edit DATE), re-run, and review the diff.
+
+models.json schema (version 1):
+    {
+      "schema": 1,
+      "models": [ENTRY, ...]        # sorted by (provider_type, model)
+    }
+    ENTRY = {
+      "provider_type": "openai" | "anthropic" | "ollama",
+      "model": str,                 # the id callers send, e.g. "claude-sonnet-4-5"
+      "context_window": int | null, # most input tokens accepted (LiteLLM max_input_tokens)
+      "max_output_tokens": int | null,
+      "vision": bool, "tools": bool, "json_mode": bool,
+      # Prices: integer micro-USD per million tokens (1 USD/Mtok = 1_000_000), exact.
+      "input_micro_usd_per_mtok": int | null,
+      "output_micro_usd_per_mtok": int | null,
+      "cached_input_micro_usd_per_mtok": int | null,       # cache reads; null = no separate price
+      "cache_write_input_micro_usd_per_mtok": int | null,  # Anthropic cache creation (recorded only)
+      "deprecation_date": "YYYY-MM-DD" | null,             # as the source states it
+      "source": "litellm model_prices_and_context_window.json v1.80.0 key <original key>",
+      "note": str | null,           # why facts came from a key other than the model's own
+      "date": "YYYY-MM-DD"          # when the facts were taken
+    }
+
+Field choices (why):
+- context_window is max_input_tokens, not max_tokens: max_tokens is LiteLLM's legacy field
+  (sometimes the output limit) and the broker's check is "does the prompt fit".
+- A capability flag the source omits counts as absent: for OpenAI/Anthropic the source states
+  every flag a model has (o1-mini omits tools and is right to).
+- json_mode: the source has no "JSON object mode" flag. OpenAI: structured outputs
+  (supports_response_schema) or function calling implies response_format json_object
+  (both arrived with the 1106 models); the pre-1106 gpt-4 snapshots are the exception.
+  Anthropic: supports_response_schema as stated. Ollama: always, since the server enforces
+  `format: "json"` for every model.
+- Anthropic aliases (claude-sonnet-4-5, claude-3-5-haiku-latest, ...) point at a snapshot, so
+  they take the snapshot's facts: the source's own alias keys sometimes disagree with the
+  snapshot (claude-3-5-haiku-latest at $1/$5 vs $0.80/$4). LiteLLM's claude-4-opus-20250514
+  and claude-4-sonnet-20250514 are not API ids and are left out.
+- Ollama: local, so prices are 0. The source lists few Ollama models; for the common families
+  it lacks, facts come from the same open weights at another host (named in source and note).
+  Ollama's own /api/show, at discovery, overrides these for capabilities and context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "data" / "model_prices_and_context_window.json"
+DEFAULT_OUTPUT = REPO_ROOT / "broker" / "catalog" / "models.json"
+SOURCE_VERSION = "v1.80.0"
+SOURCE_PREFIX = f"litellm model_prices_and_context_window.json {SOURCE_VERSION} key "
+DATE = "2026-11-25"
+SCHEMA_VERSION = 1
+MICRO_PER_UNIT = Decimal(1_000_000)
+
+# OpenAI: model id == source key. Dated snapshots are listed because the broker never falls
+# back from a snapshot to its family (prices differ: gpt-4o-2024-05-13 is twice gpt-4o).
+# o1-mini-2024-09-12 is left out: retired, and the source prices it unlike its own alias.
+OPENAI = [
+    "gpt-3.5-turbo", "gpt-3.5-turbo-0125", "gpt-3.5-turbo-1106",
+    "gpt-4", "gpt-4-0613", "gpt-4-turbo", "gpt-4-turbo-2024-04-09", "gpt-4-turbo-preview",
+    "gpt-4-0125-preview", "gpt-4-1106-preview",
+    "gpt-4o", "gpt-4o-2024-05-13", "gpt-4o-2024-08-06", "gpt-4o-2024-11-20",
+    "gpt-4o-mini", "gpt-4o-mini-2024-07-18",
+    "gpt-4.1", "gpt-4.1-2025-04-14", "gpt-4.1-mini", "gpt-4.1-mini-2025-04-14",
+    "gpt-4.1-nano", "gpt-4.1-nano-2025-04-14",
+    "o1", "o1-2024-12-17", "o1-mini", "o3", "o3-2025-04-16", "o3-mini", "o3-mini-2025-01-31",
+    "o4-mini", "o4-mini-2025-04-16",
+    "gpt-5", "gpt-5-2025-08-07", "gpt-5-mini", "gpt-5-mini-2025-08-07",
+    "gpt-5-nano", "gpt-5-nano-2025-08-07", "gpt-5.1", "gpt-5.1-2025-11-13",
+]  # fmt: skip
+OPENAI_NO_JSON_MODE = {"gpt-4", "gpt-4-0613"}  # pre-1106: no response_format json_object
+
+# Anthropic: model id -> source key (the snapshot, for aliases).
+ANTHROPIC = {
+    "claude-3-haiku-20240307": "claude-3-haiku-20240307",
+    "claude-3-opus-20240229": "claude-3-opus-20240229",
+    "claude-3-opus-latest": "claude-3-opus-20240229",
+    "claude-3-5-sonnet-20240620": "claude-3-5-sonnet-20240620",
+    "claude-3-5-sonnet-20241022": "claude-3-5-sonnet-20241022",
+    "claude-3-5-sonnet-latest": "claude-3-5-sonnet-20241022",
+    "claude-3-5-haiku-20241022": "claude-3-5-haiku-20241022",
+    "claude-3-5-haiku-latest": "claude-3-5-haiku-20241022",
+    "claude-3-7-sonnet-20250219": "claude-3-7-sonnet-20250219",
+    "claude-3-7-sonnet-latest": "claude-3-7-sonnet-20250219",
+    "claude-sonnet-4-20250514": "claude-sonnet-4-20250514",
+    "claude-sonnet-4-0": "claude-sonnet-4-20250514",
+    "claude-opus-4-20250514": "claude-opus-4-20250514",
+    "claude-opus-4-0": "claude-opus-4-20250514",
+    "claude-opus-4-1-20250805": "claude-opus-4-1-20250805",
+    "claude-opus-4-1": "claude-opus-4-1-20250805",
+    "claude-sonnet-4-5-20250929": "claude-sonnet-4-5-20250929",
+    "claude-sonnet-4-5": "claude-sonnet-4-5-20250929",
+    "claude-haiku-4-5-20251001": "claude-haiku-4-5-20251001",
+    "claude-haiku-4-5": "claude-haiku-4-5-20251001",
+}
+
+# Ollama: library name -> source key. Borrowed keys are the size Ollama's default tag pulls
+# where the source has it, and one that states the tools/vision flags.
+OLLAMA = {
+    "llama3": "ollama/llama3",
+    "llama3.1": "ollama/llama3.1",
+    "llama3.2": "watsonx/meta-llama/llama-3-2-3b-instruct",
+    "llama3.3": "watsonx/meta-llama/llama-3-3-70b-instruct",
+    "gemma2": "groq/gemma2-9b-it",
+    "gemma3": "gemini/gemma-3-27b-it",
+    "mistral": "ollama/mistral",
+    "mixtral": "ollama/mixtral-8x7B-Instruct-v0.1",
+    "qwen2.5": "together_ai/Qwen/Qwen2.5-7B-Instruct-Turbo",
+    "phi3": "azure_ai/Phi-3-mini-4k-instruct",
+    "phi4": "azure_ai/Phi-4",
+}
+
+
+def micro_usd_per_mtok(per_token: Any) -> int | None:
+    """USD per token (exact Decimal from the JSON text) -> integer micro-USD per Mtok, half-up."""
+    if per_token is None:
+        return None
+    scaled = Decimal(per_token) * MICRO_PER_UNIT * MICRO_PER_UNIT
+    rounded = scaled.quantize(Decimal(1), rounding=ROUND_HALF_UP)
+    if rounded != scaled:
+        print(f"warning: {per_token} USD/token is not a whole micro-USD per Mtok", file=sys.stderr)
+    return int(rounded)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _entry(provider_type: str, model: str, key: str, raw: dict[str, Any]) -> dict[str, Any]:
+    vision = raw.get("supports_vision") is True
+    tools = raw.get("supports_function_calling") is True
+    schema = raw.get("supports_response_schema") is True
+    note: str | None = None
+    cache_write = micro_usd_per_mtok(raw.get("cache_creation_input_token_cost"))
+    if provider_type == "openai":
+        json_mode = (schema or tools) and model not in OPENAI_NO_JSON_MODE
+        prices = (
+            micro_usd_per_mtok(raw.get("input_cost_per_token")),
+            micro_usd_per_mtok(raw.get("output_cost_per_token")),
+            micro_usd_per_mtok(raw.get("cache_read_input_token_cost")),
+        )
+    elif provider_type == "anthropic":
+        json_mode = schema
+        prices = (
+            micro_usd_per_mtok(raw.get("input_cost_per_token")),
+            micro_usd_per_mtok(raw.get("output_cost_per_token")),
+            micro_usd_per_mtok(raw.get("cache_read_input_token_cost")),
+        )
+        if key != model:
+            note = f"alias of {key}: facts from the snapshot's key"
+    else:
+        json_mode = True
+        prices, cache_write = (0, 0, None), None
+        if not key.startswith("ollama/"):
+            note = "the same open weights at another host: capabilities and context only; price 0 (local)"
+    return {
+        "provider_type": provider_type,
+        "model": model,
+        "context_window": _opt_int(raw.get("max_input_tokens")),
+        "max_output_tokens": _opt_int(raw.get("max_output_tokens")),
+        "vision": vision,
+        "tools": tools,
+        "json_mode": json_mode,
+        "input_micro_usd_per_mtok": prices[0],
+        "output_micro_usd_per_mtok": prices[1],
+        "cached_input_micro_usd_per_mtok": prices[2],
+        "cache_write_input_micro_usd_per_mtok": cache_write,
+        "deprecation_date": raw.get("deprecation_date"),
+        "source": SOURCE_PREFIX + key,
+        "note": note,
+    }
+
+
+def derive(source: dict[str, Any], date: str) -> dict[str, Any]:
+    """The catalogue document for a parsed source (floats parsed as Decimal)."""
+    wanted = (
+        [("openai", m, m) for m in OPENAI]
+        + [("anthropic", m, k) for m, k in ANTHROPIC.items()]
+        + [("ollama", m, k) for m, k in OLLAMA.items()]
+    )
+    problems: list[str] = []
+    models: list[dict[str, Any]] = []
+    for provider_type, model, key in wanted:
+        raw = source.get(key)
+        if not isinstance(raw, dict):
+            problems.append(f"{provider_type}/{model}: source key {key!r} is missing")
+            continue
+        # Vendor keys must be the vendor's own chat entries; a renamed key must not slip in.
+        vendor_chat = raw.get("litellm_provider") == provider_type and raw.get("mode") == "chat"
+        if provider_type != "ollama" and not vendor_chat:
+            problems.append(f"{provider_type}/{model}: source key {key!r} is no {provider_type} chat entry")
+            continue
+        models.append(_entry(provider_type, model, key, raw) | {"date": date})
+    if problems:
+        raise SystemExit("cannot derive the catalogue:\n  " + "\n  ".join(problems))
+    models.sort(key=lambda e: (e["provider_type"], e["model"]))
+    return {"schema": SCHEMA_VERSION, "models": models}
+
+
+def render(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument("source", nargs="?", type=Path, default=DEFAULT_SOURCE)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--date", default=DATE, help="the date recorded on every entry (YYYY-MM-DD)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if --output differs; write nothing")
+    args = parser.parse_args(argv)
+    # parse_float=Decimal: prices stay the exact decimal text of the source, never binary floats.
+    source = json.loads(args.source.read_text(encoding="utf-8"), parse_float=Decimal)
+    text = render(derive(source, args.date))
+    if args.check:
+        current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
+        if current != text:
+            print(f"{args.output} is stale: re-run scripts/derive_catalog.py", file=sys.stderr)
+            return 1
+        return 0
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text, encoding="utf-8")
+    counts: dict[str, int] = {}
+    for entry in json.loads(text)["models"]:
+        counts[entry["provider_type"]] = counts.get(entry["provider_type"], 0) + 1
+    print(f"wrote {args.output}: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Shared fixtures: fake upstreams on 127.0.0.1:0 and a real grpc.aio daemon on a real port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from broker.config import Settings, settings_from_dict
+from broker.server import BrokerServer
+from modelbroker.v1 import broker_pb2_grpc as pb_grpc
+
+# A key the fake upstream demands; tests assert it never reaches a caller or a log.
+OPENAI_TEST_KEY = "sk-test-openai-3f9a7c2e1b0d4e5f"
+
+
+def broker_settings(providers: list[dict[str, Any]], **extra: Any) -> Settings:
+    raw: dict[str, Any] = {"providers": providers, "health": {"interval_seconds": 0.2, "timeout_seconds": 1.0}}
+    raw.update(extra)
+    return settings_from_dict(raw, env={})
+
+
+Daemon = Callable[..., Awaitable[tuple[BrokerServer, str]]]
+
+
+@pytest.fixture
+async def daemon() -> AsyncIterator[Daemon]:
+    """Start BrokerServers on 127.0.0.1:0; every one is stopped at teardown."""
+    servers: list[BrokerServer] = []
+
+    async def start(settings: Settings) -> tuple[BrokerServer, str]:
+        server = BrokerServer(settings)
+        port = await server.start("127.0.0.1:0")
+        servers.append(server)
+        return server, f"127.0.0.1:{port}"
+
+    yield start
+    for s in servers:
+        await s.stop(0)
+
+
+@pytest.fixture
+async def channel_to() -> AsyncIterator[Callable[[str], grpc.aio.Channel]]:
+    channels: list[grpc.aio.Channel] = []
+
+    def make(target: str) -> grpc.aio.Channel:
+        ch = grpc.aio.insecure_channel(target)
+        channels.append(ch)
+        return ch
+
+    yield make
+    for ch in channels:
+        await ch.close()
+
+
+def stub(channel: grpc.aio.Channel) -> pb_grpc.ModelBrokerStub:
+    return pb_grpc.ModelBrokerStub(channel)
