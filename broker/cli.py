@@ -99,7 +99,14 @@ def _fail(err: Exception) -> int:
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
-    from modelbroker.client import BrokerClient, BrokerError, StreamEnded, StreamStarted, TextDelta, ToolCallDelta
+    from modelbroker.client import (
+        BrokerClient,
+        BrokerError,
+        StreamEnded,
+        StreamStarted,
+        TextDelta,
+        ToolCallDelta,
+    )
     from modelbroker.client import system as system_msg
     from modelbroker.client import user as user_msg
     from modelbroker.v1 import broker_pb2 as pb
@@ -145,7 +152,9 @@ def _summary(provider: str, model: str, finish: str, usage: object, cost: object
     from modelbroker.client import Cost, Usage
 
     assert isinstance(usage, Usage) and isinstance(cost, Cost)
-    price = f"${cost.total_micro_usd / 1e6:.6f} ({cost.total_micro_usd} micro-USD)" if cost.known else "unknown"
+    price = (
+        f"${cost.total_micro_usd / 1e6:.6f} ({cost.total_micro_usd} micro-USD)" if cost.known else "unknown"
+    )
     print(
         f"[{provider}/{model}] finish={finish} tokens in={usage.input_tokens} out={usage.output_tokens} "
         f"cached={usage.cached_input_tokens} cost={price}",
@@ -166,12 +175,19 @@ def cmd_models(args: argparse.Namespace) -> int:
             models = client.list_models(args.provider)
         except BrokerError as err:
             return _fail(err)
-    cap_names = {pb.CAPABILITY_VISION: "vision", pb.CAPABILITY_TOOLS: "tools", pb.CAPABILITY_JSON_MODE: "json"}
+    cap_names = {
+        pb.CAPABILITY_VISION: "vision",
+        pb.CAPABILITY_TOOLS: "tools",
+        pb.CAPABILITY_JSON_MODE: "json",
+    }
     print(f"{'MODEL':48} {'CONTEXT':>8} {'MAX OUT':>8} {'IN $/M':>8} {'OUT $/M':>8}  CAPABILITIES")
     for m in models:
         caps = ",".join(cap_names[c] for c in m.capabilities) if m.capabilities_known else "unknown"
         if m.pricing.known:
-            pin, pout = _price(m.pricing.input_micro_usd_per_mtok), _price(m.pricing.output_micro_usd_per_mtok)
+            pin, pout = (
+                _price(m.pricing.input_micro_usd_per_mtok),
+                _price(m.pricing.output_micro_usd_per_mtok),
+            )
         else:
             pin = pout = "?"
         ctx = str(m.context_window or "?")
@@ -191,8 +207,10 @@ def cmd_providers(args: argparse.Namespace) -> int:
             return _fail(err)
     for p in providers:
         health = pb.ProviderHealth.Name(p.health).removeprefix("PROVIDER_HEALTH_")
-        err = f"  last error: {p.last_error}" if p.last_error else ""
-        print(f"{p.name:16} {p.type:10} prio={p.priority:<4} {health:12} models={p.model_count:<4} {p.base_url}{err}")
+        last = f"  last error: {p.last_error}" if p.last_error else ""
+        print(
+            f"{p.name:16} {p.type:10} prio={p.priority:<4} {health:12} models={p.model_count:<4} {p.base_url}{last}"
+        )
     return 0
 
 
@@ -209,8 +227,10 @@ def cmd_health(args: argparse.Namespace) -> int:
         try:
             resp = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
         except grpc.RpcError as err:
-            print(f"error: health check of {args.service!r} failed: {err.code().name}: {err.details()}",  # type: ignore[attr-defined]
-                  file=sys.stderr)
+            print(
+                f"error: health check of {args.service!r} failed: {err.code().name}: {err.details()}",
+                file=sys.stderr,
+            )
             return EXIT_RPC
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(f"{args.service or '(server)'}: {name}")
@@ -230,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--target", default=os.environ.get("MODEL_BROKER_TARGET", DEFAULT_LISTEN))
-        p.add_argument("--api-key", default=os.environ.get("MODEL_BROKER_API_KEY"), help="caller key, if auth is on")
+        p.add_argument(
+            "--api-key", default=os.environ.get("MODEL_BROKER_API_KEY"), help="caller key, if auth is on"
+        )
         p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
 
     p = sub.add_parser("complete", help="stream a completion to stdout (usage and cost to stderr)")

@@ -39,7 +39,11 @@ log = structlog.get_logger("broker.completion")
 # A lower bound on tokens for a text, for "known to exceed the context window": real
 # tokenizers average ~4 bytes per token on prose; 6 keeps false alarms away.
 BYTES_PER_TOKEN_LOWER_BOUND = 6
-_CAPABILITY_WORDS = {Capability.VISION: "vision (image input)", Capability.TOOLS: "tools", Capability.JSON_MODE: "JSON mode"}
+_CAPABILITY_WORDS = {
+    Capability.VISION: "vision (image input)",
+    Capability.TOOLS: "tools",
+    Capability.JSON_MODE: "JSON mode",
+}
 
 
 @dataclass(slots=True, frozen=True)
@@ -103,20 +107,27 @@ def estimated_input_tokens(call: CompletionCall) -> int:
 
 def check_fits(call: CompletionCall, target: Target) -> None:
     spec = target.spec
-    kw = {"provider": target.state.name, "model": target.model}
+    provider, model = target.state.name, target.model
     if spec.context_window:
         estimate = estimated_input_tokens(call)
         if estimate > spec.context_window:
             raise errors.ContextLengthExceeded(
                 f"the prompt is at least {estimate} tokens, over the {spec.context_window}-token "
                 f"context window of {spec.id}",
-                **kw,
+                provider=provider,
+                model=model,
             )
     wanted = call.params.max_tokens
     if wanted is not None and spec.max_output_tokens and wanted > spec.max_output_tokens:
         raise errors.InvalidRequest(
-            [("params.max_tokens", f"{wanted} exceeds the {spec.max_output_tokens}-token maximum output of {spec.id}")],
-            **kw,
+            [
+                (
+                    "params.max_tokens",
+                    f"{wanted} exceeds the {spec.max_output_tokens}-token maximum output of {spec.id}",
+                )
+            ],
+            provider=provider,
+            model=model,
         )
 
 
@@ -173,13 +184,22 @@ class CompletionService:
                     ) from exc
                 if not exc.retryable or last:
                     raise
-                log.info("fallback", request_id=request_id, failed=f"{target.state.name}/{target.model}",
-                         reason=exc.reason)
+                log.info(
+                    "fallback",
+                    request_id=request_id,
+                    failed=f"{target.state.name}/{target.model}",
+                    reason=exc.reason,
+                )
         if first_error is not None:  # pragma: no cover - loop always returns or raises
             raise first_error
 
     async def _attempt(
-        self, call: CompletionCall, target: Target, request_id: str, deadline: float | None, record: CallRecord
+        self,
+        call: CompletionCall,
+        target: Target,
+        request_id: str,
+        deadline: float | None,
+        record: CallRecord,
     ) -> AsyncIterator[Output]:
         spec = target.spec
         request = CompletionRequest(
@@ -238,4 +258,3 @@ class Accumulated:
             ToolCall(id=p[0], name=p[1], arguments="".join(p[2:]) or "{}")
             for _, p in sorted(self.tool_calls.items())
         ]
-

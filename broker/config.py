@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from broker.redact import register_secret
 
@@ -60,7 +68,9 @@ class ProviderConfig(_Strict):
     @classmethod
     def _name_shape(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError("must be lowercase letters, digits, '_', '-' or '.', starting with a letter or digit")
+            raise ValueError(
+                "must be lowercase letters, digits, '_', '-' or '.', starting with a letter or digit"
+            )
         return v
 
     @field_validator("base_url")
@@ -214,7 +224,9 @@ def _interpolate(node: Any, loc: tuple[Any, ...], env: Mapping[str, str], proble
                 return env[name]
             if default is not None:
                 return default
-            problems.append(f"{_path(loc)}: environment variable {name} is not set (use ${{{name}:-default}})")
+            problems.append(
+                f"{_path(loc)}: environment variable {name} is not set (use ${{{name}:-default}})"
+            )
             return ""
 
         return _VAR.sub(sub, node)
@@ -304,7 +316,12 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
         providers.append(a)
     if env.get("OLLAMA_HOST"):
         providers.append(
-            {"name": "ollama", "type": "ollama", "priority": 30, "base_url": ollama_host_url(env["OLLAMA_HOST"])}
+            {
+                "name": "ollama",
+                "type": "ollama",
+                "priority": 30,
+                "base_url": ollama_host_url(env["OLLAMA_HOST"]),
+            }
         )
     return settings_from_dict({"providers": providers}, source="environment", env=env)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import json_format
+from modelbroker.v1 import broker_pb2 as pb
 
 from broker import errors
 from broker.types import (
@@ -32,13 +33,17 @@ from broker.types import (
     ToolChoiceMode,
     Usage,
 )
-from modelbroker.v1 import broker_pb2 as pb
 
 IMAGE_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_STOP_SEQUENCES = 4
 
-_ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT, pb.ROLE_TOOL: Role.TOOL}
+_ROLES = {
+    pb.ROLE_SYSTEM: Role.SYSTEM,
+    pb.ROLE_USER: Role.USER,
+    pb.ROLE_ASSISTANT: Role.ASSISTANT,
+    pb.ROLE_TOOL: Role.TOOL,
+}
 _TOOL_CHOICE = {
     pb.TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.DEFAULT,
     pb.TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.AUTO,
@@ -115,7 +120,12 @@ def completion_from_proto(
     v: list[tuple[str, str]] = []
     requirements = requirements_from_proto(req.requirements, "requirements", v)
     if not req.model.strip() and requirements.is_empty():
-        v.append(("model", "required: give 'provider/model', a model id or an alias (or requirements to select one)"))
+        v.append(
+            (
+                "model",
+                "required: give 'provider/model', a model id or an alias (or requirements to select one)",
+            )
+        )
     if not req.messages:
         v.append(("messages", "at least one message is required"))
     messages = [_message(m, f"messages[{i}]", v, max_message_bytes) for i, m in enumerate(req.messages)]
@@ -141,7 +151,9 @@ def completion_from_proto(
 def _message(m: pb.Message, path: str, v: list[tuple[str, str]], max_bytes: int) -> Message:
     role = _ROLES.get(m.role)
     if role is None:
-        v.append((f"{path}.role", f"must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL, got {m.role}"))
+        v.append(
+            (f"{path}.role", f"must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL, got {m.role}")
+        )
         role = Role.USER
     parts: list[ContentPart] = []
     size = 0
@@ -153,7 +165,9 @@ def _message(m: pb.Message, path: str, v: list[tuple[str, str]], max_bytes: int)
             size += len(part.text.encode())
         elif kind == "image":
             if role in (Role.SYSTEM, Role.TOOL):
-                v.append((f"{ppath}.image", f"images are only allowed in user and assistant messages, not {role}"))
+                v.append(
+                    (f"{ppath}.image", f"images are only allowed in user and assistant messages, not {role}")
+                )
             parts.append(_image(part.image, f"{ppath}.image", v))
             size += len(part.image.data) + len(part.image.url)
         else:
@@ -174,7 +188,9 @@ def _message(m: pb.Message, path: str, v: list[tuple[str, str]], max_bytes: int)
         v.append((f"{path}.tool_call_id", "required for ROLE_TOOL messages: the id of the call this answers"))
     if not parts and not calls:
         v.append((f"{path}.content", "must not be empty"))
-    return Message(role=role, content=parts, tool_calls=calls, tool_call_id=m.tool_call_id, is_error=m.is_error)
+    return Message(
+        role=role, content=parts, tool_calls=calls, tool_call_id=m.tool_call_id, is_error=m.is_error
+    )
 
 
 def _image(img: pb.Image, path: str, v: list[tuple[str, str]]) -> ImagePart:
@@ -205,7 +221,9 @@ def _tools(req: pb.CompleteRequest | pb.StreamCompleteRequest, v: list[tuple[str
             v.append((f"tools[{i}].name", f"duplicate tool name {t.name!r}"))
         seen.add(t.name)
         params: dict[str, Any] = (
-            json_format.MessageToDict(t.parameters) if t.HasField("parameters") else {"type": "object", "properties": {}}
+            json_format.MessageToDict(t.parameters)
+            if t.HasField("parameters")
+            else {"type": "object", "properties": {}}
         )
         if params.get("type", "object") != "object":
             v.append((f"tools[{i}].parameters", "must be a JSON Schema of type object"))
@@ -267,7 +285,7 @@ def requirements_from_proto(r: pb.Requirements, path: str, v: list[tuple[str, st
     if r.min_context_window < 0:
         v.append((f"{path}.min_context_window", "must not be negative"))
     for name in ("max_input_price_micro_usd_per_mtok", "max_output_price_micro_usd_per_mtok"):
-        if r.HasField(name) and getattr(r, name) < 0:  # type: ignore[arg-type]
+        if r.HasField(name) and getattr(r, name) < 0:
             v.append((f"{path}.{name}", "must not be negative"))
     pref = _PREFERENCES.get(r.preference)
     if pref is None:
@@ -280,7 +298,9 @@ def requirements_from_proto(r: pb.Requirements, path: str, v: list[tuple[str, st
             r.max_input_price_micro_usd_per_mtok if r.HasField("max_input_price_micro_usd_per_mtok") else None
         ),
         max_output_price_micro_usd_per_mtok=(
-            r.max_output_price_micro_usd_per_mtok if r.HasField("max_output_price_micro_usd_per_mtok") else None
+            r.max_output_price_micro_usd_per_mtok
+            if r.HasField("max_output_price_micro_usd_per_mtok")
+            else None
         ),
         allow_providers=tuple(r.allow_providers),
         exclude_providers=tuple(r.exclude_providers),

@@ -200,7 +200,7 @@ def to_grpc_status(err: BrokerError) -> grpc.Status:
         st.details.add().Pack(bad)
     if err.retry_after is not None and err.retry_after >= 0:
         seconds = math.floor(err.retry_after)
-        nanos = int(round((err.retry_after - seconds) * 1e9))
+        nanos = round((err.retry_after - seconds) * 1e9)
         st.details.add().Pack(
             error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds, nanos=nanos))
         )

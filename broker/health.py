@@ -38,10 +38,12 @@ def provider_service(name: str) -> str:
     return f"provider/{name}"
 
 
-class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
     """The library's aio servicer plus `List`, which grpcio-health-checking 1.85 leaves UNIMPLEMENTED."""
 
-    async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
         statuses = dict(self._server_status)
         if len(statuses) > MAX_LIST:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {MAX_LIST} services")
@@ -55,7 +57,9 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc,name-defin
 
 
 class HealthMonitor:
-    def __init__(self, registry: Registry, config: HealthConfig, servicer: HealthServicer | None = None) -> None:
+    def __init__(
+        self, registry: Registry, config: HealthConfig, servicer: HealthServicer | None = None
+    ) -> None:
         self.registry = registry
         self.config = config
         self.servicer = servicer or HealthServicer()
@@ -111,7 +115,9 @@ class HealthMonitor:
         if error:
             s.last_error = redact(error)
         if changed:
-            log.info("provider_health", provider=s.name, serving=healthy, error=s.last_error if not healthy else "")
+            log.info(
+                "provider_health", provider=s.name, serving=healthy, error=s.last_error if not healthy else ""
+            )
         await self.servicer.set(provider_service(s.name), SERVING if healthy else NOT_SERVING)
 
     def ready(self) -> bool:

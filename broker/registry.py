@@ -143,7 +143,9 @@ class Registry:
             s.name, s.type, model, s.models.get(model), vendor_endpoint=s.vendor_endpoint, local=s.local
         )
 
-    def list_models(self, provider: str = "", capabilities: frozenset[Capability] = frozenset()) -> list[ModelSpec]:
+    def list_models(
+        self, provider: str = "", capabilities: frozenset[Capability] = frozenset()
+    ) -> list[ModelSpec]:
         out: list[ModelSpec] = []
         for s in self.providers:
             if provider and s.name != provider:
@@ -187,7 +189,9 @@ class Registry:
         listing = [s for s in self.providers if ref in s.served_models()]
         if not listing:
             # Discovery may have failed (or be off): the vendor endpoint still serves its catalogue.
-            listing = [s for s in self.providers if s.vendor_endpoint and ref in self.catalog.models_for(s.type)]
+            listing = [
+                s for s in self.providers if s.vendor_endpoint and ref in self.catalog.models_for(s.type)
+            ]
         return [Target(s, ref, self.spec(s, ref)) for s in listing]
 
     def _not_found_message(self, original: str, ref: str) -> str:

@@ -16,11 +16,13 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import structlog
 from grpc_reflection.v1alpha import reflection
+from modelbroker.v1 import broker_pb2 as pb
+from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 
 from broker import convert, errors
 from broker.completion import Accumulated, CallRecord, CompletionService, Finished, Output, Started
@@ -28,12 +30,11 @@ from broker.config import Settings, parse_listen
 from broker.health import HealthMonitor
 from broker.registry import Registry
 from broker.types import TextDeltaEvent, ToolCallDeltaEvent
-from modelbroker.v1 import broker_pb2 as pb
-from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("broker.server")
 
-Context = grpc.aio.ServicerContext[Any, Any]
+# grpc ships no type hints (grpc-stubs lags grpc.aio), so the context is untyped here.
+Context: TypeAlias = Any
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -49,7 +50,7 @@ def _status_name(exc: BaseException | None) -> str:
     if exc is None:
         return "OK"
     if isinstance(exc, errors.BrokerError):
-        return exc.code.name
+        return str(exc.code.name)
     if isinstance(exc, asyncio.CancelledError):
         return "CANCELLED"
     return "INTERNAL"
@@ -77,7 +78,9 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
         finished: Finished | None = None
         failure: BaseException | None = None
         try:
-            call = convert.completion_from_proto(request, max_message_bytes=self.settings.server.max_message_bytes)
+            call = convert.completion_from_proto(
+                request, max_message_bytes=self.settings.server.max_message_bytes
+            )
             async for out in self.completions.stream(call, request_id, deadline=deadline, record=record):
                 if isinstance(out, Finished):
                     finished = out
@@ -167,7 +170,11 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
                         )
                     )
                 elif isinstance(out, Started):
-                    yield msg(start=pb.StreamStart(request_id=out.request_id, model=out.model, provider=out.provider))
+                    yield msg(
+                        start=pb.StreamStart(
+                            request_id=out.request_id, model=out.model, provider=out.provider
+                        )
+                    )
                 else:
                     yield msg(
                         end=pb.StreamEnd(
@@ -202,7 +209,9 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
             await self._abort(context, exc)
         return pb.GetModelResponse(model=convert.model_to_proto(target.spec))
 
-    async def ListProviders(self, request: pb.ListProvidersRequest, context: Context) -> pb.ListProvidersResponse:
+    async def ListProviders(
+        self, request: pb.ListProvidersRequest, context: Context
+    ) -> pb.ListProvidersResponse:
         out = pb.ListProvidersResponse()
         for s in self.registry.providers:
             info = out.providers.add(
@@ -213,9 +222,8 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
                 last_error=s.last_error,
                 model_count=len(s.served_models()),
             )
-            info.health = {True: pb.PROVIDER_HEALTH_SERVING, False: pb.PROVIDER_HEALTH_NOT_SERVING}.get(
-                s.healthy, pb.PROVIDER_HEALTH_UNSPECIFIED
-            )
+            if s.healthy is not None:
+                info.health = pb.PROVIDER_HEALTH_SERVING if s.healthy else pb.PROVIDER_HEALTH_NOT_SERVING
             if s.last_check_wall is not None:
                 info.last_check_time.FromNanoseconds(int(s.last_check_wall * 1e9))
         return out
@@ -243,7 +251,9 @@ class BrokerServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs)
+        self.server = grpc.aio.server(
+            options=options, maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs
+        )
         self.servicer = ModelBrokerServicer(settings, self.registry, self.health)
         pb_grpc.add_ModelBrokerServicer_to_server(self.servicer, self.server)
         from grpc_health.v1 import health_pb2_grpc
@@ -262,7 +272,7 @@ class BrokerServer:
     async def start(self, listen: str | None = None) -> int:
         listen = listen or self.settings.server.listen
         host, port = parse_listen(listen)
-        bound = self.server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        bound: int = self.server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         if bound == 0:
             raise OSError(f"cannot listen on {listen}")
         self.port = bound
@@ -297,4 +307,3 @@ class BrokerServer:
         await stop.wait()
         log.info("shutdown_requested", grace_seconds=self.settings.server.shutdown_grace_seconds)
         await self.stop()
-

@@ -7,17 +7,20 @@ from typing import Any
 
 import grpc
 import pytest
+from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 
 from broker.config import Settings, settings_from_dict
 from broker.server import BrokerServer
-from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 
 # A key the fake upstream demands; tests assert it never reaches a caller or a log.
 OPENAI_TEST_KEY = "sk-test-openai-3f9a7c2e1b0d4e5f"
 
 
 def broker_settings(providers: list[dict[str, Any]], **extra: Any) -> Settings:
-    raw: dict[str, Any] = {"providers": providers, "health": {"interval_seconds": 0.2, "timeout_seconds": 1.0}}
+    raw: dict[str, Any] = {
+        "providers": providers,
+        "health": {"interval_seconds": 0.2, "timeout_seconds": 1.0},
+    }
     raw.update(extra)
     return settings_from_dict(raw, env={})
 

@@ -41,7 +41,9 @@ from tests.fakes.script import Fault, Reply, ToolCallScript, weather_tool_reply
 MODEL = "claude-sonnet-4-5"
 # Not shaped like a well-known key, so only the provider's own registration can redact it.
 KEY = "fake-anthropic-key-7Qx9Zt"
-WEATHER = Tool("get_weather", "Weather by city", {"type": "object", "properties": {"city": {"type": "string"}}})
+WEATHER = Tool(
+    "get_weather", "Weather by city", {"type": "object", "properties": {"city": {"type": "string"}}}
+)
 
 
 @pytest.fixture
@@ -193,7 +195,12 @@ async def test_conversation_maps_to_anthropic_turns(fake, provider):
             "role": "user",
             "content": [
                 {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C sunny", "is_error": False},
-                {"type": "tool_result", "tool_use_id": "toolu_2", "content": "no such city", "is_error": True},
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_2",
+                    "content": "no such city",
+                    "is_error": True,
+                },
                 {"type": "text", "text": "And this?"},
                 {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
             ],
@@ -202,7 +209,8 @@ async def test_conversation_maps_to_anthropic_turns(fake, provider):
 
 
 @pytest.mark.parametrize(
-    ("max_tokens", "default_max_tokens", "sent"), [(100, 64000, 100), (None, 64000, 64000), (None, None, 4096)]
+    ("max_tokens", "default_max_tokens", "sent"),
+    [(100, 64000, 100), (None, 64000, 64000), (None, None, 4096)],
 )
 async def test_max_tokens_is_always_sent(fake, provider, max_tokens, default_max_tokens, sent):
     request = ask(params=GenerationParams(max_tokens=max_tokens), default_max_tokens=default_max_tokens)
@@ -231,7 +239,9 @@ async def test_json_mode_sends_no_field_the_api_lacks(fake, provider):
 
 async def test_invalid_tool_arguments_are_the_callers_mistake(fake, provider):
     bad = Message(Role.ASSISTANT, tool_calls=[ToolCall("toolu_1", "get_weather", '{"city": ')])
-    out = await run(provider, ask(user("Hi"), bad, Message(Role.TOOL, [TextPart("x")], tool_call_id="toolu_1")))
+    out = await run(
+        provider, ask(user("Hi"), bad, Message(Role.TOOL, [TextPart("x")], tool_call_id="toolu_1"))
+    )
     assert isinstance(out.error, errors.InvalidRequest)
     assert out.error.violations[0][0] == "messages[1].tool_calls[0].arguments"
     assert fake.message_bodies() == []  # nothing was sent
@@ -356,12 +366,16 @@ NO_CREDIT = "Your credit balance is too low to access the Anthropic API."
         (Fault("malformed", after_chunks=2), errors.UpstreamProtocolError, True),
         (Fault("no_terminator"), errors.UpstreamProtocolError, True),
         (Fault("error_event", after_chunks=2), errors.UpstreamUnavailable, True),
-        (Fault("error_event", error_type="rate_limit_error", message="slow down"), errors.UpstreamRateLimited, True),
+        (
+            Fault("error_event", error_type="rate_limit_error", message="slow down"),
+            errors.UpstreamRateLimited,
+            True,
+        ),
         (Fault("error_event", error_type="invalid_request_error"), errors.UpstreamRejectedRequest, False),
     ],
-    ids=lambda v: f"{v.kind}-{v.status if v.kind == 'status' else v.error_type or ''}"
-    if isinstance(v, Fault)
-    else "",
+    ids=lambda v: (
+        f"{v.kind}-{v.status if v.kind == 'status' else v.error_type or ''}" if isinstance(v, Fault) else ""
+    ),
 )
 async def test_faults_map_to_broker_errors(fake, fault, expected, retryable):
     fake.faults.append(fault)
@@ -378,7 +392,10 @@ async def test_faults_map_to_broker_errors(fake, fault, expected, retryable):
     if fault.kind == "status":
         assert out.error.upstream_status == fault.status
         assert not out.events  # nothing streamed before an HTTP error
-    if fault.kind in ("stall_mid_stream", "disconnect_mid_stream", "malformed", "error_event") and fault.after_chunks:
+    if (
+        fault.kind in ("stall_mid_stream", "disconnect_mid_stream", "malformed", "error_event")
+        and fault.after_chunks
+    ):
         assert out.text == "Hello"  # what arrived before the failure was passed on
     assert not any(isinstance(e, EndEvent) for e in out.events)
 
@@ -440,7 +457,11 @@ async def test_list_models_follows_pagination(fake, provider):
     assert [m.name for m in models] == fake.models
     assert models[0].context_window == 200000
     queries = [r.query for r in fake.requests if r.path == "/v1/models"]
-    assert queries == ["limit=1000", "limit=1000&after_id=claude-test-0999", "limit=1000&after_id=claude-test-1999"]
+    assert queries == [
+        "limit=1000",
+        "limit=1000&after_id=claude-test-0999",
+        "limit=1000&after_id=claude-test-1999",
+    ]
 
 
 async def test_health_check_is_a_cheap_listing(fake, provider):
@@ -474,8 +495,13 @@ async def test_fake_rejects_what_the_api_rejects(fake):
         assert r.headers["request-id"].startswith("req_")
         r = await client.post("/v1/messages", json={**body, "max_tokens": 10}, headers={"x-api-key": KEY})
         assert r.status_code == 400 and "anthropic-version" in r.json()["error"]["message"]
-        r = await client.post("/v1/messages", json={**body, "max_tokens": 10, "model": "gpt-4o"}, headers=good)
-        assert (r.status_code, r.json()["error"]) == (404, {"type": "not_found_error", "message": "model: gpt-4o"})
+        r = await client.post(
+            "/v1/messages", json={**body, "max_tokens": 10, "model": "gpt-4o"}, headers=good
+        )
+        assert (r.status_code, r.json()["error"]) == (
+            404,
+            {"type": "not_found_error", "message": "model: gpt-4o"},
+        )
         r = await client.post("/v1/messages", json={**body, "max_tokens": 10}, headers=good)
         assert r.status_code == 200 and r.json()["content"] == [{"type": "text", "text": "Hello there!"}]
 
@@ -492,7 +518,9 @@ async def test_real_anthropic_streams_a_short_answer():
     try:
         model = os.environ.get("ANTHROPIC_MODEL", "claude-haiku-4-5")
         request = CompletionRequest(
-            model=model, messages=[user("Reply with the single word: pong")], params=GenerationParams(max_tokens=16)
+            model=model,
+            messages=[user("Reply with the single word: pong")],
+            params=GenerationParams(max_tokens=16),
         )
         out = await run(provider, request)
         assert out.error is None, out.error

@@ -109,8 +109,14 @@ def test_presets_load(name: str) -> None:
     env = {"OPENAI_API_KEY": "sk-test-preset-000000", "ANTHROPIC_API_KEY": "sk-ant-test-preset-1"}
     s = preset_settings(name, env=env)
     types = {p.type for p in s.providers}
-    assert types == {"development": {"ollama", "openai", "anthropic"}, "cloud-only": {"openai", "anthropic"},
-                     "local-only": {"ollama"}}[name]
+    assert (
+        types
+        == {
+            "development": {"ollama", "openai", "anthropic"},
+            "cloud-only": {"openai", "anthropic"},
+            "local-only": {"ollama"},
+        }[name]
+    )
     assert settings_from_dict(yaml.safe_load(dump_settings(s, reveal_secrets=True)), env={}) == s
 
 
@@ -122,11 +128,18 @@ def test_cloud_only_preset_requires_keys() -> None:
 
 def test_auto_config_from_environment() -> None:
     s = settings_from_env(
-        {"OPENAI_API_KEY": "sk-test-auto-123456", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
-         "ANTHROPIC_API_KEY": "sk-ant-auto-123456", "OLLAMA_HOST": "127.0.0.1"}
+        {
+            "OPENAI_API_KEY": "sk-test-auto-123456",
+            "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+            "ANTHROPIC_API_KEY": "sk-ant-auto-123456",
+            "OLLAMA_HOST": "127.0.0.1",
+        }
     )
     assert [(p.name, p.type) for p in s.enabled_providers()] == [
-        ("openai", "openai"), ("anthropic", "anthropic"), ("ollama", "ollama")]
+        ("openai", "openai"),
+        ("anthropic", "anthropic"),
+        ("ollama", "ollama"),
+    ]
     assert s.providers[0].base_url == "http://127.0.0.1:9/v1"
     assert s.providers[2].base_url == "http://127.0.0.1:11434"
     assert settings_from_env({}).providers == []
@@ -134,10 +147,20 @@ def test_auto_config_from_environment() -> None:
 
 def test_base_url_defaults_follow_vendor_sdks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OLLAMA_HOST", raising=False)
-    s = settings_from_dict({"providers": [{"name": "o", "type": "openai"}, {"name": "a", "type": "anthropic"},
-                                          {"name": "l", "type": "ollama"}]})
+    s = settings_from_dict(
+        {
+            "providers": [
+                {"name": "o", "type": "openai"},
+                {"name": "a", "type": "anthropic"},
+                {"name": "l", "type": "ollama"},
+            ]
+        }
+    )
     assert [p.resolved_base_url() for p in s.providers] == [
-        "https://api.openai.com/v1", "https://api.anthropic.com", "http://localhost:11434"]
+        "https://api.openai.com/v1",
+        "https://api.anthropic.com",
+        "http://localhost:11434",
+    ]
     monkeypatch.setenv("OLLAMA_HOST", "0.0.0.0:9999")
     assert s.providers[2].resolved_base_url() == "http://0.0.0.0:9999"
 
@@ -150,11 +173,15 @@ def test_api_key_file(tmp_path: Path) -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "broker.cli", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_config_check_lists_problems_and_fails(tmp_path: Path) -> None:
-    path = write(tmp_path, "providers:\n  - name: x\n    type: openai\n    base_url: ftp://nope\n  - type: ollama\n")
+    path = write(
+        tmp_path, "providers:\n  - name: x\n    type: openai\n    base_url: ftp://nope\n  - type: ollama\n"
+    )
     r = run_cli("config", "check", str(path))
     assert r.returncode == 1
     assert "providers[0].base_url: must be an http:// or https:// URL, got 'ftp://nope'" in r.stderr
@@ -176,9 +203,13 @@ def test_cli_serve_refuses_bad_config(tmp_path: Path) -> None:
 
 
 def test_cli_config_show_preset_masks_keys() -> None:
-    r = subprocess.run([sys.executable, "-m", "broker.cli", "config", "show", "--preset", "development"],
-                       capture_output=True, text=True, timeout=60,
-                       env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "sk-test-show-777777"})
+    r = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "config", "show", "--preset", "development"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": "sk-test-show-777777"},
+    )
     assert r.returncode == 0, r.stderr
     assert "sk-test-show-777777" not in r.stdout
     assert yaml.safe_load(r.stdout)["providers"][0]["name"] == "ollama"

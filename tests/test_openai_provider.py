@@ -509,7 +509,7 @@ async def test_closing_the_stream_early_disconnects_upstream(
             break
     loop = asyncio.get_running_loop()
     closed_at = loop.time()
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
     seen_at = await asyncio.wait_for(fake.server.disconnects.get(), 1.0)
     assert seen_at - closed_at < 1.0
 
@@ -522,7 +522,7 @@ async def test_connection_is_reused_even_when_the_consumer_stops_at_the_end(
         async for ev in stream:
             if isinstance(ev, EndEvent):
                 break
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
     await collect(provider, hello())
     assert fake.connections == 1
 

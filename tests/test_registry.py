@@ -17,7 +17,9 @@ from broker.registry import Registry
 def test_every_provider_module_is_registered() -> None:
     modules = {m.name for m in pkgutil.iter_modules(broker.providers.__path__)}
     protocol_modules = {m for m in modules if m != "base" and not m.endswith("_wire")}
-    assert protocol_modules == set(PROTOCOL_MODULES), "a module in providers/ is missing from PROTOCOL_MODULES"
+    assert protocol_modules == set(PROTOCOL_MODULES), (
+        "a module in providers/ is missing from PROTOCOL_MODULES"
+    )
     types = provider_types()
     assert set(types) == protocol_modules, "every protocol module must @register a class named by its type"
     for name, cls in types.items():
@@ -31,12 +33,27 @@ def registry() -> Registry:
     settings = settings_from_dict(
         {
             "providers": [
-                {"name": "local", "type": "ollama", "base_url": "http://127.0.0.1:1", "priority": 5,
-                 "models": ["llama3.2", "shared-model"]},
-                {"name": "vllm", "type": "openai", "base_url": "http://127.0.0.1:2/v1", "priority": 20,
-                 "models": ["meta-llama/Llama-3.1-8B", "shared-model"]},
-                {"name": "openai", "type": "openai", "base_url": "https://api.openai.com/v1", "priority": 10,
-                 "api_key": "sk-test-registry-000000"},
+                {
+                    "name": "local",
+                    "type": "ollama",
+                    "base_url": "http://127.0.0.1:1",
+                    "priority": 5,
+                    "models": ["llama3.2", "shared-model"],
+                },
+                {
+                    "name": "vllm",
+                    "type": "openai",
+                    "base_url": "http://127.0.0.1:2/v1",
+                    "priority": 20,
+                    "models": ["meta-llama/Llama-3.1-8B", "shared-model"],
+                },
+                {
+                    "name": "openai",
+                    "type": "openai",
+                    "base_url": "https://api.openai.com/v1",
+                    "priority": 10,
+                    "api_key": "sk-test-registry-000000",
+                },
             ],
             "aliases": {"fast": "openai/gpt-4o-mini", "chain": "fast", "local-default": "llama3.2"},
         },

@@ -46,7 +46,10 @@ class UpstreamErrorInfo:
 class Provider(abc.ABC):
     type: ClassVar[str]
     # Sent on every request; subclasses add auth in `auth_headers`.
-    base_headers: ClassVar[Mapping[str, str]] = {"content-type": "application/json", "accept": "application/json"}
+    base_headers: ClassVar[Mapping[str, str]] = {
+        "content-type": "application/json",
+        "accept": "application/json",
+    }
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -94,7 +97,7 @@ class Provider(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    def stream(self, request: CompletionRequest) -> AsyncIterator[CompletionEvent]:
+    def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionEvent, None]:
         """Start with a StartEvent, then deltas, then exactly one EndEvent; raise BrokerError."""
 
     @abc.abstractmethod
@@ -141,7 +144,9 @@ class Provider(abc.ABC):
             resp = await self.client.send(req, stream=True)
         except httpx.TimeoutException as exc:
             raise errors.UpstreamTimeout(
-                f"{self.name}: no response within {_fmt_timeout(exc, timeout)}", provider=self.name, model=model
+                f"{self.name}: no response within {_fmt_timeout(exc, timeout)}",
+                provider=self.name,
+                model=model,
             ) from None
         except httpx.TransportError as exc:
             raise errors.UpstreamUnavailable(
@@ -188,7 +193,9 @@ class Provider(abc.ABC):
                 model=model,
             ) from None
         if resp.status_code >= 400:
-            raise self.error_for_status(resp.status_code, resp.headers, resp.content[:MAX_ERROR_BODY], model=model)
+            raise self.error_for_status(
+                resp.status_code, resp.headers, resp.content[:MAX_ERROR_BODY], model=model
+            )
         return decode_json(resp.content, provider=self.name, what=f"POST {path}")
 
     async def guarded_lines(self, resp: httpx.Response, *, model: str = "") -> AsyncGenerator[str, None]:

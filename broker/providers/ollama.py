@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import Any, cast
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
 
 import structlog
 
@@ -43,7 +43,7 @@ DRAIN_SECONDS = 0.5
 class OllamaProvider(Provider):
     type = "ollama"
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[CompletionEvent]:
+    async def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionEvent, None]:
         body = build_body(request)  # InvalidRequest before any I/O
         parser = ChatStreamParser(provider=self.name, model=request.model)
         end: EndEvent | None = None
@@ -51,7 +51,7 @@ class OllamaProvider(Provider):
             # Ollama reports the model as it was asked for, so the request's name is the answer's.
             yield StartEvent(model=request.model)
             # An async generator (typed AsyncIterator in base): closed here, not left to the GC.
-            guarded = cast(AsyncGenerator[str, None], self.guarded_lines(resp, model=request.model))
+            guarded = self.guarded_lines(resp, model=request.model)
             async with contextlib.aclosing(guarded) as lines:
                 async for line in lines:
                     for event in parser.feed(line):

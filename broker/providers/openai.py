@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -51,7 +51,7 @@ class OpenAIProvider(Provider):
         # Local compatible servers usually run without a key; sending "Bearer " would be noise.
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[CompletionEvent]:
+    async def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionEvent, None]:
         model = request.model
         body = build_body(request, max_tokens_field=self.max_tokens_field)
         parser = ChunkParser(provider=self.name, model=model)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-
 from modelbroker.v1 import broker_pb2 as pb
+
 from tests.conftest import OPENAI_TEST_KEY, broker_settings, stub
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Fault, Reply, weather_tool_reply
@@ -26,7 +27,14 @@ async def upstream() -> AsyncIterator[FakeOpenAI]:
 
 
 def openai_provider(url: str, **kw: object) -> dict[str, object]:
-    return {"name": "openai", "type": "openai", "base_url": url, "api_key": OPENAI_TEST_KEY, "priority": 10, **kw}
+    return {
+        "name": "openai",
+        "type": "openai",
+        "base_url": url,
+        "api_key": OPENAI_TEST_KEY,
+        "priority": 10,
+        **kw,
+    }
 
 
 @pytest.fixture
@@ -42,7 +50,9 @@ def user(text: str) -> pb.Message:
     return pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text=text)])
 
 
-def details(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, list[tuple[str, str]], float | None]:
+def details(
+    err: grpc.aio.AioRpcError,
+) -> tuple[error_details_pb2.ErrorInfo, list[tuple[str, str]], float | None]:
     st = rpc_status.from_call(err)
     assert st is not None, "the status must carry google.rpc details"
     info, violations, delay = error_details_pb2.ErrorInfo(), [], None
@@ -66,7 +76,9 @@ async def collect(s, req: pb.StreamCompleteRequest) -> list[pb.StreamCompleteRes
 
 async def test_stream_start_deltas_end_with_usage_and_cost(broker, upstream) -> None:
     _, s, _ = broker
-    upstream.reply = Reply(text_chunks=["The ", "answer ", "is ", "42."], input_tokens=120_000, output_tokens=50_000)
+    upstream.reply = Reply(
+        text_chunks=["The ", "answer ", "is ", "42."], input_tokens=120_000, output_tokens=50_000
+    )
     msgs = await collect(s, pb.StreamCompleteRequest(model="openai/gpt-4o-mini", messages=[user("Q?")]))
     kinds = [m.WhichOneof("event") for m in msgs]
     assert kinds[0] == "start" and kinds[-1] == "end"
@@ -78,7 +90,11 @@ async def test_stream_start_deltas_end_with_usage_and_cost(broker, upstream) -> 
     assert (end.usage.input_tokens, end.usage.output_tokens) == (120_000, 50_000)
     # 120k tokens at $0.15/M = 18,000 micro-USD; 50k at $0.60/M = 30,000 micro-USD.
     assert end.cost.known
-    assert (end.cost.input_micro_usd, end.cost.output_micro_usd, end.cost.total_micro_usd) == (18_000, 30_000, 48_000)
+    assert (end.cost.input_micro_usd, end.cost.output_micro_usd, end.cost.total_micro_usd) == (
+        18_000,
+        30_000,
+        48_000,
+    )
     body = upstream.server.requests[-1].json()
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["model"] == "gpt-4o-mini"
@@ -123,7 +139,9 @@ async def test_model_resolution(broker, ref: str) -> None:
 async def test_explicit_provider_model_passes_through_undiscovered(broker, upstream) -> None:
     _, s, _ = broker
     upstream.models.append("gpt-brand-new")  # launched after discovery ran
-    resp = await s.Complete(pb.CompleteRequest(model="openai/gpt-brand-new", messages=[user("hi")]), timeout=10)
+    resp = await s.Complete(
+        pb.CompleteRequest(model="openai/gpt-brand-new", messages=[user("hi")]), timeout=10
+    )
     assert resp.model == "gpt-brand-new"
 
 
@@ -139,12 +157,24 @@ async def test_unknown_model_is_not_found(broker) -> None:
 
 INVALID = [
     (pb.CompleteRequest(model="gpt-4o-mini"), "messages"),
-    (pb.CompleteRequest(model="gpt-4o-mini", messages=[pb.Message(role=9, content=[pb.ContentPart(text="x")])]),
-     "messages[0].role"),
-    (pb.CompleteRequest(model="gpt-4o-mini", messages=[user("x")], params=pb.GenerationParams(max_tokens=-5)),
-     "params.max_tokens"),
-    (pb.CompleteRequest(model="gpt-4o-mini", messages=[user("x")], params=pb.GenerationParams(temperature=3.5)),
-     "params.temperature"),
+    (
+        pb.CompleteRequest(
+            model="gpt-4o-mini", messages=[pb.Message(role=cast(Any, 9), content=[pb.ContentPart(text="x")])]
+        ),
+        "messages[0].role",
+    ),
+    (
+        pb.CompleteRequest(
+            model="gpt-4o-mini", messages=[user("x")], params=pb.GenerationParams(max_tokens=-5)
+        ),
+        "params.max_tokens",
+    ),
+    (
+        pb.CompleteRequest(
+            model="gpt-4o-mini", messages=[user("x")], params=pb.GenerationParams(temperature=3.5)
+        ),
+        "params.temperature",
+    ),
     (pb.CompleteRequest(model="gpt-4o-mini", messages=[user("x" * 70_000)]), "messages[0].content"),
     (pb.CompleteRequest(messages=[user("x")]), "model"),
 ]
@@ -156,8 +186,10 @@ async def test_invalid_requests_name_the_field(upstream, daemon, channel_to, req
     _, target = await daemon(settings)
     s = stub(channel_to(target))
     calls_before = len(upstream.server.requests)
-    for call in (s.Complete(req, timeout=10),
-                 collect(s, pb.StreamCompleteRequest.FromString(req.SerializeToString()))):
+    for call in (
+        s.Complete(req, timeout=10),
+        collect(s, pb.StreamCompleteRequest.FromString(req.SerializeToString())),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await call
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -173,8 +205,10 @@ async def test_upstream_401_maps_and_redacts_the_key(upstream, daemon, channel_t
     upstream.echo_full_key = True  # the variant that echoes the key it was sent
     _, target = await daemon(broker_settings([openai_provider(upstream.url, api_key=wrong)]))
     s = stub(channel_to(target))
-    for call in (s.Complete(pb.CompleteRequest(model="openai/gpt-4o-mini", messages=[user("x")]), timeout=10),
-                 collect(s, pb.StreamCompleteRequest(model="openai/gpt-4o-mini", messages=[user("x")]))):
+    for call in (
+        s.Complete(pb.CompleteRequest(model="openai/gpt-4o-mini", messages=[user("x")]), timeout=10),
+        collect(s, pb.StreamCompleteRequest(model="openai/gpt-4o-mini", messages=[user("x")])),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await call
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -205,14 +239,18 @@ async def test_list_get_models_and_providers(broker) -> None:
     got = (await s.GetModel(pb.GetModelRequest(model="fast"), timeout=5)).model
     assert got.id == "openai/gpt-4o-mini"
     providers = (await s.ListProviders(pb.ListProvidersRequest(), timeout=5)).providers
-    assert [(p.name, p.type, p.health) for p in providers] == [("openai", "openai", pb.PROVIDER_HEALTH_SERVING)]
+    assert [(p.name, p.type, p.health) for p in providers] == [
+        ("openai", "openai", pb.PROVIDER_HEALTH_SERVING)
+    ]
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await s.ListModels(pb.ListModelsRequest(provider="nope"), timeout=5)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def health_status(channel: grpc.aio.Channel, service: str) -> int:
-    resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    resp = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=5
+    )
     return int(resp.status)
 
 
@@ -232,7 +270,8 @@ async def test_health_follows_the_upstream(broker, upstream) -> None:
     for name in ("", "modelbroker.v1.ModelBroker", "provider/openai"):
         assert await health_status(channel, name) == SERVING
     watch = health_pb2_grpc.HealthStub(channel).Watch(
-        health_pb2.HealthCheckRequest(service="provider/openai"), timeout=10)
+        health_pb2.HealthCheckRequest(service="provider/openai"), timeout=10
+    )
     assert (await watch.read()).status == SERVING
 
     await upstream.stop()

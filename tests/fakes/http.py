@@ -39,7 +39,11 @@ class Response:
         self.keep_alive = True
 
     async def send(
-        self, status: int, body: bytes | str | Any, *, headers: dict[str, str] | None = None,
+        self,
+        status: int,
+        body: bytes | str | Any,
+        *,
+        headers: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> None:
         if not isinstance(body, (bytes, str)):
@@ -51,10 +55,18 @@ class Response:
         self.started = self.finished = True
 
     async def start_stream(
-        self, status: int = 200, *, content_type: str = "text/event-stream", headers: dict[str, str] | None = None
+        self,
+        status: int = 200,
+        *,
+        content_type: str = "text/event-stream",
+        headers: dict[str, str] | None = None,
     ) -> None:
-        hdrs = {"content-type": content_type, "transfer-encoding": "chunked", "cache-control": "no-cache",
-                **(headers or {})}
+        hdrs = {
+            "content-type": content_type,
+            "transfer-encoding": "chunked",
+            "cache-control": "no-cache",
+            **(headers or {}),
+        }
         self._writer.write(_head(status, hdrs))
         await self._writer.drain()
         self.started = True
@@ -91,10 +103,24 @@ class Response:
             await self._writer.wait_closed()
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
-            404: "Not Found", 408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large",
-            422: "Unprocessable Entity", 429: "Too Many Requests", 500: "Internal Server Error",
-            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 529: "Overloaded"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
+    404: "Not Found",
+    408: "Request Timeout",
+    409: "Conflict",
+    413: "Payload Too Large",
+    422: "Unprocessable Entity",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    529: "Overloaded",
+}
 
 
 def _head(status: int, headers: dict[str, str]) -> bytes:

@@ -70,7 +70,9 @@ def weather_tool_reply() -> Reply:
     """The tool-call answer the contract test expects from every provider."""
     return Reply(
         text_chunks=[],
-        tool_calls=[ToolCallScript(id="call_w1", name="get_weather", argument_chunks=['{"city":', ' "Paris"}'])],
+        tool_calls=[
+            ToolCallScript(id="call_w1", name="get_weather", argument_chunks=['{"city":', ' "Paris"}'])
+        ],
         finish="tool_calls",
         input_tokens=40,
         output_tokens=9,

@@ -103,10 +103,10 @@ _BY_CODE: dict[grpc.StatusCode, type[BrokerError]] = {
 
 def error_from_rpc(err: grpc.RpcError) -> BrokerError:
     """Turn a grpc error (sync or aio) into the typed exception with its details unpacked."""
-    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
-    message: str = err.details() or ""  # type: ignore[attr-defined]
+    code: grpc.StatusCode = err.code()
+    message: str = err.details() or ""
     reason, metadata, delay, violations = "", {}, None, []
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     if status is not None:
         for detail in status.details:
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
@@ -122,7 +122,9 @@ def error_from_rpc(err: grpc.RpcError) -> BrokerError:
                 detail.Unpack(br)
                 violations = [(v.field, v.description) for v in br.field_violations]
     cls = StreamInterruptedError if reason == "STREAM_INTERRUPTED" else _BY_CODE.get(code, BrokerError)
-    return cls(code, message, reason=reason, metadata=metadata, retry_delay=delay, field_violations=violations)
+    return cls(
+        code, message, reason=reason, metadata=metadata, retry_delay=delay, field_violations=violations
+    )
 
 
 # --- events and answers -----------------------------------------------------------------------
@@ -215,7 +217,9 @@ def event_from_proto(msg: pb.StreamCompleteResponse) -> Event:
     if kind == "tool_call_delta":
         d = msg.tool_call_delta
         return ToolCallDelta(d.index, d.id, d.name, d.arguments_delta)
-    return StreamEnded(FINISH_REASONS.get(msg.end.finish_reason, "unspecified"), _usage(msg.end.usage), _cost(msg.end.cost))
+    return StreamEnded(
+        FINISH_REASONS.get(msg.end.finish_reason, "unspecified"), _usage(msg.end.usage), _cost(msg.end.cost)
+    )
 
 
 def answer_from_proto(resp: pb.CompleteResponse) -> Answer:
@@ -257,7 +261,10 @@ def assistant(text: str = "", tool_calls: Sequence[ToolCall] = ()) -> pb.Message
 
 def tool_result(tool_call_id: str, content: str, *, is_error: bool = False) -> pb.Message:
     return pb.Message(
-        role=pb.ROLE_TOOL, tool_call_id=tool_call_id, is_error=is_error, content=[pb.ContentPart(text=content)]
+        role=pb.ROLE_TOOL,
+        tool_call_id=tool_call_id,
+        is_error=is_error,
+        content=[pb.ContentPart(text=content)],
     )
 
 
@@ -280,7 +287,9 @@ def _message(m: MessageLike) -> pb.Message:
             msg.content.add(text=content)
     else:
         for part in content:
-            msg.content.append(part if isinstance(part, pb.ContentPart) else json_format.ParseDict(part, pb.ContentPart()))
+            msg.content.append(
+                part if isinstance(part, pb.ContentPart) else json_format.ParseDict(part, pb.ContentPart())
+            )
     return msg
 
 
@@ -364,16 +373,20 @@ class BrokerClient:
 
     def list_models(self, provider: str = "") -> list[pb.ModelInfo]:
         try:
-            resp = self.stub.ListModels(pb.ListModelsRequest(provider=provider), timeout=self.timeout,
-                                        metadata=_metadata(self.api_key))
+            resp = self.stub.ListModels(
+                pb.ListModelsRequest(provider=provider),
+                timeout=self.timeout,
+                metadata=_metadata(self.api_key),
+            )
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         return list(resp.models)
 
     def list_providers(self) -> list[pb.ProviderInfo]:
         try:
-            resp = self.stub.ListProviders(pb.ListProvidersRequest(), timeout=self.timeout,
-                                           metadata=_metadata(self.api_key))
+            resp = self.stub.ListProviders(
+                pb.ListProvidersRequest(), timeout=self.timeout, metadata=_metadata(self.api_key)
+            )
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         return list(resp.providers)
@@ -406,7 +419,9 @@ class AsyncBrokerClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def stream(self, model: str, messages: str | Sequence[MessageLike], **kw: Any) -> AsyncIterator[Event]:
+    async def stream(
+        self, model: str, messages: str | Sequence[MessageLike], **kw: Any
+    ) -> AsyncIterator[Event]:
         timeout = kw.pop("timeout", self.timeout)
         req = build_request(model, messages, stream=True, **kw)
         call = self.stub.StreamComplete(req, timeout=timeout, metadata=_metadata(self.api_key))
@@ -429,16 +444,20 @@ class AsyncBrokerClient:
 
     async def list_models(self, provider: str = "") -> list[pb.ModelInfo]:
         try:
-            resp = await self.stub.ListModels(pb.ListModelsRequest(provider=provider), timeout=self.timeout,
-                                              metadata=_metadata(self.api_key))
+            resp = await self.stub.ListModels(
+                pb.ListModelsRequest(provider=provider),
+                timeout=self.timeout,
+                metadata=_metadata(self.api_key),
+            )
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         return list(resp.models)
 
     async def list_providers(self) -> list[pb.ProviderInfo]:
         try:
-            resp = await self.stub.ListProviders(pb.ListProvidersRequest(), timeout=self.timeout,
-                                                 metadata=_metadata(self.api_key))
+            resp = await self.stub.ListProviders(
+                pb.ListProvidersRequest(), timeout=self.timeout, metadata=_metadata(self.api_key)
+            )
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         return list(resp.providers)
