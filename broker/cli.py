@@ -52,9 +52,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     from broker.server import BrokerServer
 
-    server = BrokerServer(settings)
+    async def run() -> None:
+        # grpc.aio binds its server to the loop that is running when it is created.
+        await BrokerServer(settings).serve_until_signal(args.listen)
+
     try:
-        asyncio.run(server.serve_until_signal(args.listen))
+        asyncio.run(run())
     except OSError as exc:
         print(f"model-broker: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,146 @@
+"""The CLI as a user runs it: `model-broker serve` configured from the environment, then
+`complete`, `health` and `models` against it, each a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.script import Reply
+
+CLI = [sys.executable, "-m", "broker.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def run(*args: str, timeout: float = 30) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[FakeOpenAI, str, asyncio.subprocess.Process]]:
+    async with FakeOpenAI(models=["gpt-4o-mini", "llama3.2"]) as fake:
+        fake.reply = Reply(text_chunks=["Bon", "jour", " !"], input_tokens=9, output_tokens=3)
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
+        env.update(OPENAI_BASE_URL=fake.url, MODEL_BROKER_CONFIG="")
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, "serve", "--listen", f"127.0.0.1:{port}", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        target = f"127.0.0.1:{port}"
+        try:
+            for _ in range(100):  # up to ~10 s for the daemon to come up
+                code, _, _ = await run("health", "--target", target, "--timeout", "0.5")
+                if code == 0:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("daemon did not come up")
+            yield fake, target, proc
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def test_complete_streams_and_reports_usage(served) -> None:
+    fake, target, _ = served
+    code, out, err = await run("complete", "--target", target, "--model", "openai/gpt-4o-mini", "Say hello")
+    assert code == 0, err
+    assert out == "Bonjour !\n"
+    assert "[openai/gpt-4o-mini] finish=stop tokens in=9 out=3" in err
+    assert "cost=unknown" in err  # an OpenAI-compatible server is not billed at OpenAI's prices
+    sent = fake.server.requests[-1].json()
+    assert sent["messages"] == [{"role": "user", "content": "Say hello"}]
+
+
+async def test_complete_unary_with_system_prompt(served) -> None:
+    fake, target, _ = served
+    code, out, _ = await run("complete", "--target", target, "--model", "gpt-4o-mini", "--no-stream",
+                             "--system", "Be terse.", "Say hello")
+    assert (code, out) == (0, "Bonjour !\n")
+    assert fake.server.requests[-1].json()["messages"][0] == {"role": "system", "content": "Be terse."}
+
+
+async def test_complete_error_exits_nonzero_with_status(served) -> None:
+    _, target, _ = served
+    code, out, err = await run("complete", "--target", target, "--model", "nope/nothing", "x")
+    assert code == 1 and out == ""
+    assert err.startswith("error: NOT_FOUND: model 'nope/nothing' not found")
+    assert "[MODEL_NOT_FOUND]" in err
+
+
+async def test_health_exit_codes_per_service(served) -> None:
+    fake, target, _ = served
+    for service in ("", "modelbroker.v1.ModelBroker", "provider/openai"):
+        code, out, _ = await run("health", "--target", target, "--service", service)
+        assert (code, out.split(": ")[1].strip()) == (0, "SERVING"), (service, out)
+    code, _, err = await run("health", "--target", target, "--service", "provider/nope")
+    assert code == 3 and "NOT_FOUND" in err
+    await fake.stop()
+    for _ in range(60):
+        code, out, _ = await run("health", "--target", target, "--service", "provider/openai")
+        if code == 4:
+            break
+        await asyncio.sleep(0.2)
+    assert (code, out.strip()) == (4, "provider/openai: NOT_SERVING")
+    code, _, _ = await run("health", "--target", target)  # liveness does not follow providers
+    assert code == 0
+
+
+async def test_models_lists_discovered(served) -> None:
+    _, target, _ = served
+    code, out, _ = await run("models", "--target", target)
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert set(rows) == {"openai/gpt-4o-mini", "openai/llama3.2"}
+    assert "vision,tools,json" in rows["openai/gpt-4o-mini"]  # catalogue facts merged
+    assert rows["openai/llama3.2"].endswith("unknown")
+
+
+async def test_sigterm_stops_cleanly_with_json_logs(served) -> None:
+    _, _, proc = served
+    proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    events = [json.loads(line)["event"] for line in err.decode().splitlines() if line.startswith("{")]
+    assert "serving" in events and "shutdown_requested" in events and events[-1] == "stopped"
+
+
+async def test_no_providers_warns_and_is_not_ready() -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "serve", "--listen", f"127.0.0.1:{port}", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for _ in range(100):
+            code, _, _ = await run("health", "--target", f"127.0.0.1:{port}", "--timeout", "0.5")
+            if code == 0:
+                break
+            await asyncio.sleep(0.1)
+        code, out, _ = await run("health", "--target", f"127.0.0.1:{port}", "--service", "modelbroker.v1.ModelBroker")
+        assert (code, out.strip()) == (4, "modelbroker.v1.ModelBroker: NOT_SERVING")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert "no providers configured" in err.decode()
