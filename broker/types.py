@@ -189,6 +189,8 @@ class Pricing:
     input_micro_usd_per_mtok: int
     output_micro_usd_per_mtok: int
     cached_input_micro_usd_per_mtok: int | None = None
+    # Anthropic bills prompt-cache writes at 1.25x input; None means the input price.
+    cache_write_input_micro_usd_per_mtok: int | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -96,7 +96,7 @@ def test_claude_3_5_sonnet_context_and_vision(catalog: Catalog) -> None:
         assert entry is not None
         assert entry.context_window == 200_000
         assert Capability.VISION in entry.capabilities
-        assert entry.pricing == Pricing(3_000_000, 15_000_000, 300_000)
+        assert entry.pricing == Pricing(3_000_000, 15_000_000, 300_000, 3_750_000)
 
 
 def test_alias_takes_its_snapshot_s_facts(catalog: Catalog) -> None:
@@ -105,7 +105,7 @@ def test_alias_takes_its_snapshot_s_facts(catalog: Catalog) -> None:
         catalog.lookup("anthropic", "claude-3-5-haiku-20241022"),
     )
     assert alias is not None and snapshot is not None
-    assert alias.pricing == snapshot.pricing == Pricing(800_000, 4_000_000, 80_000)
+    assert alias.pricing == snapshot.pricing == Pricing(800_000, 4_000_000, 80_000, 1_000_000)
     assert alias.source == snapshot.source
 
 
@@ -251,6 +251,16 @@ def test_cached_input_is_billed_at_the_cached_price() -> None:
 )
 def test_rounding_is_half_up_once(tokens: int, micro_per_mtok: int, expected: int) -> None:
     assert compute_cost(Pricing(micro_per_mtok, 0), Usage(input_tokens=tokens)).input_micro_usd == expected
+
+
+def test_cache_writes_billed_at_the_cache_write_price() -> None:
+    # claude-3-5-sonnet: $3 input, $0.30 cache read, $3.75 cache write per Mtok.
+    pricing = Pricing(3_000_000, 15_000_000, 300_000, 3_750_000)
+    usage = Usage(input_tokens=10_000, cached_input_tokens=2_000, cache_write_input_tokens=4_000)
+    # 4,000 plain x $3 + 2,000 read x $0.30 + 4,000 written x $3.75 = 12,000 + 600 + 15,000 micro-USD
+    assert compute_cost(pricing, usage).input_micro_usd == 27_600
+    # no cache-write price: writes bill at the input price
+    assert compute_cost(Pricing(3_000_000, 0, 300_000), usage).input_micro_usd == 24_600
 
 
 def test_unknown_and_local_costs() -> None:

@@ -67,8 +67,12 @@ class CatalogEntry:
     def pricing(self) -> Pricing | None:
         if self.input_micro_usd_per_mtok is None or self.output_micro_usd_per_mtok is None:
             return None
-        cached = self.cached_input_micro_usd_per_mtok
-        return Pricing(self.input_micro_usd_per_mtok, self.output_micro_usd_per_mtok, cached)
+        return Pricing(
+            self.input_micro_usd_per_mtok,
+            self.output_micro_usd_per_mtok,
+            self.cached_input_micro_usd_per_mtok,
+            self.cache_write_input_micro_usd_per_mtok,
+        )
 
 
 @dataclass(slots=True, frozen=True)
@@ -272,7 +276,7 @@ class Catalog:
         caps: frozenset[Capability] = frozenset()
         caps_known = False
         context = max_out = None
-        prices: list[int | None] = [None, None, None]  # input, output, cached input
+        prices: list[int | None] = [None, None, None, None]  # input, output, cached input, cache write
         if entry is not None:
             source = "catalogue"
             caps, caps_known = entry.capabilities, True
@@ -282,6 +286,7 @@ class Catalog:
                     entry.input_micro_usd_per_mtok,
                     entry.output_micro_usd_per_mtok,
                     entry.cached_input_micro_usd_per_mtok,
+                    entry.cache_write_input_micro_usd_per_mtok,
                 ]
         if discovered is not None:
             if discovered.capabilities is not None or discovered.context_window is not None or entry is None:
@@ -311,9 +316,9 @@ class Catalog:
                 if price is not None:
                     prices[i] = price
 
-        inp, out, cached = prices
+        inp, out, cached, cache_write = prices
         # Both input and output prices or none: half a price is not a known cost.
-        pricing = None if inp is None or out is None else Pricing(inp, out, cached)
+        pricing = None if inp is None or out is None else Pricing(inp, out, cached, cache_write)
         return ModelSpec(
             provider=provider_name,
             name=model,

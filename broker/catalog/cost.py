@@ -39,9 +39,9 @@ def compute_cost(pricing: Pricing | None, usage: Usage, *, local: bool = False) 
         input  = (input - cached) * input_price + cached * cached_price   [cached_price defaults
                                                                             to input_price]
         output = output * output_price
-    each / 1_000_000 tokens-per-Mtok, rounded half-up once. Cache writes are billed at the
-    input price (Pricing has no cache-write price; Anthropic charges 1.25x for them, so their
-    cost is understated by a quarter of the cache-write tokens' input price).
+    each / 1_000_000 tokens-per-Mtok, rounded half-up once. Cache writes (also counted in
+    input) are billed at the cache-write price where one is known (Anthropic: 1.25x input),
+    else at the input price.
 
     No pricing: unknown (known=False, never a silent 0) unless `local`, where no price means
     free. A local model with a price (config can set one, e.g. for internal chargeback) is
@@ -55,7 +55,15 @@ def compute_cost(pricing: Pricing | None, usage: Usage, *, local: bool = False) 
     cached_price = pricing.cached_input_micro_usd_per_mtok
     if cached_price is None:
         cached_price = pricing.input_micro_usd_per_mtok
-    input_scaled = (total_in - cached) * pricing.input_micro_usd_per_mtok + cached * cached_price
+    written = min(max(usage.cache_write_input_tokens, 0), total_in - cached)
+    write_price = pricing.cache_write_input_micro_usd_per_mtok
+    if write_price is None:
+        write_price = pricing.input_micro_usd_per_mtok
+    input_scaled = (
+        (total_in - cached - written) * pricing.input_micro_usd_per_mtok
+        + cached * cached_price
+        + written * write_price
+    )
     output_scaled = max(usage.output_tokens, 0) * pricing.output_micro_usd_per_mtok
     return Cost(
         known=True,
