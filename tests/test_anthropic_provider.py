@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from broker import errors
 from broker.config import ProviderConfig
@@ -57,7 +58,7 @@ def make_provider(fake: FakeAnthropic, *, api_key: str = KEY, read_timeout: floa
         name="anthropic",
         type="anthropic",
         base_url=fake.url,
-        api_key=api_key,
+        api_key=SecretStr(api_key),
         read_timeout_seconds=read_timeout,
         connect_timeout_seconds=2.0,
     )
@@ -132,10 +133,27 @@ async def test_text_arrives_as_several_deltas_between_start_and_end(fake, provid
     assert sent.headers["anthropic-version"] == "2023-06-01"
 
 
-async def test_start_names_the_model_the_upstream_reports(fake, provider):
+async def test_start_names_the_model_requested_even_when_upstream_reports_a_snapshot(fake, provider):
     fake.reply = Reply(model="claude-sonnet-4-5-20250929")
     out = await run(provider, ask())
-    assert out.events[0] == StartEvent(model="claude-sonnet-4-5-20250929")
+    assert out.events[0] == StartEvent(model=MODEL)
+    assert out.text == "Hello there!"
+
+
+async def test_completions_reuse_one_pooled_connection(fake, provider):
+    for _ in range(3):
+        assert (await run(provider, ask())).error is None
+    assert fake.connections == 1
+
+
+async def test_a_consumer_that_stops_at_end_still_leaves_the_connection_reusable(fake, provider):
+    for _ in range(2):
+        stream = provider.stream(ask())
+        async for event in stream:
+            if isinstance(event, EndEvent):
+                break
+        await stream.aclose()
+    assert fake.connections == 1
 
 
 async def test_conversation_maps_to_anthropic_turns(fake, provider):
@@ -163,7 +181,7 @@ async def test_conversation_maps_to_anthropic_turns(fake, provider):
     )
     out = await run(provider, request)
     assert out.error is None  # the fake checks tool_use/tool_result pairing as the API does
-    body = fake.message_bodies()[-1]
+    body = fake.message_bodies[-1]
     assert body["system"] == "Be terse.\n\nAnswer in French."
     assert body["stream"] is True
     assert body["max_tokens"] == 64000
@@ -215,7 +233,7 @@ async def test_conversation_maps_to_anthropic_turns(fake, provider):
 async def test_max_tokens_is_always_sent(fake, provider, max_tokens, default_max_tokens, sent):
     request = ask(params=GenerationParams(max_tokens=max_tokens), default_max_tokens=default_max_tokens)
     assert (await run(provider, request)).error is None
-    assert fake.message_bodies()[-1]["max_tokens"] == sent
+    assert fake.message_bodies[-1]["max_tokens"] == sent
 
 
 @pytest.mark.parametrize(
@@ -228,7 +246,7 @@ async def test_max_tokens_is_always_sent(fake, provider, max_tokens, default_max
 )
 async def test_tool_choice_modes(fake, provider, choice, sent):
     assert (await run(provider, ask(tools=[WEATHER], tool_choice=choice))).error is None
-    assert fake.message_bodies()[-1]["tool_choice"] == sent
+    assert fake.message_bodies[-1]["tool_choice"] == sent
 
 
 async def test_json_mode_sends_no_field_the_api_lacks(fake, provider):
@@ -244,7 +262,7 @@ async def test_invalid_tool_arguments_are_the_callers_mistake(fake, provider):
     )
     assert isinstance(out.error, errors.InvalidRequest)
     assert out.error.violations[0][0] == "messages[1].tool_calls[0].arguments"
-    assert fake.message_bodies() == []  # nothing was sent
+    assert fake.message_bodies == []  # nothing was sent
 
 
 async def test_temperature_above_one_is_refused_before_sending(fake, provider):
@@ -253,7 +271,7 @@ async def test_temperature_above_one_is_refused_before_sending(fake, provider):
     assert out.error.violations[0][0] == "params.temperature"
     assert "0 to 1" in out.error.message
     assert (out.error.provider, out.error.model) == ("anthropic", MODEL)
-    assert fake.message_bodies() == []
+    assert fake.message_bodies == []
 
 
 async def test_tool_use_without_tool_result_is_rejected_by_upstream(fake, provider):
@@ -310,6 +328,29 @@ async def test_text_then_two_tool_calls_keep_their_own_index(fake, provider):
     }
     first_tool = next(i for i, e in enumerate(out.events) if isinstance(e, ToolCallDeltaEvent))
     assert all(not isinstance(e, TextDeltaEvent) for e in out.events[first_tool:])
+
+
+async def test_a_tool_without_parameters_still_gets_json_arguments(fake, provider):
+    # Anthropic streams only an empty partial_json for a call with no input.
+    fake.reply = Reply(
+        text_chunks=[], tool_calls=[ToolCallScript("toolu_n", "get_time", [])], finish="tool_calls"
+    )
+    out = await run(provider, ask(tools=[Tool("get_time")]))
+    assert out.tool_calls() == {0: {"id": "toolu_n", "name": "get_time", "arguments": "{}"}}
+
+
+async def test_images_as_data_urls_are_sent_inline(fake, provider):
+    data = base64.b64encode(b"GIF89a-fake").decode()
+    out = await run(provider, ask(user("What is it?", ImagePart(url=f"data:image/gif;base64,{data}"))))
+    assert out.error is None
+    image = fake.message_bodies[-1]["messages"][0]["content"][1]
+    assert image == {"type": "image", "source": {"type": "base64", "media_type": "image/gif", "data": data}}
+
+
+async def test_image_bytes_need_a_media_type(fake, provider):
+    out = await run(provider, ask(user("What is it?", ImagePart(data=b"\x89PNG"))))
+    assert isinstance(out.error, errors.InvalidRequest)
+    assert out.error.violations[0][0] == "messages[0].content[1].media_type"
 
 
 async def test_usage_counts_cached_input(fake, provider):
@@ -385,18 +426,16 @@ async def test_faults_map_to_broker_errors(fake, fault, expected, retryable):
         out = await run(provider, ask())
     finally:
         await provider.close()
-    assert type(out.error) is expected, out.error
+    assert out.error is not None and type(out.error) is expected, out.error
     assert out.error.retryable is retryable
     assert (out.error.provider, out.error.model) == ("anthropic", MODEL)
     assert KEY not in str(out.error)
     if fault.kind == "status":
         assert out.error.upstream_status == fault.status
         assert not out.events  # nothing streamed before an HTTP error
-    if (
-        fault.kind in ("stall_mid_stream", "disconnect_mid_stream", "malformed", "error_event")
-        and fault.after_chunks
-    ):
-        assert out.text == "Hello"  # what arrived before the failure was passed on
+    if fault.kind in ("stall_mid_stream", "disconnect_mid_stream", "malformed", "error_event"):
+        # What arrived before the failure was passed on.
+        assert out.text == "".join(Reply().text_chunks[: fault.after_chunks])
     assert not any(isinstance(e, EndEvent) for e in out.events)
 
 
@@ -443,7 +482,7 @@ async def test_closing_the_stream_early_closes_the_upstream_request(fake, provid
         if isinstance(event, TextDeltaEvent):
             break
     closed_at = asyncio.get_running_loop().time()
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
     seen_at = await asyncio.wait_for(fake.server.disconnects.get(), timeout=1.0)
     assert seen_at - closed_at < 1.0
 
@@ -512,7 +551,9 @@ async def test_fake_rejects_what_the_api_rejects(fake):
 @pytest.mark.real_anthropic
 @pytest.mark.skipif(not os.environ.get("ANTHROPIC_API_KEY"), reason="ANTHROPIC_API_KEY is not set")
 async def test_real_anthropic_streams_a_short_answer():
-    config = ProviderConfig(name="anthropic", type="anthropic", api_key=os.environ["ANTHROPIC_API_KEY"])
+    config = ProviderConfig(
+        name="anthropic", type="anthropic", api_key=SecretStr(os.environ["ANTHROPIC_API_KEY"])
+    )
     provider = AnthropicProvider(config)
     await provider.start()
     try:

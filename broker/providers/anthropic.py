@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator
 
 from broker import errors
 from broker.providers import anthropic_wire as wire
 from broker.providers import register
 from broker.providers.base import Provider, UpstreamErrorInfo
-from broker.redact import redact
-from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel
+from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, EndEvent, StartEvent
 
 # After message_stop only the body's end should remain; reading it lets the pooled
 # connection be reused, but a server that keeps the body open must not hold us.
@@ -35,32 +33,46 @@ class AnthropicProvider(Provider):
             headers["x-api-key"] = self.api_key
         return headers
 
-    async def stream(self, request: CompletionRequest) -> AsyncIterator[CompletionEvent]:
+    async def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionEvent, None]:
+        model = request.model
         try:
             body = wire.build_body(request)
         except errors.BrokerError as exc:
-            raise exc.with_target(self.name, request.model) from None
-        parser = wire.StreamParser(provider=self.name, model=request.model)
-        async with (
-            self.open("POST", "v1/messages", json=body, request=request) as resp,
-            # aclosing: closing this generator early must also finalize the line reader now.
-            contextlib.aclosing(self.guarded_lines(resp, model=request.model)) as lines,
-        ):
-            async for line in lines:
-                for event in parser.feed_line(line):
-                    yield event
-                if parser.finished:
-                    break
-            if not parser.finished:
+            raise exc.with_target(self.name, model) from None
+        parser = wire.StreamParser(provider=self.name, model=model)
+        async with self.open("POST", "v1/messages", json=body, request=request) as resp:
+            content_type = resp.headers.get("content-type", "")
+            if not content_type.startswith("text/event-stream"):
+                # A proxy or gateway answering 200 with a page instead of the event stream.
                 raise errors.UpstreamProtocolError(
-                    f"{self.name}: the stream ended before message_stop",
+                    f"{self.name}: expected an event stream, got {content_type or 'no content type'}",
                     provider=self.name,
-                    model=request.model,
+                    model=model,
                 )
-            with contextlib.suppress(TimeoutError, errors.BrokerError):
-                async with asyncio.timeout(_DRAIN_SECONDS):
-                    async for _ in lines:
-                        pass
+            yield StartEvent(model=model)
+            # aclosing: closing this generator early must also finalize the line reader now.
+            async with contextlib.aclosing(self.guarded_lines(resp, model=model)) as lines:
+                end: EndEvent | None = None
+                async for line in lines:
+                    for event in parser.feed_line(line):
+                        if isinstance(event, EndEvent):
+                            end = event
+                        else:
+                            yield event
+                    if end is not None:
+                        break
+                if end is None:
+                    raise errors.UpstreamProtocolError(
+                        f"{self.name}: the stream ended before message_stop (the answer may be cut short)",
+                        provider=self.name,
+                        model=model,
+                    )
+                # Drain before the last event: a consumer may stop at EndEvent and close us.
+                with contextlib.suppress(TimeoutError, errors.BrokerError):
+                    async with asyncio.timeout(_DRAIN_SECONDS):
+                        async for _ in lines:
+                            pass
+                yield end
 
     async def list_models(self) -> list[DiscoveredModel]:
         models: list[DiscoveredModel] = []
@@ -74,17 +86,8 @@ class AnthropicProvider(Provider):
 
     async def health_check(self) -> None:
         # Listing one model proves reachability and a working key without paying for tokens.
-        await self.get_json(wire.models_path(limit=1))
+        # The abstract signature takes no timeout: the connect timeout is the short one.
+        await self.get_json(wire.models_path(limit=1), timeout=self.config.connect_timeout_seconds)
 
     def parse_error(self, status: int, body: bytes) -> UpstreamErrorInfo:
         return wire.parse_error_body(body)
-
-    def error_for_status(
-        self, status: int, headers: Mapping[str, str], body: bytes, *, model: str = ""
-    ) -> errors.BrokerError:
-        # As the base class does, but through wire.classify: Anthropic reports an empty
-        # credit balance as a 400, which the shared table would call a bad request.
-        info = self.parse_error(status, body)
-        message = f"{self.name} returned HTTP {status}: {redact(info.message) or 'no message'}"
-        kw: dict[str, Any] = {"provider": self.name, "model": model, "upstream_status": status}
-        return wire.classify(status, info, message, headers, kw)

@@ -27,7 +27,6 @@ from broker.types import (
     ImagePart,
     Message,
     Role,
-    StartEvent,
     TextDeltaEvent,
     TextPart,
     ToolCallDeltaEvent,
@@ -131,8 +130,11 @@ def _system_text(msg: Message, i: int) -> str:
 
 def _blocks(msg: Message, i: int) -> tuple[list[Block], list[Block]]:
     """(tool_result blocks, other blocks) for one non-system message."""
-    content = [_content_block(part, f"messages[{i}].content[{j}]") for j, part in enumerate(msg.content)]
-    content = [b for b in content if b is not None]
+    content = [
+        block
+        for j, part in enumerate(msg.content)
+        if (block := _content_block(part, f"messages[{i}].content[{j}]")) is not None
+    ]
     if msg.role == Role.TOOL:
         if not msg.tool_call_id:
             raise errors.InvalidRequest([(f"messages[{i}].tool_call_id", "required on a tool message")])
@@ -282,11 +284,11 @@ class _ToolBlock:
 
 
 class StreamParser:
-    """Messages API stream events -> neutral events. Raises BrokerError on errors.
+    """Messages API stream events -> deltas and, at `message_stop`, the one EndEvent.
 
-    Emits StartEvent at `message_start` (the first event after the 200, naming the model
-    that answers) and EndEvent exactly once, at `message_stop`; `finished` says whether
-    that happened, so a stream that just stops can be told from a complete one.
+    StartEvent is the caller's to send when the 200 arrives. `finished` says whether
+    message_stop came, so a stream that just stops can be told from a complete one.
+    Raises BrokerError for `event: error` and for anything that is not the protocol.
     """
 
     def __init__(self, *, provider: str, model: str) -> None:
@@ -315,33 +317,35 @@ class StreamParser:
         kind = str(payload.get("type") or event)
         if kind == "error" or event == "error":
             raise stream_error(payload, provider=self.provider, model=self.model)
+        try:
+            return self._dispatch(kind, payload)
+        except (AttributeError, TypeError, ValueError) as exc:
+            # Valid JSON of the wrong shape (a string where an object goes, say).
+            raise self._protocol_error(f"malformed {kind} event ({exc})") from None
+
+    def _dispatch(self, kind: str, payload: Mapping[str, Any]) -> list[CompletionEvent]:
         if kind == "message_start":
             return self._on_start(payload)
-        if kind in ("content_block_start", "content_block_delta", "content_block_stop", "message_delta"):
-            if not self.started:
-                raise self._protocol_error(f"{kind} before message_start")
-            if kind == "content_block_start":
-                return self._on_block_start(payload)
-            if kind == "content_block_delta":
-                return self._on_block_delta(payload)
-            if kind == "content_block_stop":
-                return self._on_block_stop(payload)
-            self._on_message_delta(payload)
-            return []
-        if kind == "message_stop":
-            if not self.started:
-                raise self._protocol_error("message_stop before message_start")
-            self.finished = True
-            return [EndEvent(finish_reason(self._stop_reason), self._final_usage())]
-        return []  # ping, and event types newer than this code
+        handlers = {
+            "content_block_start": self._on_block_start,
+            "content_block_delta": self._on_block_delta,
+            "content_block_stop": self._on_block_stop,
+            "message_delta": self._on_message_delta,
+            "message_stop": self._on_message_stop,
+        }
+        handler = handlers.get(kind)
+        if handler is None:
+            return []  # ping, and event types newer than this code
+        if not self.started:
+            raise self._protocol_error(f"{kind} before message_start")
+        return handler(payload)
 
     def _on_start(self, payload: Mapping[str, Any]) -> list[CompletionEvent]:
-        if self.started:
-            return []
-        self.started = True
-        message = payload.get("message") or {}
-        self._merge_usage(message.get("usage"))
-        return [StartEvent(model=str(message.get("model") or self.model))]
+        if not self.started:
+            self.started = True
+            message = payload.get("message") or {}
+            self._merge_usage(message.get("usage"))
+        return []
 
     def _on_block_start(self, payload: Mapping[str, Any]) -> list[CompletionEvent]:
         block = payload.get("content_block") or {}
@@ -377,11 +381,16 @@ class StreamParser:
             return [ToolCallDeltaEvent(index=tool.index, arguments_delta="{}")]
         return []
 
-    def _on_message_delta(self, payload: Mapping[str, Any]) -> None:
+    def _on_message_delta(self, payload: Mapping[str, Any]) -> list[CompletionEvent]:
         delta = payload.get("delta") or {}
         if delta.get("stop_reason"):
             self._stop_reason = str(delta["stop_reason"])
         self._merge_usage(payload.get("usage"))
+        return []
+
+    def _on_message_stop(self, payload: Mapping[str, Any]) -> list[CompletionEvent]:
+        self.finished = True
+        return [EndEvent(finish_reason(self._stop_reason), usage_from(self._usage))]
 
     def _merge_usage(self, usage: Any) -> None:
         # message_delta counts are cumulative: a later value replaces an earlier one.
@@ -389,9 +398,6 @@ class StreamParser:
             for key, value in usage.items():
                 if isinstance(value, int) and not isinstance(value, bool):
                     self._usage[key] = value
-
-    def _final_usage(self) -> Usage:
-        return usage_from(self._usage)
 
     def _protocol_error(self, what: str) -> errors.UpstreamProtocolError:
         return errors.UpstreamProtocolError(
@@ -438,21 +444,12 @@ def parse_error_body(body: bytes) -> UpstreamErrorInfo:
     return UpstreamErrorInfo(message=message, kind=kind)
 
 
-def classify(
-    status: int, info: UpstreamErrorInfo, message: str, headers: Mapping[str, str], kw: dict[str, Any]
-) -> errors.BrokerError:
-    """The shared status table, plus billing: Anthropic reports it with more than one status."""
-    if info.kind == "billing_error":
-        return errors.UpstreamQuotaExceeded(message, **kw)
-    return classify_error(status, info, message, headers, kw)
-
-
 def stream_error(payload: Mapping[str, Any], *, provider: str, model: str) -> errors.BrokerError:
     """The BrokerError for an `event: error` that arrived after the HTTP 200."""
     info = parse_error_body(json.dumps(payload).encode())
     status = _STATUS_OF_ERROR_TYPE.get(info.kind, 500)  # unknown types: a server-side failure
     message = f"{provider}: error mid-stream: {info.kind or 'error'}: {info.message or 'no message'}"
-    return classify(status, info, message, {}, {"provider": provider, "model": model})
+    return classify_error(status, info, message, {}, {"provider": provider, "model": model})
 
 
 # --- model listing ---------------------------------------------------------------------------

@@ -241,6 +241,9 @@ def classify_error(
 ) -> errors.BrokerError:
     """The status-code table shared by every protocol (PROTOCOLS.md "Mapping HTTP status")."""
     text = f"{info.kind} {info.message}".lower()
+    if info.kind == "billing_error" or "credit balance" in text:
+        # A billing state, whatever the status: Anthropic sends an empty balance as a 400.
+        return errors.UpstreamQuotaExceeded(message, **kw)
     if status in (400, 413, 422):
         if "context_length" in text or "context length" in text or "too long" in text or status == 413:
             return errors.ContextLengthExceeded(message, **kw)

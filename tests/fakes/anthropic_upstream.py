@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from tests.fakes.http import FakeHTTPServer, Request, Response, sse
@@ -62,15 +63,26 @@ _TOOL_RESULT_MESSAGE = (
 _ids = itertools.count(1)
 
 
+@dataclass
+class _CountingServer(FakeHTTPServer):
+    accepted: int = 0
+
+    async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        await super()._on_conn(reader, writer)
+
+
 class FakeAnthropic:
-    def __init__(self, *, api_key: str = "sk-ant-fake-0123456789", models: list[str] | None = None) -> None:
+    def __init__(
+        self, *, api_key: str = "sk-ant-fake-0123456789", models: list[str] | None = None, port: int = 0
+    ) -> None:
         self.api_key = api_key
         self.models = list(DEFAULT_MODELS if models is None else models)
         self.reply = Reply()
         self.faults: list[Fault] = []
         # Prompt-cache writes have no neutral Reply field; set here to exercise that usage path.
         self.cache_creation_input_tokens = 0
-        self.server = FakeHTTPServer(self._handle)
+        self.server = _CountingServer(self._handle, port=port)
 
     @property
     def url(self) -> str:
@@ -81,6 +93,12 @@ class FakeAnthropic:
     def requests(self) -> list[Request]:
         return self.server.requests
 
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted so far (1 for many requests: the client pools)."""
+        return self.server.accepted
+
+    @property
     def message_bodies(self) -> list[Any]:
         return [r.json() for r in self.requests if r.method == "POST" and r.path == "/v1/messages"]
 
@@ -90,12 +108,7 @@ class FakeAnthropic:
 
     async def stop(self) -> None:
         """Stop listening and drop every connection, as a crashed upstream would."""
-        # FakeHTTPServer.stop() cancels its connection tasks without awaiting them, and on
-        # Python 3.11 Server.wait_closed() does not wait for connections either: without this
-        # a pooled keep-alive connection could still be answered after stop() returned.
-        tasks = list(self.server._tasks)
         await self.server.stop()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def __aenter__(self) -> FakeAnthropic:
         return await self.start()
@@ -156,7 +169,12 @@ class FakeAnthropic:
         content: list[dict[str, Any]] = [{"type": "text", "text": reply.text}] if reply.text else []
         for call in reply.tool_calls:
             content.append(
-                {"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments)}
+                {
+                    "type": "tool_use",
+                    "id": call.id,
+                    "name": call.name,
+                    "input": json.loads(call.arguments or "{}"),
+                }
             )
         return {
             "id": f"msg_{next(_ids):024d}",
