@@ -8,6 +8,7 @@ LISTEN ?= 127.0.0.1:50051
 CONFIG ?=
 
 .PHONY: install proto proto-check lint test run bench clean
+.PHONY: test-node node-proto node-proto-check codegen-check codegen-tools breaking
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,8 +27,9 @@ proto: $(STAMP)
 	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$(PROTO_OUT) \
 	  proto/modelbroker/v1/*.proto
 
-# Regenerate and fail if the committed stubs differ from what proto/ produces.
-proto-check: proto
+# Regenerate and fail if the committed stubs (Python here, Node in node-proto-check) differ
+# from what proto/ produces.
+proto-check: proto node-proto-check
 	@git diff --exit-code --stat -- $(PROTO_OUT)/modelbroker/v1 \
 	  || (echo "generated stubs are stale: run 'make proto' and commit" >&2; exit 1)
 	@test -z "$$(git status --porcelain -- $(PROTO_OUT)/modelbroker/v1)" \
@@ -41,6 +43,47 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) test-node
+
+# --- Node client (clients/node) and code generation for other languages ------------------------
+NODE_DIR := clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+
+# npm ci from the committed lockfile when node_modules is missing or older than it. No npm is
+# an error, not a skip: the Node tests are part of `make test`.
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js 20+ with npm (the Node client tests are part of 'make test')" >&2; exit 1; }
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund
+	touch $@
+
+# The Node client's tests: tsc, then node --test against a real daemon and a fake upstream.
+test-node: $(STAMP) $(NODE_STAMP)
+	cd $(NODE_DIR) && npm test
+
+# Regenerate clients/node/gen (ts-proto via buf, both pinned by the lockfile).
+node-proto: $(NODE_STAMP)
+	cd $(NODE_DIR) && npm run --silent generate
+
+node-proto-check: node-proto
+	@git diff --exit-code --stat -- $(NODE_DIR)/gen \
+	  || (echo "Node stubs are stale: run 'make node-proto' and commit" >&2; exit 1)
+	@test -z "$$(git status --porcelain -- $(NODE_DIR)/gen)" \
+	  || (echo "untracked Node stubs: run 'make node-proto' and commit" >&2; git status --short -- $(NODE_DIR)/gen; exit 1)
+
+# Go, Java and TypeScript generated from proto/ into a temp dir and compiled where the tools are here.
+codegen-check: $(STAMP) $(NODE_STAMP)
+	$(BIN)/python scripts/check_codegen.py
+
+# Debian's protoc, Go and Java generators and runtimes for codegen-check (root; no-op when present).
+CODEGEN_DEBS := protobuf-compiler libprotobuf-java protobuf-compiler-grpc-java-plugin libgrpc-java \
+  protoc-gen-go protoc-gen-go-grpc golang-go golang-google-protobuf-dev golang-google-grpc-dev
+codegen-tools:
+	@if dpkg -s $(CODEGEN_DEBS) >/dev/null 2>&1; then echo "codegen tools: already installed"; else \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CODEGEN_DEBS); fi
+
+# buf breaking against earlier commits' proto/ (skipped with a note on the first commit).
+breaking: $(STAMP)
+	scripts/buf_breaking.sh
 
 run: $(STAMP)
 	$(BIN)/model-broker serve --listen $(LISTEN) $(if $(CONFIG),--config $(CONFIG),)

@@ -1,4 +1,4 @@
-"""`model-broker`: serve | complete | models | providers | health | config check | config show."""
+"""`model-broker`: serve | complete | models | providers | health | config check | config show | keys create | keys hash."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -15,6 +16,7 @@ from broker.config import (
     DEFAULT_LISTEN,
     PRESETS,
     ConfigError,
+    MetricsConfig,
     Settings,
     dump_settings,
     load_settings,
@@ -38,7 +40,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from broker.logs import configure_logging
 
-    configure_logging(args.log_level)
+    worker = args.worker_index is not None
+    configure_logging(
+        args.log_level, static={"worker": args.worker_index, "pid": os.getpid()} if worker else None
+    )
     try:
         settings = _settings(args)
     except ConfigError as exc:
@@ -50,14 +55,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "OPENAI_BASE_URL, ANTHROPIC_API_KEY or OLLAMA_HOST); readiness stays NOT_SERVING",
             file=sys.stderr,
         )
+    from broker.auth import open_listen_warning
+
+    auth_warning = open_listen_warning(settings, args.listen or settings.server.listen)
+    if auth_warning:
+        print(f"model-broker: warning: {auth_warning}", file=sys.stderr)
+    if args.metrics_listen:
+        settings = settings.model_copy(update={"metrics": MetricsConfig(listen=args.metrics_listen)})
+    if args.workers > 1 and not worker:
+        from broker.workers import supervise
+
+        return supervise(args, settings)
+    from broker.metrics import BrokerMetrics
     from broker.server import BrokerServer
 
     async def run() -> None:
         # grpc.aio binds its server to the loop that is running when it is created.
-        await BrokerServer(settings).serve_until_signal(args.listen)
+        # A worker shares the port with its siblings and leaves /metrics to the parent.
+        server = BrokerServer(
+            settings,
+            reuse_port=worker,
+            serve_metrics=not worker,
+            metrics=BrokerMetrics(process=False) if worker else None,
+        )
+        if not worker:
+            await server.serve_until_signal(args.listen)
+            return
+        from broker.workers import exit_with_parent
+
+        orphan_watch = asyncio.create_task(exit_with_parent())
+        try:
+            await server.serve_until_signal(args.listen)
+        finally:
+            orphan_watch.cancel()
 
     try:
         asyncio.run(run())
+    except ConfigError as exc:  # e.g. a TLS file that cannot be read
+        print(f"model-broker: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"model-broker: {exc}", file=sys.stderr)
         return 1
@@ -85,6 +121,49 @@ def cmd_config_show(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.write(dump_settings(settings, reveal_secrets=args.reveal_secrets))
     return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from broker.auth import hash_key, new_key
+
+    key = new_key()
+    digest = hash_key(key)
+    print(f"key:    {key}")
+    print(f"sha256: {digest}")
+    print()
+    print("# Hand the key to the caller; it is shown only now. Only the hash goes in the config:")
+    print("auth:\n  keys:")
+    print(f"    - name: {args.name}\n      sha256: {digest}")
+    return 0
+
+
+def cmd_keys_hash(args: argparse.Namespace) -> int:
+    from broker.auth import hash_key
+
+    key = sys.stdin.read() if args.key in (None, "-") else args.key
+    if not key.strip():
+        print("model-broker: keys hash: no key given (pass it as an argument or on stdin)", file=sys.stderr)
+        return 1
+    print(hash_key(key))
+    return 0
+
+
+def _tls_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """BrokerClient's `credentials` and `options` from --tls/--ca-cert/--client-cert/--client-key/
+    --tls-server-name (plaintext when none is given); a bad file exits with its flag named."""
+    from broker.tls import client_security
+
+    try:
+        creds, options = client_security(
+            tls=args.tls,
+            ca_cert=args.ca_cert,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+            server_name=args.tls_server_name,
+        )
+    except ConfigError as exc:
+        raise SystemExit("model-broker: " + "; ".join(exc.problems)) from None
+    return {"credentials": creds, "options": options}
 
 
 def _fail(err: Exception) -> int:
@@ -122,7 +201,9 @@ def cmd_complete(args: argparse.Namespace) -> int:
     if args.temperature is not None:
         params.temperature = args.temperature
     kw = {"params": params, "timeout": args.timeout, "fallback_models": args.fallback}
-    with BrokerClient(args.target, api_key=args.api_key or os.environ.get("MODEL_BROKER_API_KEY")) as client:
+    with BrokerClient(
+        args.target, api_key=args.api_key or os.environ.get("MODEL_BROKER_API_KEY"), **_tls_kwargs(args)
+    ) as client:
         try:
             if args.no_stream:
                 ans = client.complete(args.model, messages, **kw)
@@ -173,7 +254,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from modelbroker.client import BrokerClient, BrokerError
     from modelbroker.v1 import broker_pb2 as pb
 
-    with BrokerClient(args.target, api_key=args.api_key, timeout=args.timeout) as client:
+    with BrokerClient(args.target, api_key=args.api_key, timeout=args.timeout, **_tls_kwargs(args)) as client:
         try:
             models = client.list_models(args.provider)
         except BrokerError as err:
@@ -203,16 +284,18 @@ def cmd_providers(args: argparse.Namespace) -> int:
     from modelbroker.client import BrokerClient, BrokerError
     from modelbroker.v1 import broker_pb2 as pb
 
-    with BrokerClient(args.target, api_key=args.api_key, timeout=args.timeout) as client:
+    with BrokerClient(args.target, api_key=args.api_key, timeout=args.timeout, **_tls_kwargs(args)) as client:
         try:
             providers = client.list_providers()
         except BrokerError as err:
             return _fail(err)
     for p in providers:
         health = pb.ProviderHealth.Name(p.health).removeprefix("PROVIDER_HEALTH_")
+        breaker = pb.BreakerState.Name(p.breaker_state).removeprefix("BREAKER_STATE_").lower()
         last = f"  last error: {p.last_error}" if p.last_error else ""
         print(
-            f"{p.name:16} {p.type:10} prio={p.priority:<4} {health:12} models={p.model_count:<4} {p.base_url}{last}"
+            f"{p.name:16} {p.type:10} prio={p.priority:<4} {health:12} breaker={breaker:10} "
+            f"models={p.model_count:<4} {p.base_url}{last}"
         )
     return 0
 
@@ -220,7 +303,14 @@ def cmd_providers(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    tls = _tls_kwargs(args)
+    creds, options = tls["credentials"], tls["options"]
+    channel_cm = (
+        grpc.secure_channel(args.target, creds, options=options)
+        if creds
+        else grpc.insecure_channel(args.target)
+    )
+    with channel_cm as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=args.timeout)
         except grpc.FutureTimeoutError:
@@ -240,6 +330,38 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_SERVING if resp.status == health_pb2.HealthCheckResponse.SERVING else EXIT_NOT_SERVING
 
 
+def _listen_arg(value: str) -> str:
+    from broker.config import parse_listen
+
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    """Client-side TLS flags; any file flag or a server name implies --tls."""
+    env = os.environ.get
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --ca-cert)")
+    p.add_argument(
+        "--ca-cert", type=Path, default=env("MODEL_BROKER_CA_CERT"), help="PEM CA that signed the server"
+    )
+    p.add_argument(
+        "--client-cert", type=Path, default=env("MODEL_BROKER_CLIENT_CERT"), help="PEM certificate for mTLS"
+    )
+    p.add_argument("--client-key", type=Path, default=env("MODEL_BROKER_CLIENT_KEY"), help="its PEM key")
+    p.add_argument(
+        "--tls-server-name", help="verify the server certificate for this name, not the target's host"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="model-broker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=PRESETS, help="use a built-in config instead of a file")
     p.add_argument("--listen", default=None, help=f"HOST:PORT (default: server.listen, {DEFAULT_LISTEN})")
     p.add_argument("--log-level", default=os.environ.get("MODEL_BROKER_LOG_LEVEL", "info"))
+    p.add_argument(
+        "--metrics-listen",
+        type=_listen_arg,
+        default=os.environ.get("MODEL_BROKER_METRICS_LISTEN") or None,
+        help="HOST:PORT for Prometheus /metrics (default: metrics.listen; none when unset)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=os.environ.get("MODEL_BROKER_WORKERS", "1"),  # a string default goes through `type`
+        help="processes sharing the port via SO_REUSEPORT, under one supervising parent (default 1)",
+    )
+    # Set by the `--workers` parent on each worker it starts; not for operators.
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     def client_args(p: argparse.ArgumentParser) -> None:
@@ -257,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--api-key", default=os.environ.get("MODEL_BROKER_API_KEY"), help="caller key, if auth is on"
         )
         p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+        _tls_args(p)
 
     p = sub.add_parser("complete", help="stream a completion to stdout (usage and cost to stderr)")
     client_args(p)
@@ -282,7 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=os.environ.get("MODEL_BROKER_TARGET", DEFAULT_LISTEN))
     p.add_argument("--service", default="", help='"" (liveness), modelbroker.v1.ModelBroker, provider/<name>')
     p.add_argument("--timeout", type=float, default=3.0)
+    _tls_args(p)
     p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("keys", help="make caller API keys and the hashes the config holds")
+    ksub = p.add_subparsers(dest="keys_command", required=True)
+    k = ksub.add_parser("create", help="print a new random key and its SHA-256 (with a config snippet)")
+    k.add_argument("--name", default="my-team", help="the caller name for the config snippet")
+    k.set_defaults(func=cmd_keys_create)
+    k = ksub.add_parser("hash", help="print the SHA-256 of a key for auth.keys[].sha256")
+    k.add_argument(
+        "key", nargs="?", help="the key; omit it or give '-' to read stdin (keeps it out of shell history)"
+    )
+    k.set_defaults(func=cmd_keys_hash)
 
     p = sub.add_parser("config", help="check or show configuration")
     csub = p.add_subparsers(dest="config_command", required=True)

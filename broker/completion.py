@@ -1,25 +1,40 @@
 """One completion, end to end in neutral types: candidates -> checks -> provider stream -> cost.
 
-Streaming is the only path (unary accumulates it, see `accumulate`). The first message to
-the caller (`Started`) is held back until the first content or the end, so that a failure
-before any content can move on to the next candidate without the caller ever seeing the
-first provider's name. After content has been delivered a failure is an interruption:
-never retried, never spliced with another model's output.
+Candidates come from the model reference (an alias may be a fallback group), or from
+selection by requirements, then `fallback_models`. Per candidate: its provider's circuit
+breaker must let it through; a retryable failure before any output is retried with
+backoff (broker/retry.py) or moves on to the next candidate; a caller's own error ends
+the request at once. Time to first token and stalls between chunks are timed per
+provider (only the wait for the upstream, never the caller's reading).
+
+Streaming is the only path; unary accumulates it, buffered (`stream(buffered=True)`), so
+a unary failure part-way may still retry or fall back with the partial answer thrown
+away. The first message to a streaming caller (`Started`) is held back until the first
+content, so a failure before any content can move on without the caller ever seeing the
+first provider's name. After content has been delivered a failure is an interruption
+(STREAM_INTERRUPTED, with what was delivered): never retried, never spliced with another
+model's output.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import structlog
 
-from broker import errors
+from broker import auth, errors
+from broker.breaker import counts_against_provider
 from broker.catalog import compute_cost
+from broker.config import RoutingConfig
 from broker.convert import CompletionCall
-from broker.registry import Registry, Target
+from broker.registry import ProviderState, Registry, Target
+from broker.retry import RetryPolicy
+from broker.routing import Router
 from broker.types import (
     Capability,
     CompletionRequest,
@@ -132,66 +147,172 @@ def check_fits(call: CompletionCall, target: Target) -> None:
 
 
 class CompletionService:
-    def __init__(self, registry: Registry) -> None:
+    """Candidates -> per candidate: breaker, retries with backoff, TTFT/stall timeouts -> outputs."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        routing: RoutingConfig | None = None,
+        *,
+        on_breaker_change: Callable[[ProviderState], Awaitable[None]] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.registry = registry
+        self.routing = routing or registry.settings.routing
+        self.router = Router(registry)
+        self.retry = RetryPolicy(self.routing.retry, rng=rng)
+        # Called when a breaker opens or closes, so health follows at once.
+        self.on_breaker_change = on_breaker_change
 
     def candidates(self, call: CompletionCall) -> list[Target]:
-        if not call.model:
-            raise errors.NotImplementedYet(
-                "selection by requirements is not available yet: set `model`",
+        """The ordered candidates: the named model (or the selection), then fallbacks; each once."""
+        req = call.requirements
+        if not req.is_empty():
+            self.router.validate(req)
+        if call.model:
+            targets = list(self.registry.resolve(call.model))
+        else:
+            selection = self.router.select(
+                req,
+                needed=call.needed_capabilities(),
+                min_context=estimated_input_tokens(call),
+                permitted=auth.permitted,
             )
-        targets = list(self.registry.resolve(call.model))
+            if not selection.ranked:
+                raise selection.error()
+            targets = selection.ranked[: self.routing.max_selected_candidates]
         for ref in call.fallback_models:
             targets.extend(self.registry.resolve(ref))
-        return targets
+        if not req.is_empty():
+            # Requirements bind named models and fallbacks too (a price ceiling is a price ceiling).
+            filtered = self.router.filter(targets, req)
+            if not filtered.ranked:
+                raise filtered.error()
+            targets = filtered.ranked
+        seen: set[tuple[str, str]] = set()
+        unique: list[Target] = []
+        for t in targets:
+            if (t.state.name, t.model) not in seen:
+                seen.add((t.state.name, t.model))
+                unique.append(t)
+        return unique
 
     async def stream(
-        self, call: CompletionCall, request_id: str, *, deadline: float | None, record: CallRecord
+        self,
+        call: CompletionCall,
+        request_id: str,
+        *,
+        deadline: float | None,
+        record: CallRecord,
+        buffered: bool = False,
     ) -> AsyncIterator[Output]:
+        """Outputs of the first candidate that succeeds.
+
+        `buffered` (unary): nothing reaches the caller until the end, so a failure part-way
+        through may still retry or fall back, the partial output discarded, never spliced.
+        """
         targets = self.candidates(call)
-        first_error: errors.BrokerError | None = None
+        check_error: errors.BrokerError | None = None
+        last_error: errors.BrokerError | None = None
+        skipped: list[Target] = []
         for i, target in enumerate(targets):
-            last = i == len(targets) - 1
+            s = target.state
+            more = i < len(targets) - 1
             try:
                 check_capabilities(call, target)
                 check_fits(call, target)
             except errors.BrokerError as exc:
                 # A fallback that cannot take this request is skipped; the caller hears
                 # about the first candidate's reason if none can.
-                first_error = first_error or exc
-                record.attempts.append(Attempt(target.state.name, target.model, exc.reason))
-                if last:
-                    raise first_error from None
+                check_error = check_error or exc
+                record.attempts.append(Attempt(s.name, target.model, exc.reason))
                 continue
-            attempt = Attempt(target.state.name, target.model)
-            record.attempts.append(attempt)
-            delivered = False
-            try:
-                async for out in self._attempt(call, target, request_id, deadline, record):
-                    delivered = True
-                    yield out
-                return
-            except errors.BrokerError as exc:
-                exc.with_target(target.state.name, target.model)
-                attempt.error = exc.reason
-                if delivered:
-                    raise errors.StreamInterrupted(
-                        f"the stream from {target.state.name}/{target.model} failed after output was sent: "
-                        f"{exc.message}",
-                        provider=target.state.name,
-                        model=target.model,
-                        metadata={"cause": exc.reason},
-                    ) from exc
-                if not exc.retryable or last:
+            tries = 0
+            while True:
+                if not s.breaker.acquire():
+                    record.attempts.append(Attempt(s.name, target.model, "BREAKER_OPEN"))
+                    skipped.append(target)
+                    break
+                tries += 1
+                if tries == 1:
+                    s.retry_budget.record_request()
+                attempt = Attempt(s.name, target.model)
+                record.attempts.append(attempt)
+                delivered = Delivered()
+                held: list[Output] | None = [] if buffered else None
+                try:
+                    async for out in self._attempt(call, target, request_id, deadline, record):
+                        if held is not None:
+                            held.append(out)
+                        else:
+                            delivered.add(out)
+                            yield out
+                except errors.BrokerError as exc:
+                    exc.with_target(s.name, target.model)
+                    attempt.error = exc.reason
+                    await self._outcome(s, exc)
+                    if delivered.chunks:
+                        raise interrupted(exc, delivered, call) from exc
+                    if not exc.retryable:
+                        with_attempts(exc, record)
+                        raise
+                    last_error = exc
+                    wait = self.retry.delay(exc, tries, deadline=deadline, fallback_waiting=more)
+                    if wait is None or not s.retry_budget.try_spend():
+                        if more:
+                            log.info(
+                                "fallback", request_id=request_id, failed=target.spec.id, reason=exc.reason
+                            )
+                        break
+                    log.info(
+                        "retry",
+                        request_id=request_id,
+                        target=target.spec.id,
+                        reason=exc.reason,
+                        attempt=tries + 1,
+                        delay_ms=round(wait * 1000, 1),
+                    )
+                    await asyncio.sleep(wait)
+                    continue
+                except BaseException:
+                    # Cancelled (or closed by the consumer): says nothing about the provider.
+                    s.breaker.release()
                     raise
-                log.info(
-                    "fallback",
-                    request_id=request_id,
-                    failed=f"{target.state.name}/{target.model}",
-                    reason=exc.reason,
+                await self._outcome(s, None)
+                if held is not None:
+                    for out in held:
+                        yield out
+                return
+        if last_error is not None:
+            raise with_attempts(last_error, record)
+        if skipped:
+            raise all_breakers_open(skipped)
+        assert check_error is not None, "every candidate either ran, was skipped, or failed its checks"
+        raise check_error
+
+    async def _outcome(self, s: ProviderState, exc: errors.BrokerError | None) -> None:
+        """Feed the provider's breaker; health follows when it opens or closes."""
+        breaker = s.breaker
+        if exc is None:
+            changed = breaker.success()
+            if changed:
+                log.info("breaker_closed", provider=s.name)
+        elif counts_against_provider(exc):
+            s.last_error = exc.message
+            changed = breaker.failure(exc.message)
+            if changed:
+                s.last_error = f"circuit breaker open: {breaker.open_reason}"
+                log.warning(
+                    "breaker_open",
+                    provider=s.name,
+                    reason=breaker.open_reason,
+                    cooldown_seconds=breaker.settings.cooldown_seconds,
                 )
-        if first_error is not None:  # pragma: no cover - loop always returns or raises
-            raise first_error
+        else:
+            breaker.release()
+            changed = False
+        if changed and self.on_breaker_change is not None:
+            await self.on_breaker_change(s)
 
     async def _attempt(
         self,
@@ -201,7 +322,8 @@ class CompletionService:
         deadline: float | None,
         record: CallRecord,
     ) -> AsyncIterator[Output]:
-        spec = target.spec
+        spec, cfg = target.spec, target.state.config
+        t0 = time.monotonic()
         request = CompletionRequest(
             model=target.model,
             messages=call.messages,
@@ -209,16 +331,41 @@ class CompletionService:
             tool_choice=call.tool_choice,
             params=call.params,
             default_max_tokens=spec.max_output_tokens,
-            timeout=None if deadline is None else max(deadline - time.monotonic(), 0.001),
+            # The caller's remaining deadline bounds every phase of the upstream request.
+            timeout=None if deadline is None else max(deadline - t0, 0.001),
         )
         started = False
         async with aclosing(target.provider.stream(request)) as events:
-            async for ev in events:
+            while True:
+                # Only the wait for the upstream is timed, never the caller reading slowly.
+                if started:
+                    limit = cfg.stall_timeout_seconds
+                else:
+                    limit = cfg.ttft_timeout_seconds - (time.monotonic() - t0)
+                timer = asyncio.timeout(max(limit, 0.0))
+                try:
+                    async with timer:
+                        ev = await anext(events)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if not timer.expired():
+                        raise
+                    what = (
+                        f"stream stalled (no chunk for {cfg.stall_timeout_seconds:g}s)"
+                        if started
+                        else f"no first token within {cfg.ttft_timeout_seconds:g}s"
+                    )
+                    raise errors.UpstreamTimeout(
+                        f"{target.state.name}: {what}", provider=target.state.name, model=target.model
+                    ) from None
                 if isinstance(ev, StartEvent):
                     continue
                 if not started:
                     started = True
-                    record.first_token_at = time.monotonic()
+                    now = time.monotonic()
+                    record.first_token_at = now
+                    self.router.latency.observe(spec.id, now - t0)
                     yield Started(request_id=request_id, provider=target.state.name, model=target.model)
                 if isinstance(ev, EndEvent):
                     cost = compute_cost(spec.pricing, ev.usage, local=target.state.local)
@@ -228,6 +375,74 @@ class CompletionService:
         raise errors.UpstreamProtocolError(
             f"{target.state.name}: the stream ended without a final message", provider=target.state.name
         )
+
+
+@dataclass(slots=True)
+class Delivered:
+    """What reached the caller from one attempt: after any of it, a failure is an interruption."""
+
+    chunks: int = 0
+    text_chars: int = 0
+    tool_call_chars: int = 0
+
+    def add(self, out: Output) -> None:
+        if isinstance(out, TextDeltaEvent):
+            self.chunks += 1
+            self.text_chars += len(out.text)
+        elif isinstance(out, ToolCallDeltaEvent):
+            self.chunks += 1
+            self.tool_call_chars += len(out.name) + len(out.arguments_delta)
+
+
+def estimated_tokens(chars: int) -> int:
+    # ~4 characters per token on English prose and JSON: an estimate, and labelled one.
+    return -(-chars // 4)
+
+
+def interrupted(
+    cause: errors.BrokerError, delivered: Delivered, call: CompletionCall
+) -> errors.StreamInterrupted:
+    """The end of a stream that failed after content: what was delivered and usage so far, in ErrorInfo."""
+    prompt_chars = sum(len(p.text) for m in call.messages for p in m.content if isinstance(p, TextPart))
+    return errors.StreamInterrupted(
+        f"the stream from {cause.provider}/{cause.model} failed after {delivered.chunks} chunks "
+        f"({delivered.text_chars} characters) were sent; not retried, to avoid splicing two answers: "
+        f"{cause.message}",
+        provider=cause.provider,
+        model=cause.model,
+        metadata={
+            "cause": cause.reason,
+            "delivered_chunks": str(delivered.chunks),
+            "delivered_text_chars": str(delivered.text_chars),
+            "delivered_tool_call_chars": str(delivered.tool_call_chars),
+            # The upstream reports usage only at the end; these are estimates from what was sent.
+            "usage_input_tokens": str(estimated_tokens(prompt_chars)),
+            "usage_output_tokens": str(estimated_tokens(delivered.text_chars + delivered.tool_call_chars)),
+            "usage_estimated": "true",
+        },
+    )
+
+
+def with_attempts(exc: errors.BrokerError, record: CallRecord) -> errors.BrokerError:
+    """After more than one attempt, ErrorInfo lists them all (what was tried, what each got)."""
+    if len(record.attempts) > 1:
+        exc.metadata["attempts"] = ", ".join(
+            f"{a.provider}/{a.model}: {a.error or 'OK'}" for a in record.attempts
+        )
+    return exc
+
+
+def all_breakers_open(skipped: list[Target]) -> errors.NoHealthyProvider:
+    names = ", ".join(sorted({t.state.name for t in skipped}))
+    wait = min(t.state.breaker.retry_in() for t in skipped)
+    first = skipped[0]
+    return errors.NoHealthyProvider(
+        f"every candidate's provider has its circuit breaker open, or testing recovery ({names}): "
+        f"{first.state.breaker.open_reason or 'recent failures'}",
+        provider=first.state.name,
+        model=first.model,
+        retry_after=wait,
+    )
 
 
 @dataclass(slots=True)

@@ -12,15 +12,17 @@ import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -56,6 +58,12 @@ class ProviderConfig(_Strict):
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
     # Longest wait for the next byte from the upstream (time to first token, stalls).
     read_timeout_seconds: float = Field(default=120.0, gt=0)
+    # Inside a stream: longest wait from sending the request to the first token (retryable:
+    # nothing reached the caller yet), and longest silence between chunks after it (a stall
+    # after content interrupts the stream). Generous by default: reasoning models and cold
+    # local models can think for a minute or more before their first token.
+    ttft_timeout_seconds: float = Field(default=120.0, gt=0)
+    stall_timeout_seconds: float = Field(default=60.0, gt=0)
     max_connections: int = Field(default=200, ge=1)
     # Models served even if discovery does not list them (and for servers with no listing).
     models: list[str] = Field(default_factory=list)
@@ -113,16 +121,117 @@ class DiscoveryConfig(_Strict):
     ttl_seconds: float = Field(default=300.0, gt=0)
 
 
+class RetryConfig(_Strict):
+    """Retries of one candidate before moving to the next (see broker/retry.py)."""
+
+    # Attempts per candidate, the first included: 1 turns same-candidate retries off.
+    max_attempts: int = Field(default=2, ge=1, le=10)
+    # Full jitter: the n-th retry waits uniform(0, min(max, initial * 2**(n-1))).
+    initial_backoff_seconds: float = Field(default=0.2, ge=0)
+    max_backoff_seconds: float = Field(default=5.0, ge=0)
+    # A Retry-After longer than this is not waited out: the caller gets RetryInfo instead and
+    # decides (a broker sitting silent for long looks like a hang).
+    max_retry_after_seconds: float = Field(default=5.0, ge=0)
+    # Retries per provider may add at most budget_ratio x its requests in the window, plus
+    # budget_min_retries_per_second, so a failing provider is not hammered.
+    budget_ratio: float = Field(default=0.2, ge=0)
+    budget_min_retries_per_second: float = Field(default=1.0, ge=0)
+    budget_window_seconds: float = Field(default=10.0, gt=0)
+
+
+class BreakerConfig(_Strict):
+    """A circuit breaker per provider from request outcomes (see broker/breaker.py)."""
+
+    enabled: bool = True
+    # Opens on this many provider failures in a row...
+    consecutive_failures: int = Field(default=5, ge=1)
+    # ...or on this failure rate over window_seconds once min_requests outcomes are in it.
+    error_rate: float = Field(default=0.5, gt=0, le=1)
+    min_requests: int = Field(default=20, ge=1)
+    window_seconds: float = Field(default=30.0, gt=0)
+    # Then skips the provider this long before one half-open trial request.
+    cooldown_seconds: float = Field(default=30.0, gt=0)
+
+
+class RoutingConfig(_Strict):
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    # A completion selected by requirements tries at most this many of the ranked models.
+    max_selected_candidates: int = Field(default=3, ge=1)
+
+
 class ServerConfig(_Strict):
     listen: str = DEFAULT_LISTEN
     max_message_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     max_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    # In-flight Complete/StreamComplete calls, all callers together; more are refused with
+    # RESOURCE_EXHAUSTED (reason BROKER_OVERLOADED). Health and reflection are not counted,
+    # so probes still answer while the daemon is saturated.
+    max_concurrent_streams: int = Field(default=1000, ge=1)
+    # HTTP/2 keepalive: the server pings idle connections every keepalive_time and drops
+    # them if no answer within keepalive_timeout; a client pinging more often than
+    # min_ping_interval is sent GOAWAY (too_many_pings), so clients cannot flood it.
+    keepalive_time_seconds: float = Field(default=60.0, gt=0)
+    keepalive_timeout_seconds: float = Field(default=20.0, gt=0)
+    min_ping_interval_seconds: float = Field(default=10.0, gt=0)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
 
     @field_validator("listen")
     @classmethod
     def _listen_shape(cls, v: str) -> str:
         parse_listen(v)
+        return v
+
+
+def _empty_is_unset(v: Any) -> Any:
+    """`${VAR:-}` that resolves empty means "not set", so one file serves with and without it."""
+    return None if v == "" else v
+
+
+class TLSConfig(_Strict):
+    """TLS on the gRPC port (PEM files, read at start); client_ca_file turns on mTLS."""
+
+    cert_file: Path | None = None
+    # validate_default: the pairing checks must run even when the key is absent.
+    key_file: Path | None = Field(default=None, validate_default=True)
+    # Callers must present a certificate signed by this CA; others fail the handshake.
+    client_ca_file: Path | None = Field(default=None, validate_default=True)
+
+    _unset = field_validator("cert_file", "key_file", "client_ca_file", mode="before")(_empty_is_unset)
+
+    @field_validator("key_file")
+    @classmethod
+    def _paired(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        has_cert = info.data.get("cert_file") is not None
+        if has_cert and v is None:
+            raise ValueError("required when tls.cert_file is set")
+        if v is not None and not has_cert:
+            raise ValueError("set without tls.cert_file")
+        return v
+
+    @field_validator("client_ca_file")
+    @classmethod
+    def _needs_server_cert(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is not None and info.data.get("cert_file") is None:
+            raise ValueError("mTLS needs TLS: set tls.cert_file and tls.key_file too")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class MetricsConfig(_Strict):
+    # HOST:PORT of the Prometheus /metrics endpoint; unset (the default) serves none.
+    listen: str | None = None
+
+    _unset = field_validator("listen", mode="before")(_empty_is_unset)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_shape(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_listen(v)
         return v
 
 
@@ -147,14 +256,99 @@ class ModelOverride(_Strict):
         return v
 
 
+_CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _model_glob(v: str) -> str:
+    # A pattern without '/' can never match "provider/model": surely a mistake.
+    if v != "*" and ("/" not in v or v.startswith("/")):
+        raise ValueError(f"must be a glob over 'provider/model' like 'openai/*', got {v!r}")
+    return v
+
+
+ModelGlob = Annotated[str, AfterValidator(_model_glob)]
+
+
+class CallerKey(_Strict):
+    """One caller's API key, stored only as its SHA-256 (see `model-broker keys create`)."""
+
+    name: str
+    sha256: str
+    # Globs over "provider/model" (provider = its configured name); None (absent) = all models.
+    allow_models: list[ModelGlob] | None = None
+    # Limits; None (absent) = unlimited. Buckets refill continuously (rate/60 per second).
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    # How many requests may arrive at once before the per-minute rate applies; default: a
+    # whole minute's allowance (requests_per_minute).
+    burst: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    max_concurrent_streams: int | None = Field(default=None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, v: str) -> str:
+        if not _CALLER_NAME.match(v):
+            raise ValueError("must be 1-63 letters, digits, '_', '-' or '.', starting with a letter or digit")
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, v: str) -> str:
+        # Never echo the value: an operator may have pasted the key itself here.
+        v = v.strip().lower()
+        if not _SHA256_HEX.match(v):
+            hint = " (this looks like a key: store only its hash)" if v.startswith("mb_") else ""
+            raise ValueError(
+                f"must be the 64-character hex SHA-256 of the key, from `model-broker keys hash`; "
+                f"got {len(v)} characters{hint}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _burst_needs_rate(self) -> CallerKey:
+        if self.burst is not None and self.requests_per_minute is None:
+            raise ValueError("burst is only meaningful with requests_per_minute")
+        return self
+
+
+class AuthConfig(_Strict):
+    # No keys: auth is off and every caller is let in (serve warns beyond loopback).
+    keys: list[CallerKey] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AuthConfig:
+        names: set[str] = set()
+        hashes: set[str] = set()
+        for i, k in enumerate(self.keys):
+            if k.name in names:
+                raise ValueError(f"auth.keys[{i}].name: duplicate key name {k.name!r}")
+            if k.sha256 in hashes:
+                raise ValueError(
+                    f"auth.keys[{i}].sha256: the same key is already configured under another name"
+                )
+            names.add(k.name)
+            hashes.add(k.sha256)
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+
 class Settings(_Strict):
     providers: list[ProviderConfig] = Field(default_factory=list)
-    # alias -> "provider/model" or bare model id
-    aliases: dict[str, str] = Field(default_factory=dict)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    # alias -> "provider/model" or bare model id; or a list of them: a fallback group whose
+    # members are tried in order (the next only after a retryable failure before output).
+    aliases: dict[str, str | list[str]] = Field(default_factory=dict)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     models: list[ModelOverride] = Field(default_factory=list)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -166,6 +360,10 @@ class Settings(_Strict):
         for alias, target in self.aliases.items():
             if not target:
                 raise ValueError(f"aliases.{alias}: target must not be empty")
+            if isinstance(target, list):
+                for i, member in enumerate(target):
+                    if not member.strip():
+                        raise ValueError(f"aliases.{alias}[{i}]: group member must not be empty")
         return self
 
     def enabled_providers(self) -> list[ProviderConfig]:
@@ -261,7 +459,8 @@ def settings_from_dict(raw: Any, *, source: str = "", env: Mapping[str, str] | N
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling against the README configuration reference)"
-            if msg.startswith(("providers[", "aliases.")):  # model-level messages carry their own path
+            # Model-level messages carry their own path.
+            if msg.startswith(("providers[", "aliases.", "auth.keys[")):
                 problems.append(msg)
             else:
                 problems.append(f"{_path(tuple(e['loc']))}: {msg}")

@@ -98,6 +98,54 @@ class ContentFiltered(BrokerError):
     reason = "CONTENT_FILTERED"
 
 
+# --- the caller's credentials and limits (broker/auth.py, broker/limits.py) ----------------
+
+
+class ApiKeyMissing(BrokerError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "API_KEY_MISSING"
+
+
+class ApiKeyInvalid(BrokerError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "API_KEY_INVALID"
+
+
+class ModelNotAllowed(BrokerError):
+    """The caller's key does not list this provider/model in allow_models."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "MODEL_NOT_ALLOWED"
+
+
+class CallerRateLimited(BrokerError):
+    """Over the key's requests_per_minute; RetryInfo says when a request is allowed again."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "CALLER_RATE_LIMITED"
+
+
+class CallerTokenLimited(BrokerError):
+    """Over the key's tokens_per_minute (counted after each request, from its usage)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "CALLER_TOKEN_LIMITED"
+
+
+class CallerTooManyStreams(BrokerError):
+    """The key already has max_concurrent_streams completions in flight."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "CALLER_TOO_MANY_STREAMS"
+
+
+class BrokerOverloaded(BrokerError):
+    """The daemon already has server.max_concurrent_streams completions in flight."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "BROKER_OVERLOADED"
+
+
 # --- the broker's own configuration ---------------------------------------------------------
 
 
@@ -172,6 +220,20 @@ class NoHealthyProvider(BrokerError):
     retryable = True
 
 
+class NoModelMatches(BrokerError):
+    """Selection by requirements found no model that meets them (capabilities, context, price)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "NO_MODEL_MATCHES"
+
+
+class ShuttingDown(BrokerError):
+    """The daemon is draining: it finishes what it has and takes nothing new (try another replica)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SHUTTING_DOWN"
+
+
 class NotImplementedYet(BrokerError):
     code = grpc.StatusCode.UNIMPLEMENTED
     reason = "UNIMPLEMENTED"
@@ -191,7 +253,9 @@ def to_grpc_status(err: BrokerError) -> grpc.Status:
         info.metadata["upstream_status"] = str(err.upstream_status)
     for key, value in err.metadata.items():
         info.metadata[key] = redact(value)
-    st = status_pb2.Status(code=_CODE_VALUES[err.code], message=err.message)
+    # Stripped: HTTP/2 stacks that enforce RFC 9113 (Node's, so @grpc/grpc-js) drop a
+    # grpc-message with leading/trailing whitespace, and the caller then sees no message.
+    st = status_pb2.Status(code=_CODE_VALUES[err.code], message=err.message.strip())
     st.details.add().Pack(info)
     if isinstance(err, InvalidRequest):
         bad = error_details_pb2.BadRequest()

@@ -8,6 +8,9 @@
 Each provider gets a cheap active check (listing models or a version endpoint, never a
 paid completion) every `health.interval_seconds`; a failure flips it to NOT_SERVING at
 once, so a provider that goes away is seen within one interval plus the check timeout.
+A provider is SERVING only while its check passes and its circuit breaker (passive health
+from real requests, broker/breaker.py) is not open; readiness follows the same view. On
+shutdown every name turns NOT_SERVING and open Watch streams end.
 """
 
 from __future__ import annotations
@@ -54,6 +57,42 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
 
     def status(self, service: str) -> int | None:
         return self._server_status.get(service)  # type: ignore[no-any-return]
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """The library's Watch, except that it ends (OK) once it has sent NOT_SERVING for shutdown.
+
+        A Watch never ends by itself, so during a drain every open one would hold
+        server.stop() for the whole grace period; the health spec has watchers reconnect
+        (elsewhere) after any ending but UNIMPLEMENTED.
+        """
+        service = request.service
+        condition = self._server_watchers[service]
+        self._watcher_count_by_service[service] += 1
+        last = None
+        try:
+            async with condition:
+                while True:
+                    status = self._server_status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                    if status != last:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                    if self._gracefully_shutting_down:
+                        return
+                    await condition.wait()
+        finally:
+            self._watcher_count_by_service[service] -= 1
+            if self._watcher_count_by_service[service] == 0:
+                del self._server_watchers[service]
+                del self._watcher_count_by_service[service]
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        # Wake watchers of names that have no status too, so every Watch sees the shutdown.
+        for condition in list(self._server_watchers.values()):
+            async with condition:
+                condition.notify_all()
 
 
 class HealthMonitor:
@@ -118,10 +157,20 @@ class HealthMonitor:
             log.info(
                 "provider_health", provider=s.name, serving=healthy, error=s.last_error if not healthy else ""
             )
-        await self.servicer.set(provider_service(s.name), SERVING if healthy else NOT_SERVING)
+        await self.servicer.set(provider_service(s.name), SERVING if self.serving(s) else NOT_SERVING)
+
+    @staticmethod
+    def serving(s: ProviderState) -> bool:
+        """Active check passing and circuit breaker not open (half-open serves: its trial needs traffic)."""
+        return s.healthy is True and not s.breaker.is_open
+
+    async def publish(self, s: ProviderState) -> None:
+        """Re-publish one provider and readiness now (its breaker opened or closed)."""
+        await self.servicer.set(provider_service(s.name), SERVING if self.serving(s) else NOT_SERVING)
+        await self._update_readiness()
 
     def ready(self) -> bool:
-        states = [s.healthy is True for s in self.registry.providers]
+        states = [self.serving(s) for s in self.registry.providers]
         if not states:
             return False
         return all(states) if self.config.readiness == "all" else any(states)

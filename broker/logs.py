@@ -30,15 +30,30 @@ def redact_processor(_logger: Any, _name: str, event: MutableMapping[str, Any]) 
     return {k: _redact_value(v) for k, v in event.items()}
 
 
-def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
+def _static_fields(fields: Mapping[str, Any]) -> Any:
+    def add(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for k, v in fields.items():
+            event.setdefault(k, v)
+        return event
+
+    return add
+
+
+def configure_logging(
+    level: str = "info", *, json: bool | None = None, static: Mapping[str, Any] | None = None
+) -> None:
+    """`static`: fields on every line, e.g. {"worker": 1, "pid": 4242} under `serve --workers`,
+    so a request line says which process served it."""
     if json is None:
         json = not sys.stderr.isatty()
     renderer: Any = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
+    extra = [_static_fields(dict(static))] if static else []
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            *extra,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -49,3 +64,25 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    # Libraries (asyncio, httpx, grpc's Python layer) log through stdlib logging: send their
+    # warnings through the same redaction and renderer, so every line is JSON and key-free.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                *extra,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact_processor,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)

@@ -1,7 +1,8 @@
 """Providers by priority, model resolution, and the discovery cache.
 
 Resolution of a model reference, in order:
-  1. an alias from config (which may point at any of the forms below);
+  1. an alias from config (which may point at any of the forms below), or a group alias
+     (a list): its members' candidates in member order, a fallback chain;
   2. `name/model` where `name` is a configured provider: that provider, even if discovery
      did not list the model (a model launched today must not need a release);
   3. `type/model` where `type` is a provider type ("openai"): the providers of that type;
@@ -21,11 +22,13 @@ from urllib.parse import urlparse
 import structlog
 
 from broker import errors
+from broker.breaker import CircuitBreaker
 from broker.catalog import Catalog
-from broker.config import ProviderConfig, Settings
+from broker.config import BreakerConfig, ProviderConfig, RetryConfig, Settings
 from broker.providers import create_provider
 from broker.providers.base import Provider
 from broker.redact import redact
+from broker.retry import RetryBudget
 from broker.types import Capability, DiscoveredModel, ModelSpec
 
 log = structlog.get_logger("broker.registry")
@@ -44,6 +47,10 @@ class ProviderState:
     last_check_wall: float | None = None
     models: dict[str, DiscoveredModel] = field(default_factory=dict)
     discovered_at: float | None = None  # monotonic
+    # Passive health (request outcomes) and the retry budget: per provider, not per model,
+    # because what fails (network, overload, an outage) is the provider's.
+    breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(BreakerConfig()))
+    retry_budget: RetryBudget = field(default_factory=lambda: RetryBudget(RetryConfig()))
 
     @property
     def name(self) -> str:
@@ -86,8 +93,15 @@ class Registry:
         self.settings = settings
         self.catalog = catalog or Catalog.load()
         self.catalog.apply_overrides(settings.models, {p.name: p.type for p in settings.providers})
+        routing = settings.routing
         self.providers: list[ProviderState] = [
-            ProviderState(provider=create_provider(cfg), config=cfg) for cfg in settings.enabled_providers()
+            ProviderState(
+                provider=create_provider(cfg),
+                config=cfg,
+                breaker=CircuitBreaker(routing.breaker),
+                retry_budget=RetryBudget(routing.retry),
+            )
+            for cfg in settings.enabled_providers()
         ]
         self.by_name = {s.name: s for s in self.providers}
         self._refresher: asyncio.Task[None] | None = None
@@ -164,17 +178,49 @@ class Registry:
 
     # --- resolution ------------------------------------------------------------------------------
 
-    def resolve(self, ref: str) -> list[Target]:
+    def resolve(self, ref: str, *, _depth: int = 0) -> list[Target]:
         """Candidates for a model reference, in priority order; NOT_FOUND when there are none."""
         original = ref
         for _ in range(_ALIAS_DEPTH):
             if ref not in self.settings.aliases:
                 break
-            ref = self.settings.aliases[ref]
+            alias_target = self.settings.aliases[ref]
+            if isinstance(alias_target, list):
+                return self._resolve_group(original, ref, alias_target, _depth)
+            ref = alias_target
         targets = self._resolve_plain(ref)
         if not targets:
             raise errors.ModelNotFound(self._not_found_message(original, ref), model=original)
         return targets
+
+    def _resolve_group(self, original: str, group: str, members: list[str], depth: int) -> list[Target]:
+        """A fallback group: its members' candidates in member order, each provider/model once.
+
+        A member that resolves to nothing (its provider disabled, say) is skipped, so one
+        config serves every deployment; NOT_FOUND only when no member resolves.
+        """
+        if depth >= _ALIAS_DEPTH:
+            raise errors.ModelNotFound(
+                f"alias {original!r}: groups nest deeper than {_ALIAS_DEPTH} (a loop?)", model=original
+            )
+        out: list[Target] = []
+        seen: set[tuple[str, str]] = set()
+        for member in members:
+            try:
+                targets = self.resolve(member, _depth=depth + 1)
+            except errors.ModelNotFound:
+                continue
+            for t in targets:
+                if (t.state.name, t.model) not in seen:
+                    seen.add((t.state.name, t.model))
+                    out.append(t)
+        if not out:
+            raise errors.ModelNotFound(
+                f"model {original!r} (group {group!r}: {', '.join(members)}) not found: no member "
+                "resolves to a configured provider",
+                model=original,
+            )
+        return out
 
     def _resolve_plain(self, ref: str) -> list[Target]:
         prefix, sep, rest = ref.partition("/")

@@ -9,14 +9,14 @@ import pytest
 import broker.providers
 from broker import errors
 from broker.config import settings_from_dict
-from broker.providers import PROTOCOL_MODULES, provider_types
+from broker.providers import PROTOCOL_MODULES, SUPPORT_MODULES, provider_types
 from broker.providers.base import Provider
 from broker.registry import Registry
 
 
 def test_every_provider_module_is_registered() -> None:
     modules = {m.name for m in pkgutil.iter_modules(broker.providers.__path__)}
-    protocol_modules = {m for m in modules if m != "base" and not m.endswith("_wire")}
+    protocol_modules = {m for m in modules if m not in SUPPORT_MODULES and not m.endswith("_wire")}
     assert protocol_modules == set(PROTOCOL_MODULES), (
         "a module in providers/ is missing from PROTOCOL_MODULES"
     )

@@ -16,6 +16,9 @@ _TYPES: dict[str, type[Provider]] = {}
 P = TypeVar("P", bound=type[Provider])
 # The protocol modules; each must register exactly the type named like the module.
 PROTOCOL_MODULES = ("openai", "anthropic", "ollama")
+# Shared machinery that is not a protocol: a module in providers/ is one of these, a
+# protocol module, or a protocol's `<name>_wire` mapping (a test holds this).
+SUPPORT_MODULES = ("base", "sse")
 
 
 def register(cls: P) -> P:

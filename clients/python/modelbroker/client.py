@@ -333,9 +333,13 @@ class BrokerClient:
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = 300.0,
+        options: Sequence[tuple[str, Any]] | None = None,
     ) -> None:
+        # `options`: gRPC channel arguments, e.g. ("grpc.ssl_target_name_override", "broker.internal").
         self.channel = (
-            grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+            grpc.secure_channel(target, credentials, options=options)
+            if credentials
+            else grpc.insecure_channel(target, options=options)
         )
         self.stub = pb_grpc.ModelBrokerStub(self.channel)
         self.api_key = api_key
@@ -402,9 +406,12 @@ class AsyncBrokerClient:
         api_key: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = 300.0,
+        options: Sequence[tuple[str, Any]] | None = None,
     ) -> None:
         self.channel = (
-            grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+            grpc.aio.secure_channel(target, credentials, options=options)
+            if credentials
+            else grpc.aio.insecure_channel(target, options=options)
         )
         self.stub = pb_grpc.ModelBrokerStub(self.channel)
         self.api_key = api_key

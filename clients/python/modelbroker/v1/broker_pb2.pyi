@@ -175,6 +175,32 @@ PROVIDER_HEALTH_SERVING: ProviderHealth.ValueType  # 1
 PROVIDER_HEALTH_NOT_SERVING: ProviderHealth.ValueType  # 2
 Global___ProviderHealth: _TypeAlias = ProviderHealth  # noqa: Y015
 
+class _BreakerState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BreakerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BreakerState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BREAKER_STATE_UNSPECIFIED: _BreakerState.ValueType  # 0
+    BREAKER_STATE_CLOSED: _BreakerState.ValueType  # 1
+    """Requests flow; failures are counted."""
+    BREAKER_STATE_OPEN: _BreakerState.ValueType  # 2
+    """Too many failures: routing skips the provider until the cooldown ends (health NOT_SERVING)."""
+    BREAKER_STATE_HALF_OPEN: _BreakerState.ValueType  # 3
+    """Cooldown over: one trial request at a time decides between closed and open again."""
+
+class BreakerState(_BreakerState, metaclass=_BreakerStateEnumTypeWrapper):
+    """BreakerState is a provider's circuit breaker, driven by the outcomes of real requests."""
+
+BREAKER_STATE_UNSPECIFIED: BreakerState.ValueType  # 0
+BREAKER_STATE_CLOSED: BreakerState.ValueType  # 1
+"""Requests flow; failures are counted."""
+BREAKER_STATE_OPEN: BreakerState.ValueType  # 2
+"""Too many failures: routing skips the provider until the cooldown ends (health NOT_SERVING)."""
+BREAKER_STATE_HALF_OPEN: BreakerState.ValueType  # 3
+"""Cooldown over: one trial request at a time decides between closed and open again."""
+Global___BreakerState: _TypeAlias = BreakerState  # noqa: Y015
+
 @_typing.final
 class Image(_message.Message):
     """Image is an image given inline (bytes) or by URL."""
@@ -1019,6 +1045,7 @@ class ProviderInfo(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     LAST_CHECK_TIME_FIELD_NUMBER: _builtins.int
     MODEL_COUNT_FIELD_NUMBER: _builtins.int
+    BREAKER_STATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     type: _builtins.str
     """Wire protocol: "openai", "anthropic" or "ollama"."""
@@ -1028,6 +1055,8 @@ class ProviderInfo(_message.Message):
     last_error: _builtins.str
     """The last error seen by a health check or request (keys redacted); empty if none."""
     model_count: _builtins.int
+    breaker_state: Global___BreakerState.ValueType
+    """The circuit breaker's state; health is NOT_SERVING while it is open."""
     @_builtins.property
     def last_check_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1041,10 +1070,11 @@ class ProviderInfo(_message.Message):
         last_error: _builtins.str = ...,
         last_check_time: _timestamp_pb2.Timestamp | None = ...,
         model_count: _builtins.int = ...,
+        breaker_state: Global___BreakerState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_check_time", b"last_check_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "health", b"health", "last_check_time", b"last_check_time", "last_error", b"last_error", "model_count", b"model_count", "name", b"name", "priority", b"priority", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "breaker_state", b"breaker_state", "health", b"health", "last_check_time", b"last_check_time", "last_error", b"last_error", "model_count", b"model_count", "name", b"name", "priority", b"priority", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

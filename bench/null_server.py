@@ -1,0 +1,66 @@
+"""A gRPC server that does nothing: ModelBroker answered from memory, no upstream.
+
+It is the floor under the broker (what grpc.aio in Python costs by itself on this machine)
+and the check on the gRPC load generator: driven by the same generator, it shows how far
+that generator goes when the server costs almost nothing.
+
+    python -m bench.null_server --port N      prints "PORT <n>" when it listens
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from modelbroker.v1 import broker_pb2 as pb
+from modelbroker.v1 import broker_pb2_grpc as pb_grpc
+
+from bench.upstream import chunk_texts, parse_model
+
+
+class NullBroker(pb_grpc.ModelBrokerServicer):
+    async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
+        shape = parse_model(request.model)
+        message = pb.Message(role=pb.ROLE_ASSISTANT)
+        message.content.add(text="".join(chunk_texts(shape[0] if shape else 1)))
+        return pb.CompleteResponse(request_id="null", model=request.model, provider="null", message=message)
+
+    async def StreamComplete(
+        self, request: pb.StreamCompleteRequest, context: Any
+    ) -> AsyncIterator[pb.StreamCompleteResponse]:
+        shape = parse_model(request.model)
+        msg = pb.StreamCompleteResponse
+        yield msg(start=pb.StreamStart(request_id="null", model=request.model, provider="null"))
+        for text in chunk_texts(shape[0] if shape else 1):
+            yield msg(text_delta=pb.TextDelta(text=text))
+        yield msg(end=pb.StreamEnd(finish_reason=pb.FINISH_REASON_STOP))
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_ModelBrokerServicer_to_server(NullBroker(), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"PORT {bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=0)
+    asyncio.run(serve(parser.parse_args().port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

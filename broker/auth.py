@@ -1,0 +1,284 @@
+"""Caller auth: API keys in `authorization: Bearer <key>` metadata, checked against SHA-256s.
+
+The config holds only hashes (`model-broker keys create` / `keys hash`), so a leaked config
+file grants nothing. A server interceptor guards every `modelbroker.v1.ModelBroker` RPC:
+it authenticates the key, admits completions against the limits in broker/limits.py, and
+puts the caller in a contextvar for the servicer. Health and reflection pass untouched:
+Kubernetes probes and grpcurl carry no key.
+
+Which models a caller may use is decided on the RESOLVED provider/model (an alias or a bare
+id can point anywhere), so the servicer calls `check_call` before a completion starts and
+`require_permitted` on the target it was given; anything that picks targets (routing,
+SelectModel) should skip those for which `permitted` is false.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import inspect
+import ipaddress
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import structlog
+
+from broker import errors, limits
+from broker.config import AuthConfig, Settings, parse_listen
+from modelbroker.v1 import broker_pb2 as pb
+
+if TYPE_CHECKING:
+    from broker.convert import CompletionCall
+    from broker.registry import Registry
+
+log = structlog.get_logger("broker.auth")
+
+SERVICE_PREFIX = "/modelbroker.v1.ModelBroker/"
+# Only completions count against rates and stream limits: listings are cheap and callers
+# often list before they complete, which would otherwise halve their request rate.
+COMPLETION_METHODS = frozenset({SERVICE_PREFIX + "Complete", SERVICE_PREFIX + "StreamComplete"})
+KEY_PREFIX = "mb_"  # broker/redact.py masks mb_ keys of 16+ characters wherever they appear
+
+
+def new_key() -> str:
+    """A fresh caller key: `mb_` and 256 random bits, URL-safe."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    """The hex SHA-256 that goes in the config for `key` (surrounding whitespace ignored)."""
+    return hashlib.sha256(key.strip().encode()).hexdigest()
+
+
+@dataclass(eq=False)
+class Caller:
+    name: str
+    allow_models: tuple[str, ...] | None  # None: every model
+    limits: limits.CallerLimits
+
+    def may_use(self, provider: str, model: str) -> bool:
+        if self.allow_models is None:
+            return True
+        ref = f"{provider}/{model}"
+        return any(fnmatchcase(ref, glob) for glob in self.allow_models)
+
+
+# Set by the interceptor for the RPC it admits; None when auth is off.
+current_caller: ContextVar[Caller | None] = ContextVar("modelbroker_caller", default=None)
+
+
+def caller_name() -> str:
+    caller = current_caller.get()
+    return caller.name if caller is not None else ""
+
+
+def permitted(provider: str, model: str) -> bool:
+    caller = current_caller.get()
+    return caller is None or caller.may_use(provider, model)
+
+
+def require_permitted(provider: str, model: str, *, requested: str = "", hint: str = "") -> None:
+    caller = current_caller.get()
+    if caller is None or caller.may_use(provider, model):
+        return
+    via = f" (requested as {requested!r})" if requested and requested != f"{provider}/{model}" else ""
+    allowed = ", ".join(caller.allow_models or ()) or "no models"
+    raise errors.ModelNotAllowed(
+        f"key {caller.name!r} may not use {provider}/{model}{via}; it may use: {allowed}{hint}",
+        provider=provider,
+        model=model,
+        metadata={"caller": caller.name},
+    )
+
+
+def check_call(registry: Registry, call: CompletionCall) -> None:
+    """Refuse a completion whose model or fallbacks resolve to any target the caller may not use.
+
+    Every candidate must be allowed, not just one: the completion service may try any of
+    them, and a forbidden provider must never be called on this caller's behalf.
+    """
+    caller = current_caller.get()
+    if caller is None or caller.allow_models is None:
+        return
+    for ref in (call.model, *call.fallback_models):
+        if not ref:
+            continue
+        try:
+            targets = registry.resolve(ref)
+        except errors.ModelNotFound:
+            continue  # the completion service reports unknown models its own way
+        hint = "; name an allowed provider explicitly as provider/model" if len(targets) > 1 else ""
+        for t in targets:
+            require_permitted(t.state.name, t.model, requested=ref, hint=hint)
+
+
+def open_listen_warning(settings: Settings, listen: str) -> str | None:
+    """The warning `serve` prints when it listens beyond loopback with auth off, else None."""
+    if settings.auth.enabled or settings.tls.client_ca_file is not None:
+        return None  # API keys, or mTLS: only holders of a certificate from the client CA get in
+    try:
+        host, _ = parse_listen(listen)
+    except ValueError:
+        return None  # binding reports the bad address
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: it may resolve to anything
+    return (
+        f"caller auth is off and the broker listens on {listen}: anyone who can reach that port "
+        "can spend the configured provider keys. Add auth.keys to the config "
+        "(`model-broker keys create` makes one) or listen on 127.0.0.1."
+    )
+
+
+def _usage_tokens(message: Any) -> int:
+    if isinstance(message, pb.CompleteResponse):
+        usage = message.usage
+    elif isinstance(message, pb.StreamCompleteResponse) and message.HasField("end"):
+        usage = message.end.usage
+    else:
+        return 0
+    return int(usage.input_tokens) + int(usage.output_tokens)
+
+
+class Gatekeeper:
+    """Authentication and admission for the ModelBroker service; `interceptor` installs it."""
+
+    def __init__(self, auth: AuthConfig, max_concurrent_streams: int) -> None:
+        self.enabled = auth.enabled
+        self._keys: list[tuple[bytes, Caller]] = [
+            (
+                bytes.fromhex(k.sha256),
+                Caller(
+                    k.name,
+                    None if k.allow_models is None else tuple(k.allow_models),
+                    limits.CallerLimits.from_config(k),
+                ),
+            )
+            for k in auth.keys
+        ]
+        self.cap = limits.StreamCap(max_concurrent_streams)
+        self.interceptor = _Interceptor(self)
+
+    def authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Caller | None:
+        if not self.enabled:
+            return None
+        header = next((v for k, v in metadata or () if k == "authorization"), None)
+        if header is None:
+            raise errors.ApiKeyMissing(
+                "this broker needs an API key: send the metadata 'authorization: Bearer <key>'"
+            )
+        scheme, _, key = str(header).strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise errors.ApiKeyInvalid("the authorization metadata must be 'Bearer <key>'")
+        digest = hashlib.sha256(key.strip().encode()).digest()
+        found: Caller | None = None
+        # Compare against every key, without stopping early, in constant time per key.
+        for expected, caller in self._keys:
+            if hmac.compare_digest(expected, digest):
+                found = caller
+        if found is None:
+            raise errors.ApiKeyInvalid("the API key is not known to this broker")
+        return found
+
+    def admit(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> limits.Release:
+        """Authenticate and, for completions, admit; set the caller for the servicer."""
+        caller = self.authenticate(metadata)
+        current_caller.set(caller)
+        if method not in COMPLETION_METHODS:
+            return _nothing
+        return limits.admit(self.cap, caller.limits if caller is not None else None)
+
+    def wrap(self, handler: Any, method: str, metadata: Sequence[tuple[str, Any]] | None) -> Any:
+        """The same handler, run inside admission: refusals abort with the mapped status."""
+
+        async def enter(context: Any) -> limits.Release:
+            try:
+                return self.admit(method, metadata)
+            except errors.BrokerError as exc:
+                log.info(
+                    "request_refused",
+                    rpc=method.removeprefix(SERVICE_PREFIX),
+                    caller=caller_name(),
+                    peer=context.peer(),
+                    status=exc.code.name,
+                    reason=exc.reason,
+                    error=exc.message,
+                )
+                await context.abort_with_status(errors.to_grpc_status(exc))
+                raise AssertionError("abort_with_status returned") from exc
+
+        def account(response: Any) -> None:
+            caller = current_caller.get()
+            if caller is not None:
+                caller.limits.record_tokens(_usage_tokens(response))
+
+        if handler.unary_unary is not None:
+            unary: Callable[[Any, Any], Awaitable[Any]] = handler.unary_unary
+
+            async def unary_behavior(request: Any, context: Any) -> Any:
+                release = await enter(context)
+                try:
+                    response = await unary(request, context)
+                    account(response)
+                    return response
+                finally:
+                    release()
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_behavior,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            streaming: Callable[[Any, Any], Any] = handler.unary_stream
+
+            async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
+                release = await enter(context)
+                try:
+                    result = streaming(request, context)
+                    if inspect.isawaitable(result):  # the context.write() style
+                        await result
+                        return
+                    async for response in result:
+                        account(response)
+                        yield response
+                finally:
+                    # Also on CancelledError (caller gone, deadline): the slot frees at once.
+                    release()
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream_behavior,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # The service has no client-streaming RPCs; an unknown shape must not slip past auth.
+        raise TypeError(f"{method}: unsupported handler kind for the auth interceptor")
+
+
+def _nothing() -> None:
+    return None
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, gate: Gatekeeper) -> None:
+        self.gate = gate
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler  # health, reflection, unknown methods: open
+        return self.gate.wrap(handler, method, handler_call_details.invocation_metadata)

@@ -1,0 +1,99 @@
+"""Relaying a completion to a caller that may read slower than the upstream writes.
+
+Each message the daemon sends a caller costs a gRPC write (serialisation, an HTTP/2 frame,
+a syscall, a completion through grpc's poller): far more than reading one SSE chunk from
+an upstream. When the caller keeps up, every text delta goes out on its own, as soon as
+it arrives. When it does not (a slow client, a full HTTP/2 window, a busy daemon), the
+deltas that arrived while the previous write was in flight are sent as one message:
+fewer, larger writes, the same text in the same order, and nothing waits for more data.
+
+How: a reader task pulls the source (the completion) into a short queue while the
+consumer (the servicer's StreamComplete loop) writes; each time the consumer comes back
+for more, it takes everything queued and merges runs of consecutive TextDeltaEvents. The
+queue is bounded, so a caller that stops reading stops the upstream reads too.
+
+What does not change: the order of everything, where fallback ends (the completion
+decides that before yielding its first content, as before), errors (raised to the
+consumer after everything queued before them), and cancellation: when the consumer is
+cancelled or closed, the reader task is cancelled and awaited, so the cancellation runs
+through the completion and the provider and closes the upstream HTTP request before the
+handler returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TypeVar
+
+from broker.types import TextDeltaEvent
+
+T = TypeVar("T")
+
+# Outputs read ahead of the caller, at most; beyond this the reader waits (backpressure).
+MAX_QUEUED = 256
+# A merged delta stops growing here, far below the gRPC message limit.
+MAX_MERGED_CHARS = 64 * 1024
+
+
+async def coalesced(source: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`source`'s items in order, consecutive waiting TextDeltaEvents merged into one."""
+    loop = asyncio.get_running_loop()
+    queue: deque[T] = deque()
+    consumer_waiting: asyncio.Future[None] | None = None
+    reader_waiting: asyncio.Future[None] | None = None
+    finished = False
+    failure: Exception | None = None
+
+    def wake_consumer() -> None:
+        if consumer_waiting is not None and not consumer_waiting.done():
+            consumer_waiting.set_result(None)
+
+    async def read() -> None:
+        nonlocal finished, failure, reader_waiting
+        try:
+            async for item in source:
+                queue.append(item)
+                wake_consumer()
+                while len(queue) >= MAX_QUEUED:
+                    reader_waiting = loop.create_future()
+                    await reader_waiting
+        except Exception as exc:  # handed to the consumer, raised there after what came before it
+            failure = exc
+        finally:
+            finished = True
+            wake_consumer()
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            if not queue:
+                if finished:
+                    break
+                consumer_waiting = loop.create_future()
+                await consumer_waiting
+                consumer_waiting = None
+                continue
+            item = queue.popleft()
+            if isinstance(item, TextDeltaEvent) and queue and isinstance(queue[0], TextDeltaEvent):
+                parts = [item.text]
+                size = len(item.text)
+                while queue and size < MAX_MERGED_CHARS and isinstance(queue[0], TextDeltaEvent):
+                    nxt = queue.popleft()
+                    assert isinstance(nxt, TextDeltaEvent)
+                    parts.append(nxt.text)
+                    size += len(nxt.text)
+                item = TextDeltaEvent("".join(parts))  # type: ignore[assignment]
+            if reader_waiting is not None and not reader_waiting.done() and len(queue) < MAX_QUEUED:
+                reader_waiting.set_result(None)
+            yield item
+        if failure is not None:
+            raise failure
+    finally:
+        if not reader.done():
+            # The caller went away (or stopped reading us): stop the source now, which
+            # closes the upstream, and wait for that before the handler returns.
+            reader.cancel()
+        # wait() does not raise the reader's CancelledError, but does raise our own.
+        await asyncio.wait((reader,))

@@ -1,0 +1,21 @@
+// Public surface of the Node client. The generated stubs stay importable for anything the
+// thin client does not wrap: `@model-broker/client/dist/gen/modelbroker/v1/broker`.
+export * from "./client";
+export * from "./errors";
+export {
+  Capability,
+  type Cost,
+  type GenerationParams,
+  type Message,
+  type ModelInfo,
+  Preference,
+  type ProviderInfo,
+  ProviderHealth,
+  type Requirements,
+  ResponseFormat,
+  Role,
+  type Tool,
+  type ToolChoice,
+  ToolChoiceMode,
+  type Usage,
+} from "../gen/modelbroker/v1/broker";
