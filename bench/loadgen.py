@@ -245,6 +245,7 @@ class GrpcTarget:
 
     def __init__(self, target: str, channels: int) -> None:
         import grpc
+
         from modelbroker.v1 import broker_pb2 as pb
         from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 

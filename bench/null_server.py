@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from modelbroker.v1 import broker_pb2 as pb
-from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 
 from bench.upstream import chunk_texts, parse_model
+from modelbroker.v1 import broker_pb2 as pb
+from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 
 
 class NullBroker(pb_grpc.ModelBrokerServicer):

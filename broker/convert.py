@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import json_format
-from modelbroker.v1 import broker_pb2 as pb
 
 from broker import errors
 from broker.types import (
@@ -33,6 +32,7 @@ from broker.types import (
     ToolChoiceMode,
     Usage,
 )
+from modelbroker.v1 import broker_pb2 as pb
 
 IMAGE_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -7,10 +7,10 @@ from typing import Any
 
 import grpc
 import pytest
-from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 
 from broker.config import Settings, settings_from_dict
 from broker.server import BrokerServer
+from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 
 # A key the fake upstream demands; tests assert it never reaches a caller or a log.
 OPENAI_TEST_KEY = "sk-test-openai-3f9a7c2e1b0d4e5f"

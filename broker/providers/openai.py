@@ -1,25 +1,26 @@
 """OpenAI Chat Completions, and every server that speaks it (Ollama /v1, vLLM, llama.cpp).
 
 The JSON mapping lives in `openai_wire`; this module is the HTTP side: auth, the SSE
-stream read with httpx-sse, and the rules of the stream (events only after a 200, exactly
-one EndEvent, and only after `data: [DONE]`).
+stream (decoded by `sse.SSEDecoder` a network read at a time, payloads parsed by orjson),
+and the rules of the stream (events only after a 200, exactly one EndEvent, and only
+after `data: [DONE]`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
-import httpx_sse
+import orjson
 
 from broker import errors
 from broker.config import ProviderConfig
 from broker.providers import register
 from broker.providers.base import Provider, UpstreamErrorInfo
+from broker.providers.http11 import Response
 from broker.providers.openai_wire import (
     ChunkParser,
     build_body,
@@ -28,10 +29,11 @@ from broker.providers.openai_wire import (
     token_limit_field,
 )
 from broker.providers.openai_wire import parse_error as parse_error_body
+from broker.providers.sse import SSEDecoder, SSEError
 from broker.redact import redact
 from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
 
-DONE = "[DONE]"
+DONE = b"[DONE]"
 # After [DONE] only the chunked-body terminator should follow, at once. Reading it lets
 # httpx put the connection back in the pool (closing an unfinished body drops it, and a
 # new TLS handshake costs far more), but a server that keeps the body open must not hold
@@ -58,21 +60,33 @@ class OpenAIProvider(Provider):
         async with self.open("POST", "chat/completions", json=body, request=request) as resp:
             await self._expect_event_stream(resp, model)
             yield StartEvent(model=model)
-            async with contextlib.aclosing(self._sse_events(resp, request)) as events:
+            decoder = SSEDecoder()
+            async with contextlib.aclosing(self._body(resp, request)) as reads:
                 done = False
-                async for sse in events:
-                    if sse.data == DONE:
-                        done = True
+                async for data in reads:
+                    try:
+                        sse_events = decoder.feed(data)
+                    except SSEError as exc:
+                        raise errors.UpstreamProtocolError(
+                            f"{self.name}: {exc}", provider=self.name, model=model
+                        ) from None
+                    # Everything one read completed, in order; the payloads are parsed here,
+                    # each read's events handed on before the next read.
+                    for name, payload_bytes in sse_events:
+                        if payload_bytes == DONE:
+                            done = True
+                            break
+                        if not payload_bytes:
+                            continue  # an event without data
+                        payload = self._decode(payload_bytes, model)
+                        if name == "error":
+                            raise error_from_payload(
+                                payload.get("error", payload), provider=self.name, model=model
+                            )
+                        for event in parser.feed(payload):
+                            yield event
+                    if done:
                         break
-                    if not sse.data:
-                        continue  # keep-alive or an event without data
-                    payload = self._decode(sse.data, model)
-                    if sse.event == "error":
-                        raise error_from_payload(
-                            payload.get("error", payload), provider=self.name, model=model
-                        )
-                    for event in parser.feed(payload):
-                        yield event
                 if not done:
                     raise errors.UpstreamProtocolError(
                         f"{self.name}: stream ended without [DONE] (the response may be truncated)",
@@ -82,7 +96,7 @@ class OpenAIProvider(Provider):
                 # Drain before the last event: a consumer may stop at EndEvent and close us.
                 with contextlib.suppress(errors.BrokerError, TimeoutError):
                     async with asyncio.timeout(_DRAIN_SECONDS):
-                        async for _ in events:
+                        async for _ in reads:
                             pass
                 yield parser.end()
 
@@ -99,18 +113,11 @@ class OpenAIProvider(Provider):
 
     # --- stream mechanics ------------------------------------------------------------------
 
-    async def _sse_events(
-        self, resp: httpx.Response, request: CompletionRequest
-    ) -> AsyncGenerator[httpx_sse.ServerSentEvent, None]:
-        """SSE events with stalls and disconnects mapped as base.guarded_lines maps them.
-
-        httpx-sse splits lines only on CR/LF as SSE requires; httpx's aiter_lines also splits
-        on U+2028, U+0085 and friends, which may appear raw inside a JSON string.
-        """
-        source = httpx_sse.EventSource(resp).aiter_sse()
+    async def _body(self, resp: Response, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
+        """The body a network read at a time, with stalls and disconnects mapped as base.guarded_lines maps them."""
         try:
-            async for sse in source:
-                yield sse
+            async for data in resp.aiter_bytes():
+                yield data
         except httpx.TimeoutException:
             raise errors.UpstreamTimeout(
                 f"{self.name}: stream stalled (no data for {self._timeout_for(request).read:g}s)",
@@ -123,10 +130,8 @@ class OpenAIProvider(Provider):
                 provider=self.name,
                 model=request.model,
             ) from None
-        finally:
-            await source.aclose()
 
-    async def _expect_event_stream(self, resp: httpx.Response, model: str) -> None:
+    async def _expect_event_stream(self, resp: Response, model: str) -> None:
         """A 200 that is not SSE (a proxy's HTML page, a server ignoring `stream`) is not our protocol."""
         ctype = resp.headers.get("content-type", "")
         if "text/event-stream" in ctype:
@@ -144,14 +149,15 @@ class OpenAIProvider(Provider):
             model=model,
         )
 
-    def _decode(self, data: str, model: str) -> dict[str, Any]:
+    def _decode(self, data: bytes, model: str) -> dict[str, Any]:
         try:
-            payload = json.loads(data)
-        except ValueError:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
             payload = None
         if not isinstance(payload, dict):
+            snippet = data[:200].decode("utf-8", "replace")
             raise errors.UpstreamProtocolError(
-                f"{self.name}: a stream chunk is not a JSON object: {redact(data[:200])!r}",
+                f"{self.name}: a stream chunk is not a JSON object: {redact(snippet)!r}",
                 provider=self.name,
                 model=model,
             )

@@ -42,8 +42,13 @@ async def served() -> AsyncIterator[tuple[FakeOpenAI, str, asyncio.subprocess.Pr
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
         env.update(OPENAI_BASE_URL=fake.url, MODEL_BROKER_CONFIG="")
         proc = await asyncio.create_subprocess_exec(
-            *CLI, "serve", "--listen", f"127.0.0.1:{port}", env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            *CLI,
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         target = f"127.0.0.1:{port}"
         try:
@@ -74,8 +79,17 @@ async def test_complete_streams_and_reports_usage(served) -> None:
 
 async def test_complete_unary_with_system_prompt(served) -> None:
     fake, target, _ = served
-    code, out, _ = await run("complete", "--target", target, "--model", "gpt-4o-mini", "--no-stream",
-                             "--system", "Be terse.", "Say hello")
+    code, out, _ = await run(
+        "complete",
+        "--target",
+        target,
+        "--model",
+        "gpt-4o-mini",
+        "--no-stream",
+        "--system",
+        "Be terse.",
+        "Say hello",
+    )
     assert (code, out) == (0, "Bonjour !\n")
     assert fake.server.requests[-1].json()["messages"][0] == {"role": "system", "content": "Be terse."}
 
@@ -129,8 +143,13 @@ async def test_no_providers_warns_and_is_not_ready() -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
     proc = await asyncio.create_subprocess_exec(
-        *CLI, "serve", "--listen", f"127.0.0.1:{port}", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *CLI,
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         for _ in range(100):
@@ -138,7 +157,9 @@ async def test_no_providers_warns_and_is_not_ready() -> None:
             if code == 0:
                 break
             await asyncio.sleep(0.1)
-        code, out, _ = await run("health", "--target", f"127.0.0.1:{port}", "--service", "modelbroker.v1.ModelBroker")
+        code, out, _ = await run(
+            "health", "--target", f"127.0.0.1:{port}", "--service", "modelbroker.v1.ModelBroker"
+        )
         assert (code, out.strip()) == (4, "modelbroker.v1.ModelBroker: NOT_SERVING")
     finally:
         proc.send_signal(signal.SIGTERM)

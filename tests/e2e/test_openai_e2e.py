@@ -11,8 +11,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from modelbroker.v1 import broker_pb2 as pb
 
+from modelbroker.v1 import broker_pb2 as pb
 from tests.conftest import OPENAI_TEST_KEY, broker_settings, stub
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Fault, Reply, weather_tool_reply
