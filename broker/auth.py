@@ -152,8 +152,16 @@ def _usage_tokens(message: Any) -> int:
 class Gatekeeper:
     """Authentication and admission for the ModelBroker service; `interceptor` installs it."""
 
-    def __init__(self, auth: AuthConfig, max_concurrent_streams: int) -> None:
+    def __init__(
+        self,
+        auth: AuthConfig,
+        max_concurrent_streams: int,
+        on_refused: Callable[[str, str, str], None] | None = None,
+    ) -> None:
         self.enabled = auth.enabled
+        # Called with (rpc, status, reason) for each refusal, so metrics see what never
+        # reaches the servicer.
+        self.on_refused = on_refused
         self._keys: list[tuple[bytes, Caller]] = [
             (
                 bytes.fromhex(k.sha256),
@@ -204,6 +212,8 @@ class Gatekeeper:
             try:
                 return self.admit(method, metadata)
             except errors.BrokerError as exc:
+                if self.on_refused is not None:
+                    self.on_refused(method.removeprefix(SERVICE_PREFIX), exc.code.name, exc.reason)
                 log.info(
                     "request_refused",
                     rpc=method.removeprefix(SERVICE_PREFIX),

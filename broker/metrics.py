@@ -128,6 +128,12 @@ class BrokerMetrics:
             multiprocess_mode="livemin",
             registry=r,
         )
+        self.refused = Counter(
+            "modelbroker_refused_requests",
+            "RPCs refused before the servicer ran (caller auth, caller limits, broker overload)",
+            ["rpc", "status", "reason"],
+            registry=r,
+        )
         self.inflight = {rpc: inflight.labels(rpc) for rpc in RPCS}
         self._overhead = {rpc: self.overhead.labels(rpc) for rpc in RPCS}
         self._children: dict[tuple[str, str], _Children] = {}
@@ -186,6 +192,9 @@ class BrokerMetrics:
             c.cost.inc(cost_micro_usd)
         if upstream_wait is not None and rpc in self._overhead:
             self._overhead[rpc].observe(max(duration - upstream_wait, 0.0))
+
+    def count_refused(self, rpc: str, status: str, reason: str) -> None:
+        self.refused.labels(rpc, status, reason).inc()
 
     def health_status(self, service: str, status: int | None) -> None:
         up = 1 if status == SERVING else 0

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from broker import auth, convert, errors
 from broker.breaker import BreakerState
+from broker.coalesce import coalesced
 from broker.completion import Accumulated, CallRecord, CompletionService, Finished, Output, Started
 from broker.config import Settings, parse_listen
 from broker.health import HealthMonitor
@@ -238,7 +239,9 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
     ) -> AsyncIterator[pb.StreamCompleteResponse]:
         msg = pb.StreamCompleteResponse
         try:
-            async for out in self._run(request, context, "StreamComplete"):
+            # coalesced(): deltas that queue up while the caller is still reading the last
+            # message go out as one; a caller that keeps up gets every delta on its own.
+            async for out in coalesced(self._run(request, context, "StreamComplete")):
                 if isinstance(out, TextDeltaEvent):
                     yield msg(text_delta=pb.TextDelta(text=out.text))
                 elif isinstance(out, ToolCallDeltaEvent):
@@ -369,7 +372,9 @@ class BrokerServer:
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
         # Caller auth and admission limits (broker/auth.py); health and reflection pass open.
-        self.gate = auth.Gatekeeper(settings.auth, settings.server.max_concurrent_streams)
+        self.gate = auth.Gatekeeper(
+            settings.auth, settings.server.max_concurrent_streams, on_refused=self.metrics.count_refused
+        )
         self.server = grpc.aio.server(
             options=options,
             maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,

@@ -140,3 +140,41 @@ def test_metrics_listen_is_validated_with_its_path() -> None:
         settings_from_dict({"metrics": {"listen": "9464"}}, env={})
     assert err.value.problems[0].startswith("metrics.listen: must be HOST:PORT")
     assert settings_from_dict({"metrics": {"listen": "${M:-}"}}, env={}).metrics.listen is None
+
+
+async def test_refused_calls_are_counted(upstream, daemon, channel_to) -> None:
+    """Calls the auth gate refuses never reach the servicer; they still show on /metrics."""
+    import hashlib
+
+    provider = {"name": "openai", "type": "openai", "base_url": upstream.url, "api_key": OPENAI_TEST_KEY}
+    key = "mb_metrics-test-key-0123456789"
+    settings = broker_settings(
+        [provider],
+        metrics={"listen": "127.0.0.1:0"},
+        auth={"keys": [{"name": "team-a", "sha256": hashlib.sha256(key.encode()).hexdigest()}]},
+    )
+    server, target = await daemon(settings)
+    assert server.metrics_server is not None
+    url = f"http://127.0.0.1:{server.metrics_server.port}/metrics"
+    s = stub(channel_to(target))
+    req = pb.CompleteRequest(model="openai/gpt-4o-mini", messages=[user("hi")])
+    for metadata in ((), (("authorization", "Bearer mb_wrong-key-000000000000"),)):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await s.Complete(req, timeout=5, metadata=metadata)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await s.Complete(req, timeout=5, metadata=(("authorization", f"Bearer {key}"),))
+    after = await scrape(url)
+    name = "modelbroker_refused_requests_total"
+    assert value(after, name, rpc="Complete", status="UNAUTHENTICATED", reason="API_KEY_MISSING") == 1
+    assert value(after, name, rpc="Complete", status="UNAUTHENTICATED", reason="API_KEY_INVALID") == 1
+    assert (
+        value(
+            after,
+            "modelbroker_requests_total",
+            rpc="Complete",
+            model="gpt-4o-mini",
+            provider="openai",
+            status="OK",
+        )
+        == 1
+    )
