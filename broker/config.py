@@ -175,6 +175,11 @@ class ServerConfig(_Strict):
     keepalive_timeout_seconds: float = Field(default=20.0, gt=0)
     min_ping_interval_seconds: float = Field(default=10.0, gt=0)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
+    # Send GOAWAY to a connection this old, so clients balancing round_robin over a headless
+    # Service reconnect and spread onto replicas added since; in-flight streams then get
+    # max_connection_age_grace_seconds to finish. Unset: connections live forever.
+    max_connection_age_seconds: float | None = Field(default=None, gt=0)
+    max_connection_age_grace_seconds: float = Field(default=600.0, ge=0)
 
     @field_validator("listen")
     @classmethod

@@ -369,6 +369,17 @@ class BrokerServer:
                 int(settings.server.min_ping_interval_seconds * 1000),
             ),
             ("grpc.keepalive_permit_without_calls", 1),
+            *(
+                [
+                    ("grpc.max_connection_age_ms", int(settings.server.max_connection_age_seconds * 1000)),
+                    (
+                        "grpc.max_connection_age_grace_ms",
+                        int(settings.server.max_connection_age_grace_seconds * 1000),
+                    ),
+                ]
+                if settings.server.max_connection_age_seconds
+                else []
+            ),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
         # Caller auth and admission limits (broker/auth.py); health and reflection pass open.

@@ -300,3 +300,20 @@ async def test_connection_refused_is_unavailable(daemon, channel_to) -> None:
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     info, _, _ = details(e.value)
     assert info.reason == "UPSTREAM_UNAVAILABLE"
+
+
+async def test_max_connection_age_lets_streams_finish_and_clients_reconnect(
+    upstream, daemon, channel_to
+) -> None:
+    settings = broker_settings(
+        [openai_provider(upstream.url)],
+        server={"max_connection_age_seconds": 0.3, "max_connection_age_grace_seconds": 10},
+    )
+    _, target = await daemon(settings)
+    s = stub(channel_to(target))
+    upstream.reply = Reply(text_chunks=[f"{i} " for i in range(10)], chunk_delay=0.1)  # ~1 s, past the age
+    msgs = await collect(s, pb.StreamCompleteRequest(model="openai/gpt-4o-mini", messages=[user("count")]))
+    assert msgs[-1].HasField("end") and sum(m.HasField("text_delta") for m in msgs) == 10
+    upstream.reply = Reply()
+    resp = await s.Complete(pb.CompleteRequest(model="openai/gpt-4o-mini", messages=[user("hi")]), timeout=10)
+    assert resp.finish_reason == pb.FINISH_REASON_STOP  # the client reconnected after GOAWAY
