@@ -180,6 +180,23 @@ def _fail(err: Exception) -> int:
     raise err
 
 
+def _parse_tool(spec: str) -> Any:
+    """`--tool '{"name": ..., "description": ..., "parameters": {JSON Schema}}'` (or @file.json)."""
+    import json
+
+    from modelbroker.client import tool
+
+    text = Path(spec[1:]).read_text() if spec.startswith("@") else spec
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
+        raise ValueError('expected an object with "name", "description" and "parameters"')
+    params = doc.get("parameters") or {"type": "object", "properties": {}}
+    return tool(doc["name"], str(doc.get("description", "")), params)
+
+
 def cmd_complete(args: argparse.Namespace) -> int:
     from modelbroker.client import (
         BrokerClient,
@@ -200,7 +217,12 @@ def cmd_complete(args: argparse.Namespace) -> int:
         params.max_tokens = args.max_tokens
     if args.temperature is not None:
         params.temperature = args.temperature
-    kw = {"params": params, "timeout": args.timeout, "fallback_models": args.fallback}
+    try:
+        tools = [_parse_tool(spec) for spec in args.tool]
+    except ValueError as exc:
+        print(f"model-broker: --tool: {exc}", file=sys.stderr)
+        return 2
+    kw = {"params": params, "timeout": args.timeout, "fallback_models": args.fallback, "tools": tools}
     with BrokerClient(
         args.target, api_key=args.api_key or os.environ.get("MODEL_BROKER_API_KEY"), **_tls_kwargs(args)
     ) as client:
@@ -213,18 +235,20 @@ def cmd_complete(args: argparse.Namespace) -> int:
                 sys.stdout.write("\n")
                 _summary(ans.provider, ans.model, ans.finish_reason, ans.usage, ans.cost)
                 return 0
+            in_call = False  # a tool call's "(" is open on stdout
             for ev in client.stream(args.model, messages, **kw):
                 if isinstance(ev, TextDelta):
                     sys.stdout.write(ev.text)
                     sys.stdout.flush()
                 elif isinstance(ev, ToolCallDelta):
                     if ev.name:
-                        sys.stdout.write(f"\n[tool call {ev.id}] {ev.name}(")
+                        sys.stdout.write(f"{')' if in_call else ''}\n[tool call {ev.id}] {ev.name}(")
+                        in_call = True
                     sys.stdout.write(ev.arguments_delta)
                 elif isinstance(ev, StreamStarted):
                     started = ev
                 elif isinstance(ev, StreamEnded):
-                    sys.stdout.write(")\n" if ev.finish_reason == "tool_calls" else "\n")
+                    sys.stdout.write(")\n" if in_call else "\n")
                     _summary(started.provider, started.model, ev.finish_reason, ev.usage, ev.cost)
         except BrokerError as err:
             sys.stdout.flush()
@@ -403,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--fallback", action="append", default=[], help="fallback model (repeatable)")
+    p.add_argument(
+        "--tool",
+        action="append",
+        default=[],
+        help='a tool as JSON {"name","description","parameters"} or @file.json (repeatable)',
+    )
     p.add_argument("prompt", help="the user message ('-' reads stdin)")
     p.set_defaults(func=cmd_complete)
 

@@ -126,7 +126,7 @@ class OpenAIProvider(Provider):
             ) from None
         except httpx.TransportError as exc:
             raise errors.UpstreamUnavailable(
-                f"{self.name}: connection lost mid-stream: {exc or type(exc).__name__}",
+                f"{self.name}: connection lost mid-stream: {str(exc) or type(exc).__name__}",
                 provider=self.name,
                 model=request.model,
             ) from None

@@ -165,3 +165,25 @@ async def test_no_providers_warns_and_is_not_ready() -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert "no providers configured" in err.decode()
+
+
+async def test_complete_with_a_tool_prints_the_call(served) -> None:
+    from tests.fakes.script import weather_tool_reply
+
+    fake, target, _ = served
+    fake.reply = weather_tool_reply()
+    tool = (
+        '{"name": "get_weather", "description": "Weather by city", "parameters": {"type": "object", '
+        '"properties": {"city": {"type": "string"}}, "required": ["city"]}}'
+    )
+    code, out, err = await run(
+        "complete", "--target", target, "--model", "openai/gpt-4o-mini", "--tool", tool, "Weather in Paris?"
+    )
+    assert code == 0, err
+    assert out == '\n[tool call call_w1] get_weather({"city": "Paris"})\n'
+    assert "finish=tool_calls" in err
+    assert fake.server.requests[-1].json()["tools"][0]["function"]["name"] == "get_weather"
+    code, _, err = await run(
+        "complete", "--target", target, "--model", "openai/gpt-4o-mini", "--tool", "{", "x"
+    )
+    assert code == 2 and "--tool: not JSON" in err
