@@ -88,5 +88,25 @@ breaking: $(STAMP)
 run: $(STAMP)
 	$(BIN)/model-broker serve --listen $(LISTEN) $(if $(CONFIG),--config $(CONFIG),)
 
+# `make bench`: direct vs broker vs LiteLLM's proxy against a fake upstream on 127.0.0.1;
+# prints the table, writes bench/results/bench.json and bench.png (bench/run.py).
+BENCH_STAMP := $(VENV)/.bench-installed
+LITELLM_VENV := bench/.venv-litellm
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+# Its own venv: LiteLLM's proxy pins its own versions of much of what the daemon uses. Not
+# installable (no network, a yanked pin) is not fatal: the run says so and goes on without it.
+$(LITELLM_VENV)/.installed: bench/requirements-litellm.txt
+	test -x $(LITELLM_VENV)/bin/python || $(PY) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q -r bench/requirements-litellm.txt && touch $@ \
+	  || echo "bench: could not install $$(cut -d' ' -f1 bench/requirements-litellm.txt); the run goes on without LiteLLM" >&2
+
+bench: $(BENCH_STAMP)
+	-@$(MAKE) --no-print-directory $(LITELLM_VENV)/.installed
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

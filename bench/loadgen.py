@@ -8,7 +8,7 @@ runner samples the servers' CPU time and memory at those marks), then one `RESUL
 line. Every answer is checked: the text a caller receives must be exactly the text the
 upstream sent (bench.upstream.expected_text), or the request counts as an error.
 
-The HTTP client is a bare asyncio.Protocol on uvloop that parses the chunked body and every
+The HTTP client is a bare asyncio.Protocol that parses the chunked body and every
 SSE event (JSON included), so that it is cheap next to the servers it measures; the gRPC
 client is grpc.aio with the generated stubs, as a Python caller would use it. Both report
 the generator's own CPU time, which is how a run shows the generator was not the limit.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import sys
@@ -72,7 +73,7 @@ class HttpConnection(asyncio.Protocol):
         self.on_first: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
+        # connection_made is typed with BaseTransport; a TCP connection gets a Transport.
         self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -314,6 +315,7 @@ class Run:
     issued: int = 0
     measuring: bool = False
     stop: bool = False
+    capped: asyncio.Event = field(default_factory=asyncio.Event)
 
     def fail(self, exc: BaseException) -> None:
         self.errors += 1
@@ -341,7 +343,14 @@ Call = Callable[..., Awaitable[Outcome]]
 
 
 async def closed_loop(
-    call: Call, model: str, stream: bool, want: str, concurrency: int, warmup: float, duration: float, cap: int
+    call: Call,
+    model: str,
+    stream: bool,
+    want: str,
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    cap: int,
 ) -> dict[str, Any]:
     """`concurrency` callers back to back: warm up, then measure for `duration` (or `cap` requests)."""
     run = Run()
@@ -349,6 +358,8 @@ async def closed_loop(
     async def caller() -> None:
         while not run.stop and run.issued < cap:
             run.issued += 1
+            if run.issued >= cap:
+                run.capped.set()
             t0 = time.perf_counter()
             try:
                 out = await call(model, stream)
@@ -371,9 +382,9 @@ async def closed_loop(
     cpu0, t0 = _cpu(), time.perf_counter()
     run.measuring = True
     _mark("start")
-    deadline = t0 + duration
-    while time.perf_counter() < deadline and run.issued < cap:
-        await asyncio.sleep(0.02)
+    # Ends at `duration`, or sooner when a caller reaches the request cap.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(run.capped.wait(), duration)
     run.measuring = False
     elapsed = time.perf_counter() - t0
     cpu = _cpu() - cpu0
@@ -442,7 +453,8 @@ async def held_streams(call: Call, model: str, want: str, count: int, deadline: 
     return {
         "ok": run.ok,
         "errors": run.errors + len(pending),
-        "error_samples": run.error_samples + ([f"{len(pending)} still open at the deadline"] if pending else []),
+        "error_samples": run.error_samples
+        + ([f"{len(pending)} still open at the deadline"] if pending else []),
         "max_open": state["max_open"],
         "all_open_after_s": t_all[0] if t_all else None,
         "elapsed_s": elapsed,
@@ -500,14 +512,8 @@ def main() -> int:
     p.add_argument("--max-requests", type=int, default=200_000)
     p.add_argument("--deadline", type=float, default=60.0, help="hold: give up on streams after this")
     p.add_argument("--channels", type=int, default=1, help="gRPC: HTTP/2 connections to spread calls over")
-    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = p.parse_args()
-    if args.loop == "uvloop":
-        import uvloop
-
-        result = uvloop.run(amain(args))
-    else:
-        result = asyncio.run(amain(args))
+    result = asyncio.run(amain(args))
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 

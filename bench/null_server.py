@@ -43,7 +43,8 @@ class NullBroker(pb_grpc.ModelBrokerServicer):
 
 async def serve(port: int) -> None:
     server = grpc.aio.server()
-    pb_grpc.add_ModelBrokerServicer_to_server(NullBroker(), server)
+    # The generated stubs mark every RPC abstract; the rest answer UNIMPLEMENTED, as grpc's base does.
+    pb_grpc.add_ModelBrokerServicer_to_server(NullBroker(), server)  # type: ignore[abstract]
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"PORT {bound}", flush=True)
@@ -56,7 +57,9 @@ async def serve(port: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--port", type=int, default=0)
     asyncio.run(serve(parser.parse_args().port))
     return 0

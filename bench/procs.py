@@ -77,11 +77,18 @@ def free_port() -> int:
 class Proc:
     """A child process whose output lines are read by a thread into a queue (and a log file)."""
 
-    def __init__(self, name: str, argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.log_path = log
-        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self._log = open(log, "w")
         self.popen = subprocess.Popen(
             list(argv),
             stdout=subprocess.PIPE,

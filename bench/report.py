@@ -26,8 +26,18 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("stream20_c32", "stream 20 chunks c=32: chunks/s", "chunks_per_s", False),
     ("stream200_c32", "stream 200 chunks c=32: streams/s", "rps", False),
     ("stream200_c32", "stream 200 chunks c=32: chunks/s", "chunks_per_s", False),
-    ("stream200_c32", "stream 200 chunks c=32: chunks per server CPU-second", "chunks_per_server_cpu_s", False),
-    ("stream200_c32", "stream 200 chunks c=32: messages per stream to the caller", "messages_per_stream", True),
+    (
+        "stream200_c32",
+        "stream 200 chunks c=32: chunks per server CPU-second",
+        "chunks_per_server_cpu_s",
+        False,
+    ),
+    (
+        "stream200_c32",
+        "stream 200 chunks c=32: messages per stream to the caller",
+        "messages_per_stream",
+        True,
+    ),
     ("hold1000", "1,000 open streams: most open at once", "max_open", False),
     ("hold1000", "1,000 open streams: errors", "errors", True),
     ("hold1000", "1,000 open streams: server RSS peak (MB)", "server_rss_mb_peak", True),
@@ -41,7 +51,7 @@ def _get(out: dict[str, Any], workload: str, way: str, key: str) -> float | None
 
 def _fmt(v: float | None) -> str:
     if v is None:
-        return "–"
+        return "-"
     if v == 0:
         return "0"
     if abs(v) >= 1000:
@@ -55,13 +65,15 @@ def markdown(out: dict[str, Any]) -> str:
     has_floor = any("grpc-null" in w for w in out["workloads"].values())
     cols = ["direct", "broker", "litellm"] + (["grpc-null"] if has_floor else [])
     lines = [
-        "| figure | " + " | ".join(TITLES[c] for c in cols) + " | broker − direct | broker / LiteLLM |",
+        "| figure | " + " | ".join(TITLES[c] for c in cols) + " | broker - direct | broker / LiteLLM |",
         "|---|" + "---:|" * (len(cols) + 2),
     ]
     for workload, label, key, lower in ROWS:
         if workload not in out["workloads"]:
             continue
         vals = {c: _get(out, workload, c, key) for c in cols}
+        if key == "chunks_per_server_cpu_s":
+            vals["direct"] = None  # direct has no server in between: its "server" is the upstream
         b, d, ll = vals["broker"], vals["direct"], vals["litellm"]
         diff = _fmt(b - d) if lower and b is not None and d is not None and key.endswith("_ms") else ""
         ratio = f"{b / ll:.2f}x" if b is not None and ll else ""
@@ -70,7 +82,11 @@ def markdown(out: dict[str, Any]) -> str:
     parts = ["\n".join(lines), "", "Targets:", "", "| target | value | met |", "|---|---:|:---:|"]
     for name, value, ok in targets(out):
         parts.append(f"| {name} | {value} | {'yes' if ok else ('no' if ok is not None else 'n/a')} |")
-    parts += ["", "Who was busy (CPU % of one core in each measured window: load generator / server / upstream):", ""]
+    parts += [
+        "",
+        "Who was busy (CPU % of one core in each measured window: load generator / server / upstream):",
+        "",
+    ]
     parts += busy_table(out)
     parts += [
         "",
@@ -91,12 +107,12 @@ def busy_table(out: dict[str, Any]) -> list[str]:
         for way in present:
             r = row.get(way)
             if not r or "loadgen_cpu_pct" not in r:
-                cells.append("–")
+                cells.append("-")
                 continue
             cells.append(
                 f"{r['loadgen_cpu_pct']:.0f} / {r.get('server_cpu_pct', 0):.0f} / {r.get('upstream_cpu_pct', 0):.0f}"
                 if way != "direct"
-                else f"{r['loadgen_cpu_pct']:.0f} / – / {r.get('server_cpu_pct', 0):.0f}"
+                else f"{r['loadgen_cpu_pct']:.0f} / - / {r.get('server_cpu_pct', 0):.0f}"
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
@@ -109,7 +125,7 @@ def targets(out: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     def added(label: str, w: str, key: str, limit: float) -> None:
         b, d = g(w, "broker", key), g(w, "direct", key)
         if b is None or d is None:
-            res.append((label, "–", None))
+            res.append((label, "-", None))
         else:
             res.append((label, f"{b - d:.2f} ms", b - d <= limit))
 
@@ -124,13 +140,29 @@ def targets(out: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         ("stream200_c32", "streaming throughput >= 5x LiteLLM (200 chunks, c=32)"),
     ):
         b, ll = g(w, "broker", "rps"), g(w, "litellm", "rps")
-        res.append((label, f"{b / ll:.1f}x" if b is not None and ll else "–", (b / ll >= 5) if b is not None and ll else None))
+        res.append(
+            (
+                label,
+                f"{b / ll:.1f}x" if b is not None and ll else "-",
+                (b / ll >= 5) if b is not None and ll else None,
+            )
+        )
     c = g("stream200_c32", "broker", "chunks_per_server_cpu_s")
     res.append(
-        ("relayed chunks per second per core >= 20,000 (per daemon CPU-second)", _fmt(c), c >= 20_000 if c is not None else None)
+        (
+            "relayed chunks per second per core >= 20,000 (per daemon CPU-second)",
+            _fmt(c),
+            c >= 20_000 if c is not None else None,
+        )
     )
     rss, errs, most = (g("hold1000", "broker", k) for k in ("server_rss_mb_peak", "errors", "max_open"))
-    res.append(("1,000 concurrent streams: daemon RSS <= 300 MB", f"{_fmt(rss)} MB", rss <= 300 if rss is not None else None))
+    res.append(
+        (
+            "1,000 concurrent streams: daemon RSS <= 300 MB",
+            f"{_fmt(rss)} MB",
+            rss <= 300 if rss is not None else None,
+        )
+    )
     res.append(
         (
             "1,000 concurrent streams: no error (and all 1,000 open at once)",
@@ -143,9 +175,17 @@ def targets(out: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
 
 def progress_line(workload: str, way: str, r: dict[str, Any]) -> str:
     bits = [f"{workload:14} {way:9}", f"ok={r.get('ok', 0)}", f"err={r.get('errors', 0)}"]
-    for key, label in (("rps", "rps"), ("p50_ms", "p50"), ("p99_ms", "p99"), ("ttft_p50_ms", "ttft50"),
-                       ("chunks_per_s", "chunks/s"), ("max_open", "open"), ("server_rss_mb_peak", "rss_peak_mb"),
-                       ("loadgen_cpu_pct", "gen%"), ("server_cpu_pct", "srv%")):
+    for key, label in (
+        ("rps", "rps"),
+        ("p50_ms", "p50"),
+        ("p99_ms", "p99"),
+        ("ttft_p50_ms", "ttft50"),
+        ("chunks_per_s", "chunks/s"),
+        ("max_open", "open"),
+        ("server_rss_mb_peak", "rss_peak_mb"),
+        ("loadgen_cpu_pct", "gen%"),
+        ("server_cpu_pct", "srv%"),
+    ):
         if r.get(key) is not None:
             bits.append(f"{label}={_fmt(float(r[key]))}")
     if r.get("error_samples"):
@@ -160,12 +200,23 @@ def chart(out: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [
-        ("unary latency, c=1 (ms, log)", [("unary_c1", "p50_ms", "p50"), ("unary_c1", "p99_ms", "p99")], True),
-        ("unary throughput (req/s, log)", [("unary_c32", "rps", "c=32"), ("unary_c256", "rps", "c=256")], True),
+        (
+            "unary latency, c=1 (ms, log)",
+            [("unary_c1", "p50_ms", "p50"), ("unary_c1", "p99_ms", "p99")],
+            True,
+        ),
+        (
+            "unary throughput (req/s, log)",
+            [("unary_c32", "rps", "c=32"), ("unary_c256", "rps", "c=256")],
+            True,
+        ),
         (
             "stream time to first token, c=1 (ms, log)",
-            [("stream20_c1", "ttft_p50_ms", "20ch p50"), ("stream200_c1", "ttft_p50_ms", "200ch p50"),
-             ("stream20_c1", "ttft_p99_ms", "20ch p99")],
+            [
+                ("stream20_c1", "ttft_p50_ms", "20ch p50"),
+                ("stream200_c1", "ttft_p50_ms", "200ch p50"),
+                ("stream20_c1", "ttft_p99_ms", "20ch p99"),
+            ],
             True,
         ),
         (

@@ -101,7 +101,14 @@ def start_broker(tmp: Path, upstream: Server) -> Server:
         "    max_connections: 2000\n"
     )
     port = free_port()
-    argv = [str(Path(PY).parent / "model-broker"), "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"]
+    argv = [
+        str(Path(PY).parent / "model-broker"),
+        "serve",
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+    ]
     proc = Proc("broker", argv, log=tmp / "broker.log", cwd=ROOT)
     if proc.wait_line('"serving"', 30) is None:
         raise RuntimeError(f"the daemon did not start:\n{proc.tail()}")
@@ -110,7 +117,9 @@ def start_broker(tmp: Path, upstream: Server) -> Server:
 
 def start_null(tmp: Path) -> Server:
     port = free_port()
-    proc = Proc("grpc-null", [PY, "-m", "bench.null_server", "--port", str(port)], log=tmp / "null.log", cwd=ROOT)
+    proc = Proc(
+        "grpc-null", [PY, "-m", "bench.null_server", "--port", str(port)], log=tmp / "null.log", cwd=ROOT
+    )
     if proc.wait_line("PORT ", 15) is None:
         raise RuntimeError(f"the null gRPC server did not start:\n{proc.tail()}")
     return Server("grpc-null", proc, f"127.0.0.1:{port}", "grpc")
@@ -119,7 +128,10 @@ def start_null(tmp: Path) -> Server:
 def start_litellm(tmp: Path, upstream: Server) -> tuple[Server | None, str]:
     exe = LITELLM_VENV / "bin" / "litellm"
     if not exe.exists():
-        return None, f"LiteLLM is not installed in {LITELLM_VENV.relative_to(ROOT)} (`make bench` installs {LITELLM_PIN})"
+        return (
+            None,
+            f"LiteLLM is not installed in {LITELLM_VENV.relative_to(ROOT)} (`make bench` installs {LITELLM_PIN})",
+        )
     models = sorted({w.model() for w in WORKLOADS})
     config = tmp / "litellm.yaml"
     config.write_text(
@@ -139,7 +151,17 @@ def start_litellm(tmp: Path, upstream: Server) -> tuple[Server | None, str]:
         # Like the daemon in this run, no caller auth (its default refuses to start without a key).
         "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
     }
-    argv = [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+    argv = [
+        str(exe),
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+    ]
     proc = Proc("litellm", argv, log=tmp / "litellm.log", env=env, cwd=tmp)
     import urllib.request
 
@@ -173,7 +195,9 @@ def run_workload(w: Workload, server: Server, upstream: Server) -> dict[str, Any
     if server.proto == "grpc" and w.concurrency > 64:
         argv += ["--channels", "4"]
     tmp = Path(server.proc.log_path).parent
-    gen = Proc(f"loadgen-{w.name}-{server.name}", argv, log=tmp / f"loadgen-{w.name}-{server.name}.log", cwd=ROOT)
+    gen = Proc(
+        f"loadgen-{w.name}-{server.name}", argv, log=tmp / f"loadgen-{w.name}-{server.name}.log", cwd=ROOT
+    )
     watched = {"server": server.proc.pid, "upstream": upstream.proc.pid}
     rss0 = rss_bytes(server.proc.pid)
     cpu0: dict[str, float] = {}
@@ -211,7 +235,9 @@ def run_workload(w: Workload, server: Server, upstream: Server) -> dict[str, Any
         result["server_rss_mb_before"] = rss0 / 2**20
         result["server_rss_mb_peak"] = rss_peak / 2**20
     if w.kind == "stream":
-        result["chunks_per_s"] = result.get("ok", 0) * w.chunks / result["elapsed_s"] if result.get("elapsed_s") else 0
+        result["chunks_per_s"] = (
+            result.get("ok", 0) * w.chunks / result["elapsed_s"] if result.get("elapsed_s") else 0
+        )
         result["messages_per_stream"] = result["messages"] / result["ok"] if result.get("ok") else None
         if result.get("server_cpu_s"):
             result["chunks_per_server_cpu_s"] = result["ok"] * w.chunks / result["server_cpu_s"]

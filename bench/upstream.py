@@ -2,7 +2,7 @@
 
 Not the test fake (tests/fakes/openai_upstream.py): that one is built for byte control
 and faults; this one is built to never be the bottleneck. It is a bare asyncio.Protocol
-(uvloop when installed) that answers from precomputed bytes, in its own process so that it
+that answers from precomputed bytes, in its own process so that it
 shares no event loop with the daemon or the load generator.
 
 The model name says what to send, so every way (direct, broker, LiteLLM) asks for the
@@ -141,9 +141,12 @@ class Replies:
 
 def _whole(status: int, body: bytes, ctype: bytes = b"application/json") -> bytes:
     reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found"}.get(status, b"Error")
-    return (
-        b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: keep-alive\r\n\r\n%s"
-        % (status, reason, ctype, len(body), body)
+    return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: keep-alive\r\n\r\n%s" % (
+        status,
+        reason,
+        ctype,
+        len(body),
+        body,
     )
 
 
@@ -177,7 +180,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
+        # connection_made is typed with BaseTransport; a TCP connection gets a Transport.
         self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -281,15 +284,12 @@ async def serve(port: int) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.run(serve(args.port))
-    except ImportError:
-        asyncio.run(serve(args.port))
+    asyncio.run(serve(args.port))
     return 0
 
 

@@ -3,9 +3,11 @@
 Each message the daemon sends a caller costs a gRPC write (serialisation, an HTTP/2 frame,
 a syscall, a completion through grpc's poller): far more than reading one SSE chunk from
 an upstream. When the caller keeps up, every text delta goes out on its own, as soon as
-it arrives. When it does not (a slow client, a full HTTP/2 window, a busy daemon), the
-deltas that arrived while the previous write was in flight are sent as one message:
-fewer, larger writes, the same text in the same order, and nothing waits for more data.
+it arrives. When it falls behind (a slow client, a full HTTP/2 window, a busy daemon) by
+COALESCE_BACKLOG outputs or more, the text deltas waiting for it are sent as one message:
+fewer, larger writes, the same text in the same order, and nothing ever waits for more
+data. A caller a few deltas behind still gets them one by one, so a short burst from the
+upstream keeps its granularity.
 
 How: a reader task pulls the source (the completion) into a short queue while the
 consumer (the servicer's StreamComplete loop) writes; each time the consumer comes back
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
 from broker.types import TextDeltaEvent
@@ -33,11 +35,15 @@ T = TypeVar("T")
 
 # Outputs read ahead of the caller, at most; beyond this the reader waits (backpressure).
 MAX_QUEUED = 256
+# Merging starts when this many outputs wait for the caller (the one about to be sent included).
+COALESCE_BACKLOG = 8
+# While reading ahead, the reader lets the event loop run after this many queued outputs.
+YIELD_EVERY = 16
 # A merged delta stops growing here, far below the gRPC message limit.
 MAX_MERGED_CHARS = 64 * 1024
 
 
-async def coalesced(source: AsyncIterator[T]) -> AsyncIterator[T]:
+async def coalesced(source: AsyncIterator[T]) -> AsyncGenerator[T, None]:
     """`source`'s items in order, consecutive waiting TextDeltaEvents merged into one."""
     loop = asyncio.get_running_loop()
     queue: deque[T] = deque()
@@ -53,12 +59,28 @@ async def coalesced(source: AsyncIterator[T]) -> AsyncIterator[T]:
     async def read() -> None:
         nonlocal finished, failure, reader_waiting
         try:
-            async for item in source:
-                queue.append(item)
-                wake_consumer()
-                while len(queue) >= MAX_QUEUED:
-                    reader_waiting = loop.create_future()
-                    await reader_waiting
+            try:
+                async for item in source:
+                    queue.append(item)
+                    if consumer_waiting is not None and not consumer_waiting.done():
+                        consumer_waiting.set_result(None)
+                        # The caller was idle: let its write of this item start before reading
+                        # on, so the first token is not held behind parsing the rest of a burst.
+                        await asyncio.sleep(0)
+                    elif len(queue) % YIELD_EVERY == 0:
+                        # A burst is parsed without any I/O wait: let the loop run grpc's
+                        # write completions now and then, so the caller is not kept waiting
+                        # for the whole burst to be parsed.
+                        await asyncio.sleep(0)
+                    while len(queue) >= MAX_QUEUED:
+                        reader_waiting = loop.create_future()
+                        await reader_waiting
+            finally:
+                # Wherever the reader stopped (cancelled mid-read or waiting for room in the
+                # queue), the source is closed before the reader ends, and with it the upstream.
+                aclose = getattr(source, "aclose", None)
+                if aclose is not None:
+                    await aclose()
         except Exception as exc:  # handed to the consumer, raised there after what came before it
             failure = exc
         finally:
@@ -76,7 +98,11 @@ async def coalesced(source: AsyncIterator[T]) -> AsyncIterator[T]:
                 consumer_waiting = None
                 continue
             item = queue.popleft()
-            if isinstance(item, TextDeltaEvent) and queue and isinstance(queue[0], TextDeltaEvent):
+            if (
+                isinstance(item, TextDeltaEvent)
+                and len(queue) + 1 >= COALESCE_BACKLOG
+                and isinstance(queue[0], TextDeltaEvent)
+            ):
                 parts = [item.text]
                 size = len(item.text)
                 while queue and size < MAX_MERGED_CHARS and isinstance(queue[0], TextDeltaEvent):

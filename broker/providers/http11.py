@@ -18,8 +18,8 @@ was read to the end and the server did not say `connection: close`; a response c
 early (the caller cancelled, a stall, an error) closes its connection, which is what
 tells the upstream to stop generating; reads stop when the consumer stops reading
 (transport flow control), so a slow caller cannot make the daemon buffer a whole answer;
-an idle connection the server has closed is never reused, and a request that finds a
-reused connection closed before any byte of the answer is sent once more on a new one.
+an idle connection the server has closed is never reused. It never retries a request
+itself: a failure is raised, and the routing layer decides about retries and fallback.
 """
 
 from __future__ import annotations
@@ -80,7 +80,6 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.write_waiter: asyncio.Future[None] | None = None
         self.idle_since = 0.0
-        self.used = False  # has carried a request before (a candidate for a stale-close retry)
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -193,7 +192,11 @@ class Pool:
         host_header = self.host if self.port == default_port else f"{self.host}:{self.port}"
         if ":" in self.host and not self.host.startswith("["):  # IPv6 literal
             host_header = f"[{self.host}]" if self.port == default_port else f"[{self.host}]:{self.port}"
-        fixed = {"host": host_header, "user-agent": "model-broker", **{k.lower(): v for k, v in (headers or {}).items()}}
+        fixed = {
+            "host": host_header,
+            "user-agent": "model-broker",
+            **{k.lower(): v for k, v in (headers or {}).items()},
+        }
         self._head_tail = "".join(f"{k}: {v}\r\n" for k, v in fixed.items())
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
@@ -265,7 +268,6 @@ class Pool:
     def release(self, conn: _Connection, keep: bool) -> None:
         if keep and not self._closed and not (conn.closed or conn.eof or conn.chunks):
             conn.idle_since = time.monotonic()
-            conn.used = True
             self._idle.append(conn)
         else:
             conn.close()
@@ -297,34 +299,21 @@ class Pool:
         raw = self._request_bytes(method, path, body, headers)
         connect = timeout.connect if timeout.connect is not None else 30.0
         pool = timeout.pool if timeout.pool is not None else connect
-        for attempt in (1, 2):
-            conn = await self._acquire(connect, pool)
-            resp = Response(self, conn, method, timeout.read, timeout.write)
-            try:
-                await conn.write(raw, timeout.write)
-                await resp._read_head()
-                return resp
-            except _StaleConnection:
-                # A kept-alive connection the server closed as we reused it: nothing was
-                # answered, so the request is sent once more on a fresh connection.
-                self.release(conn, keep=False)
-                if attempt == 2:
-                    raise httpx.RemoteProtocolError("the server closed the connection without answering") from None
-            except BaseException:
-                self.release(conn, keep=False)
-                raise
-        raise AssertionError("unreachable")
-
-
-class _StaleConnection(Exception):
-    pass
+        conn = await self._acquire(connect, pool)
+        resp = Response(self, conn, method, timeout.read)
+        try:
+            await conn.write(raw, timeout.write)
+            await resp._read_head()
+        except BaseException:
+            resp._abandon()
+            raise
+        return resp
 
 
 class Response:
     """An HTTP response whose body is read a network read at a time; close it when done."""
 
-    def __init__(self, pool: Pool, conn: _Connection, method: str, read_timeout: float | None,
-                 write_timeout: float | None) -> None:
+    def __init__(self, pool: Pool, conn: _Connection, method: str, read_timeout: float | None) -> None:
         self._pool = pool
         self._conn = conn
         self._method = method
@@ -374,15 +363,17 @@ class Response:
                 raise httpx.RemoteProtocolError("response headers too large")
             more = await self._more()
             if not more:
-                if not buf and self._conn.used:
-                    raise _StaleConnection()
-                raise httpx.RemoteProtocolError("the server closed the connection without sending a complete response")
+                raise httpx.RemoteProtocolError(
+                    "the server closed the connection without sending a complete response"
+                )
             buf += more
 
     def _setup(self, version: str) -> None:
         h = self.headers
         conn_tokens = h.get("connection", "").lower()
-        self._keep_alive = "close" not in conn_tokens and (version == "HTTP/1.1" or "keep-alive" in conn_tokens)
+        self._keep_alive = "close" not in conn_tokens and (
+            version == "HTTP/1.1" or "keep-alive" in conn_tokens
+        )
         if self._method == "HEAD" or self.status_code in (204, 304):
             self._framing, self._left = "length", 0
         elif "chunked" in h.get("transfer-encoding", "").lower():
@@ -509,9 +500,12 @@ class Response:
     async def aread(self) -> bytes:
         return b"".join([b async for b in self.aiter_bytes()])
 
-    async def aclose(self) -> None:
-        """Give the connection back if the body was read to the end; otherwise close it."""
+    def _abandon(self) -> None:
         if not self._closed:
             self._closed = True
             self._done = True
             self._pool.release(self._conn, keep=False)
+
+    async def aclose(self) -> None:
+        """Give the connection back if the body was read to the end; otherwise close it."""
+        self._abandon()
