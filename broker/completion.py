@@ -335,46 +335,107 @@ class CompletionService:
             timeout=None if deadline is None else max(deadline - t0, 0.001),
         )
         started = False
-        async with aclosing(target.provider.stream(request)) as events:
-            while True:
-                # Only the wait for the upstream is timed, never the caller reading slowly.
-                if started:
-                    limit = cfg.stall_timeout_seconds
-                else:
-                    limit = cfg.ttft_timeout_seconds - (time.monotonic() - t0)
-                timer = asyncio.timeout(max(limit, 0.0))
-                try:
-                    async with timer:
+        timer = _WaitTimer()
+        try:
+            async with aclosing(target.provider.stream(request)) as events:
+                while True:
+                    # Only the wait for the upstream is timed, never the caller reading slowly.
+                    if started:
+                        timer.start_wait(cfg.stall_timeout_seconds)
+                    else:
+                        timer.start_wait(cfg.ttft_timeout_seconds - (time.monotonic() - t0))
+                    try:
                         ev = await anext(events)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    if not timer.expired():
-                        raise
-                    what = (
-                        f"stream stalled (no chunk for {cfg.stall_timeout_seconds:g}s)"
-                        if started
-                        else f"no first token within {cfg.ttft_timeout_seconds:g}s"
-                    )
-                    raise errors.UpstreamTimeout(
-                        f"{target.state.name}: {what}", provider=target.state.name, model=target.model
-                    ) from None
-                if isinstance(ev, StartEvent):
-                    continue
-                if not started:
-                    started = True
-                    now = time.monotonic()
-                    record.first_token_at = now
-                    self.router.latency.observe(spec.id, now - t0)
-                    yield Started(request_id=request_id, provider=target.state.name, model=target.model)
-                if isinstance(ev, EndEvent):
-                    cost = compute_cost(spec.pricing, ev.usage, local=target.state.local)
-                    yield Finished(ev.finish_reason, ev.usage, cost)
-                    return
-                yield ev
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.CancelledError:
+                        if not timer.expired():
+                            raise
+                        what = (
+                            f"stream stalled (no chunk for {cfg.stall_timeout_seconds:g}s)"
+                            if started
+                            else f"no first token within {cfg.ttft_timeout_seconds:g}s"
+                        )
+                        raise errors.UpstreamTimeout(
+                            f"{target.state.name}: {what}", provider=target.state.name, model=target.model
+                        ) from None
+                    finally:
+                        timer.end_wait()
+                    if isinstance(ev, StartEvent):
+                        continue
+                    if not started:
+                        started = True
+                        now = time.monotonic()
+                        record.first_token_at = now
+                        self.router.latency.observe(spec.id, now - t0)
+                        yield Started(request_id=request_id, provider=target.state.name, model=target.model)
+                    if isinstance(ev, EndEvent):
+                        cost = compute_cost(spec.pricing, ev.usage, local=target.state.local)
+                        yield Finished(ev.finish_reason, ev.usage, cost)
+                        return
+                    yield ev
+        finally:
+            timer.close()
         raise errors.UpstreamProtocolError(
             f"{target.state.name}: the stream ended without a final message", provider=target.state.name
         )
+
+
+class _WaitTimer:
+    """Times each wait for the next upstream event with one timer per attempt.
+
+    `asyncio.timeout` per chunk costs a timer handle, a current_task() lookup and a cancel
+    on every event (13% of the daemon's CPU when relaying one message per chunk). Here an
+    event only stores a time: the one scheduled handle re-arms itself when it fires before
+    the current wait's expiry, and while no wait is open (the caller is reading) it lapses.
+    On expiry it cancels the task, as asyncio.timeout does, and `expired()` tells that
+    cancellation from any other (uncancel() keeps an outer cancel pending).
+    """
+
+    __slots__ = ("_expires_at", "_fired", "_handle", "_loop", "_task")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._handle: asyncio.TimerHandle | None = None
+        self._expires_at: float | None = None
+        self._fired = False
+
+    def start_wait(self, limit: float) -> None:
+        self._expires_at = self._loop.time() + max(limit, 0.0)
+        handle = self._handle
+        if handle is not None and handle.when() > self._expires_at:
+            handle.cancel()  # a shorter limit than the pending one (first token -> stalls)
+            handle = None
+        if handle is None:
+            self._handle = self._loop.call_at(self._expires_at, self._check)
+
+    def end_wait(self) -> None:
+        self._expires_at = None
+
+    def expired(self) -> bool:
+        """True when this timer cancelled the task; consumes that cancellation."""
+        if not self._fired:
+            return False
+        self._fired = False
+        return self._task.uncancel() == 0
+
+    def _check(self) -> None:
+        self._handle = None
+        if self._expires_at is None:
+            return  # not waiting: the next start_wait arms a new handle
+        if self._loop.time() >= self._expires_at:
+            self._fired = True
+            self._task.cancel()
+        else:
+            self._handle = self._loop.call_at(self._expires_at, self._check)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 @dataclass(slots=True)

@@ -61,7 +61,9 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (message + newline together): `--workers` processes share
+        # stderr, and PrintLogger's separate newline write let their lines interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Libraries (asyncio, httpx, grpc's Python layer) log through stdlib logging: send their

@@ -317,3 +317,32 @@ async def test_max_connection_age_lets_streams_finish_and_clients_reconnect(
     upstream.reply = Reply()
     resp = await s.Complete(pb.CompleteRequest(model="openai/gpt-4o-mini", messages=[user("hi")]), timeout=10)
     assert resp.finish_reason == pb.FINISH_REASON_STOP  # the client reconnected after GOAWAY
+
+
+async def test_request_id_in_body_and_trailers_on_success_and_error(broker) -> None:
+    _, s, _ = broker
+    call = s.Complete(
+        pb.CompleteRequest(model="gpt-4o-mini", messages=[user("hi")]),
+        timeout=10,
+        metadata=(("x-request-id", "caller-chosen-id-1"),),
+    )
+    resp = await call
+    assert resp.request_id == "caller-chosen-id-1"
+    assert ("x-request-id", "caller-chosen-id-1") in tuple(await call.trailing_metadata())
+
+    stream = s.StreamComplete(
+        pb.StreamCompleteRequest(model="gpt-4o-mini", messages=[user("hi")]), timeout=10
+    )
+    msgs = [m async for m in stream]
+    assert dict(await stream.trailing_metadata())["x-request-id"] == msgs[0].start.request_id
+
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await s.Complete(
+            pb.CompleteRequest(model="no-such-model", messages=[user("hi")]),
+            timeout=10,
+            metadata=(("x-request-id", "failing-call-2"),),
+        )
+    trailers = dict(e.value.trailing_metadata())
+    assert trailers["x-request-id"] == "failing-call-2"
+    info, _, _ = details(e.value)  # the rich details survive beside it
+    assert info.reason == "MODEL_NOT_FOUND"

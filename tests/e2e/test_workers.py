@@ -189,6 +189,15 @@ async def test_two_workers_serve_one_port_and_drain_on_sigterm(tmp_path, upstrea
                 rest.append(m)
         assert rest[-1].HasField("end") and rest[-1].end.usage.output_tokens == 5
         assert "".join(m.text_delta.text for m in rest if m.HasField("text_delta")) == "slow" * 5
+        # Each worker logs that it got the forwarded SIGTERM (bounded wait: lines from three
+        # processes share one pipe and may trail the stream's end).
+        await group.wait_for(
+            lambda e: (
+                {x["pid"] for x in group.events if x["event"] == "shutdown_requested" and "worker" in x}
+                == worker_pids
+            ),
+            "every worker's shutdown_requested line",
+        )
         assert await group.stop() == 0
     finally:
         if group.proc.returncode is None:
@@ -196,7 +205,8 @@ async def test_two_workers_serve_one_port_and_drain_on_sigterm(tmp_path, upstrea
             await group.proc.wait()
 
     drained = {e["pid"] for e in group.events if e["event"] == "shutdown_requested" and "worker" in e}
-    assert drained == worker_pids, "SIGTERM reaches every worker"
+    seen = [e for e in group.events if e["event"] in ("shutdown_requested", "stopped", "serving")]
+    assert drained == worker_pids, f"SIGTERM reaches every worker: {seen}"
     stopped = next(e for e in group.events if e["event"] == "stopped" and "worker_exit_codes" in e)
     assert stopped["worker_exit_codes"] == [0, 0]
     for pid in worker_pids:
