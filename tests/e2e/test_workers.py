@@ -199,6 +199,8 @@ async def test_two_workers_serve_one_port_and_drain_on_sigterm(tmp_path, upstrea
             "every worker's shutdown_requested line",
         )
         assert await group.stop() == 0
+        # Three processes share one stderr: every line must still be one whole JSON object.
+        assert not [line for line in group.other if line.strip()], group.other
     finally:
         if group.proc.returncode is None:
             group.proc.kill()
