@@ -175,27 +175,22 @@ class Provider(abc.ABC):
 
     async def get_json(self, path: str, *, timeout: float | None = None) -> Any:
         """GET a JSON document (discovery, health)."""
-        t = httpx.Timeout(timeout) if timeout is not None else None
-        try:
-            resp = await self.client.get(path, timeout=t if t is not None else httpx.USE_CLIENT_DEFAULT)
-        except httpx.TimeoutException:
-            raise errors.UpstreamTimeout(f"{self.name}: GET {path} timed out", provider=self.name) from None
-        except httpx.TransportError as exc:
-            raise errors.UpstreamUnavailable(
-                f"{self.name}: cannot reach {self.base_url}: {_describe_transport(exc)}", provider=self.name
-            ) from None
-        if resp.status_code >= 400:
-            raise self.error_for_status(resp.status_code, resp.headers, resp.content[:MAX_ERROR_BODY])
-        return decode_json(resp.content, provider=self.name, what=f"GET {path}")
+        return await self._json_call("GET", path, None, timeout=timeout)
 
     async def post_json(self, path: str, body: Any, *, timeout: float | None = None, model: str = "") -> Any:
         """POST and read a whole JSON answer (used for metadata calls such as Ollama's /api/show)."""
+        return await self._json_call("POST", path, body, timeout=timeout, model=model)
+
+    async def _json_call(
+        self, method: str, path: str, body: Any, *, timeout: float | None, model: str = ""
+    ) -> Any:
+        """A small request on the httpx client (not the completion path): errors mapped, JSON read."""
         t = httpx.Timeout(timeout) if timeout is not None else httpx.USE_CLIENT_DEFAULT
         try:
-            resp = await self.client.post(path, json=body, timeout=t)
+            resp = await self.client.request(method, path, json=body, timeout=t)
         except httpx.TimeoutException:
             raise errors.UpstreamTimeout(
-                f"{self.name}: POST {path} timed out", provider=self.name, model=model
+                f"{self.name}: {method} {path} timed out", provider=self.name, model=model
             ) from None
         except httpx.TransportError as exc:
             raise errors.UpstreamUnavailable(
@@ -207,7 +202,7 @@ class Provider(abc.ABC):
             raise self.error_for_status(
                 resp.status_code, resp.headers, resp.content[:MAX_ERROR_BODY], model=model
             )
-        return decode_json(resp.content, provider=self.name, what=f"POST {path}")
+        return decode_json(resp.content, provider=self.name, what=f"{method} {path}")
 
     async def guarded_lines(self, resp: Response, *, model: str = "") -> AsyncGenerator[str, None]:
         """Lines of a streamed body, with stalls and disconnects mapped to BrokerErrors.
