@@ -236,14 +236,17 @@ def cmd_complete(args: argparse.Namespace) -> int:
                 _summary(ans.provider, ans.model, ans.finish_reason, ans.usage, ans.cost)
                 return 0
             in_call = False  # a tool call's "(" is open on stdout
+            wrote = False  # anything on stdout yet: a tool call after text starts a new line
             for ev in client.stream(args.model, messages, **kw):
                 if isinstance(ev, TextDelta):
                     sys.stdout.write(ev.text)
                     sys.stdout.flush()
+                    wrote = True
                 elif isinstance(ev, ToolCallDelta):
                     if ev.name:
-                        sys.stdout.write(f"{')' if in_call else ''}\n[tool call {ev.id}] {ev.name}(")
-                        in_call = True
+                        sys.stdout.write(f"{')' if in_call else ''}{chr(10) if wrote else ''}")
+                        sys.stdout.write(f"[tool call {ev.id}] {ev.name}(")
+                        in_call = wrote = True
                     sys.stdout.write(ev.arguments_delta)
                 elif isinstance(ev, StreamStarted):
                     started = ev

@@ -180,7 +180,7 @@ async def test_complete_with_a_tool_prints_the_call(served) -> None:
         "complete", "--target", target, "--model", "openai/gpt-4o-mini", "--tool", tool, "Weather in Paris?"
     )
     assert code == 0, err
-    assert out == '\n[tool call call_w1] get_weather({"city": "Paris"})\n'
+    assert out == '[tool call call_w1] get_weather({"city": "Paris"})\n'
     assert "finish=tool_calls" in err
     assert fake.server.requests[-1].json()["tools"][0]["function"]["name"] == "get_weather"
     code, _, err = await run(
