@@ -6,7 +6,6 @@ streamed request per completion, model listing and the health probe.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
 
@@ -14,7 +13,7 @@ from broker import errors
 from broker.providers import anthropic_wire as wire
 from broker.providers import register
 from broker.providers.base import Provider, UpstreamErrorInfo
-from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, EndEvent, StartEvent
+from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
 
 # After message_stop only the body's end should remain; reading it lets the pooled
 # connection be reused, but a server that keeps the body open must not hold us.
@@ -50,29 +49,16 @@ class AnthropicProvider(Provider):
                     model=model,
                 )
             yield StartEvent(model=model)
-            # aclosing: closing this generator early must also finalize the line reader now.
-            async with contextlib.aclosing(self.guarded_lines(resp, model=model)) as lines:
-                end: EndEvent | None = None
-                async for line in lines:
-                    for event in parser.feed_line(line):
-                        if isinstance(event, EndEvent):
-                            end = event
-                        else:
-                            yield event
-                    if end is not None:
-                        break
-                if end is None:
-                    raise errors.UpstreamProtocolError(
-                        f"{self.name}: the stream ended before message_stop (the answer may be cut short)",
-                        provider=self.name,
-                        model=model,
-                    )
-                # Drain before the last event: a consumer may stop at EndEvent and close us.
-                with contextlib.suppress(TimeoutError, errors.BrokerError):
-                    async with asyncio.timeout(_DRAIN_SECONDS):
-                        async for _ in lines:
-                            pass
-                yield end
+            events = self.relay_lines(
+                resp,
+                parser.feed_line,
+                model=model,
+                missing_end="the stream ended before message_stop (the answer may be cut short)",
+                drain_seconds=_DRAIN_SECONDS,
+            )
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
 
     async def list_models(self) -> list[DiscoveredModel]:
         models: list[DiscoveredModel] = []

@@ -14,11 +14,12 @@ generator whose `finally` closes the upstream response, so that closing the gene
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import email.utils
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,7 +30,7 @@ from broker import errors
 from broker.config import ProviderConfig
 from broker.providers.http11 import Pool, Response
 from broker.redact import redact, register_secret
-from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel
+from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, EndEvent
 
 MAX_ERROR_BODY = 64 * 1024
 
@@ -231,6 +232,41 @@ class Provider(abc.ABC):
             ) from None
         if pending:
             yield pending.removesuffix("\r")
+
+    async def relay_lines(
+        self,
+        resp: Response,
+        feed: Callable[[str], Iterable[CompletionEvent]],
+        *,
+        model: str,
+        missing_end: str,
+        drain_seconds: float,
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """A line protocol's events (`feed` parses one line), the EndEvent last.
+
+        The EndEvent is held back until the rest of the body is read (at most drain_seconds):
+        a consumer may stop at EndEvent and close us, and only a body read to its end lets
+        the pooled connection be reused. A body that ends with no EndEvent is cut short.
+        """
+        end: EndEvent | None = None
+        async with contextlib.aclosing(self.guarded_lines(resp, model=model)) as lines:
+            async for line in lines:
+                for event in feed(line):
+                    if isinstance(event, EndEvent):
+                        end = event
+                    else:
+                        yield event
+                if end is not None:
+                    break
+            if end is None:
+                raise errors.UpstreamProtocolError(
+                    f"{self.name}: {missing_end}", provider=self.name, model=model
+                )
+            with contextlib.suppress(errors.BrokerError, TimeoutError):
+                async with asyncio.timeout(drain_seconds):
+                    async for _ in lines:
+                        pass
+        yield end
 
     def error_for_status(
         self, status: int, headers: Mapping[str, str], body: bytes, *, model: str = ""

@@ -27,7 +27,7 @@ from broker.providers.ollama_wire import (
     parse_tags,
 )
 from broker.redact import redact
-from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, EndEvent, StartEvent
+from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
 
 log = structlog.get_logger("broker.providers.ollama")
 
@@ -46,33 +46,19 @@ class OllamaProvider(Provider):
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionEvent, None]:
         body = build_body(request)  # InvalidRequest before any I/O
         parser = ChatStreamParser(provider=self.name, model=request.model)
-        end: EndEvent | None = None
         async with self.open("POST", "api/chat", json=body, request=request) as resp:
             # Ollama reports the model as it was asked for, so the request's name is the answer's.
             yield StartEvent(model=request.model)
-            # An async generator (typed AsyncIterator in base): closed here, not left to the GC.
-            guarded = self.guarded_lines(resp, model=request.model)
-            async with contextlib.aclosing(guarded) as lines:
-                async for line in lines:
-                    for event in parser.feed(line):
-                        if isinstance(event, EndEvent):
-                            end = event
-                        else:
-                            yield event
-                    if end is not None:
-                        break
-                if end is None:
-                    raise errors.UpstreamProtocolError(
-                        f'{self.name}: /api/chat ended without its final "done" line (answer cut short)',
-                        provider=self.name,
-                        model=request.model,
-                    )
-                with contextlib.suppress(errors.BrokerError, TimeoutError):
-                    async with asyncio.timeout(DRAIN_SECONDS):
-                        async for _ in lines:
-                            pass
-        # Yielded after the response is released, so a caller that stops here leaks nothing.
-        yield end
+            events = self.relay_lines(
+                resp,
+                parser.feed,
+                model=request.model,
+                missing_end='/api/chat ended without its final "done" line (answer cut short)',
+                drain_seconds=DRAIN_SECONDS,
+            )
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
 
     async def list_models(self) -> list[DiscoveredModel]:
         listed = parse_tags(await self.get_json("api/tags"), provider=self.name)
