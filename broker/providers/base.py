@@ -19,7 +19,7 @@ import contextlib
 import email.utils
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -134,6 +134,33 @@ class Provider(abc.ABC):
             read, connect = min(read, remaining), min(connect, remaining)
         return httpx.Timeout(connect=connect, read=read, write=read, pool=connect)
 
+    @contextlib.contextmanager
+    def transport_errors(
+        self,
+        *,
+        model: str,
+        timed_out: Callable[[httpx.TimeoutException], str],
+        unreachable: Callable[[httpx.TransportError], str],
+    ) -> Iterator[None]:
+        """httpx's timeouts -> UpstreamTimeout, its other transport errors -> UpstreamUnavailable.
+
+        Every upstream I/O (the request, a JSON call, reading a stream) goes through this, each
+        with its own wording; a sync context manager, so it can wrap awaits and yields alike.
+        """
+        try:
+            yield
+        except httpx.TimeoutException as exc:  # before TransportError: it is one
+            raise errors.UpstreamTimeout(
+                f"{self.name}: {timed_out(exc)}", provider=self.name, model=model
+            ) from None
+        except httpx.TransportError as exc:
+            raise errors.UpstreamUnavailable(
+                f"{self.name}: {unreachable(exc)}", provider=self.name, model=model
+            ) from None
+
+    def _cannot_reach(self, exc: httpx.TransportError) -> str:
+        return f"cannot reach {self.base_url}: {_describe_transport(exc)}"
+
     @contextlib.asynccontextmanager
     async def open(
         self,
@@ -152,20 +179,12 @@ class Provider(abc.ABC):
         timeout = self._timeout_for(request)
         if self._pool is None:
             raise RuntimeError(f"provider {self.name} used before start()")
-        try:
+        with self.transport_errors(
+            model=model,
+            timed_out=lambda exc: f"no response within {_fmt_timeout(exc, timeout)}",
+            unreachable=self._cannot_reach,
+        ):
             resp = await self._pool.request(method, path, _json_bytes(json), timeout)
-        except httpx.TimeoutException as exc:
-            raise errors.UpstreamTimeout(
-                f"{self.name}: no response within {_fmt_timeout(exc, timeout)}",
-                provider=self.name,
-                model=model,
-            ) from None
-        except httpx.TransportError as exc:
-            raise errors.UpstreamUnavailable(
-                f"{self.name}: cannot reach {self.base_url}: {_describe_transport(exc)}",
-                provider=self.name,
-                model=model,
-            ) from None
         try:
             if resp.status_code >= 400:
                 body = await _read_bounded(resp)
@@ -187,18 +206,10 @@ class Provider(abc.ABC):
     ) -> Any:
         """A small request on the httpx client (not the completion path): errors mapped, JSON read."""
         t = httpx.Timeout(timeout) if timeout is not None else httpx.USE_CLIENT_DEFAULT
-        try:
+        with self.transport_errors(
+            model=model, timed_out=lambda _: f"{method} {path} timed out", unreachable=self._cannot_reach
+        ):
             resp = await self.client.request(method, path, json=body, timeout=t)
-        except httpx.TimeoutException:
-            raise errors.UpstreamTimeout(
-                f"{self.name}: {method} {path} timed out", provider=self.name, model=model
-            ) from None
-        except httpx.TransportError as exc:
-            raise errors.UpstreamUnavailable(
-                f"{self.name}: cannot reach {self.base_url}: {_describe_transport(exc)}",
-                provider=self.name,
-                model=model,
-            ) from None
         if resp.status_code >= 400:
             raise self.error_for_status(
                 resp.status_code, resp.headers, resp.content[:MAX_ERROR_BODY], model=model
@@ -212,24 +223,16 @@ class Provider(abc.ABC):
         may appear raw inside a JSON string and would break an NDJSON or SSE line in two.
         """
         pending = ""
-        try:
+        with self.transport_errors(
+            model=model,
+            timed_out=lambda _: f"stream stalled (no data for {self.config.read_timeout_seconds:g}s)",
+            unreachable=lambda exc: f"connection lost mid-stream: {_describe_transport(exc)}",
+        ):
             async for chunk in resp.aiter_text():
                 parts = (pending + chunk).split("\n")
                 pending = parts.pop()
                 for line in parts:
                     yield line.removesuffix("\r")
-        except httpx.TimeoutException:
-            raise errors.UpstreamTimeout(
-                f"{self.name}: stream stalled (no data for {self.config.read_timeout_seconds:g}s)",
-                provider=self.name,
-                model=model,
-            ) from None
-        except httpx.TransportError as exc:
-            raise errors.UpstreamUnavailable(
-                f"{self.name}: connection lost mid-stream: {_describe_transport(exc)}",
-                provider=self.name,
-                model=model,
-            ) from None
         if pending:
             yield pending.removesuffix("\r")
 

@@ -115,21 +115,13 @@ class OpenAIProvider(Provider):
 
     async def _body(self, resp: Response, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
         """The body a network read at a time, with stalls and disconnects mapped as base.guarded_lines maps them."""
-        try:
+        with self.transport_errors(
+            model=request.model,
+            timed_out=lambda _: f"stream stalled (no data for {self._timeout_for(request).read:g}s)",
+            unreachable=lambda exc: f"connection lost mid-stream: {str(exc) or type(exc).__name__}",
+        ):
             async for data in resp.aiter_bytes():
                 yield data
-        except httpx.TimeoutException:
-            raise errors.UpstreamTimeout(
-                f"{self.name}: stream stalled (no data for {self._timeout_for(request).read:g}s)",
-                provider=self.name,
-                model=request.model,
-            ) from None
-        except httpx.TransportError as exc:
-            raise errors.UpstreamUnavailable(
-                f"{self.name}: connection lost mid-stream: {str(exc) or type(exc).__name__}",
-                provider=self.name,
-                model=request.model,
-            ) from None
 
     async def _expect_event_stream(self, resp: Response, model: str) -> None:
         """A 200 that is not SSE (a proxy's HTML page, a server ignoring `stream`) is not our protocol."""
