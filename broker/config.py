@@ -64,7 +64,20 @@ class ProviderConfig(_Strict):
     # local models can think for a minute or more before their first token.
     ttft_timeout_seconds: float = Field(default=120.0, gt=0)
     stall_timeout_seconds: float = Field(default=60.0, gt=0)
-    max_connections: int = Field(default=200, ge=1)
+    # Pooled connections to this upstream; unset: server.max_concurrent_streams, so the pool
+    # is never the first limit a load meets. A request waits for a free one within its
+    # deadline (or pool_timeout_seconds), then fails with BROKER_POOL_FULL.
+    max_connections: int | None = Field(default=None, ge=1)
+    pool_timeout_seconds: float = Field(default=30.0, gt=0)
+    # An HTTP(S) proxy for this upstream (userinfo carries its credentials); overrides
+    # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, which apply otherwise.
+    proxy: SecretStr | None = None
+    # A private CA bundle (PEM) trusted for this upstream besides the system's.
+    tls_ca_file: Path | None = None
+    # Longest SSE or NDJSON line accepted from the upstream, and the most bytes a compressed
+    # answer may inflate to (the broker asks for identity; this bounds one that compresses anyway).
+    max_line_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_decompressed_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     # Models served even if discovery does not list them (and for servers with no listing).
     models: list[str] = Field(default_factory=list)
     discovery: bool = True
@@ -87,6 +100,14 @@ class ProviderConfig(_Strict):
         if v and not re.match(r"^https?://[^/\s]+", v):
             raise ValueError(f"must be an http:// or https:// URL, got {v!r}")
         return v.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_shape(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and v.get_secret_value() and not re.match(r"^https?://[^/\s]+", v.get_secret_value()):
+            # The value itself is not echoed: it may carry credentials.
+            raise ValueError("must be an http:// or https:// proxy URL")
+        return v if v is not None and v.get_secret_value() else None
 
     @model_validator(mode="after")
     def _one_key_source(self) -> ProviderConfig:
@@ -538,4 +559,6 @@ def dump_settings(settings: Settings, *, reveal_secrets: bool = False) -> str:
             p_out["api_key"] = p.api_key.get_secret_value() if reveal_secrets else "**********"
         if p.api_key_file is not None:
             p_out["api_key_file"] = str(p.api_key_file)
+        if p.proxy is not None:
+            p_out["proxy"] = p.proxy.get_secret_value() if reveal_secrets else "**********"
     return yaml.safe_dump(data, sort_keys=False)

@@ -193,6 +193,17 @@ class UpstreamTimeout(BrokerError):
     retryable = True
 
 
+class BrokerPoolFull(BrokerError):
+    """The broker's own connection pool to a provider stayed full: the upstream was never asked.
+
+    Not the provider's fault (never counted against its health); another provider may serve.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "BROKER_POOL_FULL"
+    retryable = True
+
+
 class UpstreamConflict(BrokerError):
     code = grpc.StatusCode.ABORTED
     reason = "UPSTREAM_CONFLICT"

@@ -88,6 +88,11 @@ class Target:
         return self.state.provider
 
 
+def _with_pool_default(cfg: ProviderConfig, streams: int) -> ProviderConfig:
+    """An unset max_connections follows server.max_concurrent_streams (the pool is never the first limit)."""
+    return cfg if cfg.max_connections else cfg.model_copy(update={"max_connections": streams})
+
+
 class Registry:
     def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
         self.settings = settings
@@ -96,7 +101,7 @@ class Registry:
         routing = settings.routing
         self.providers: list[ProviderState] = [
             ProviderState(
-                provider=create_provider(cfg),
+                provider=create_provider(_with_pool_default(cfg, settings.server.max_concurrent_streams)),
                 config=cfg,
                 breaker=CircuitBreaker(routing.breaker),
                 retry_budget=RetryBudget(routing.retry),

@@ -13,6 +13,7 @@ from broker import errors
 from broker.providers import anthropic_wire as wire
 from broker.providers import register
 from broker.providers.base import Provider, UpstreamErrorInfo
+from broker.providers.sse import SSEDecoder
 from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
 
 # After message_stop only the body's end should remain; reading it lets the pooled
@@ -49,9 +50,10 @@ class AnthropicProvider(Provider):
                     model=model,
                 )
             yield StartEvent(model=model)
-            events = self.relay_lines(
+            events = self.relay(
                 resp,
-                parser.feed_line,
+                SSEDecoder(self.config.max_line_bytes).feed,
+                lambda ev: parser.feed(ev[0], ev[1].decode("utf-8", "replace")),
                 model=model,
                 missing_end="the stream ended before message_stop (the answer may be cut short)",
                 drain_seconds=_DRAIN_SECONDS,

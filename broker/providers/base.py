@@ -1,10 +1,11 @@
-"""What every provider is: auth, base URL and one pooled HTTP client, plus a lifecycle.
+"""What every provider is: auth, base URL and one pooled HTTP transport, plus a lifecycle.
 
 A provider module subclasses `Provider` and supplies the wire mapping for one protocol:
 `stream()` (neutral request -> HTTP -> neutral events), `list_models()`, `health_check()`
 and `parse_error()` (an upstream error body -> message and hints). The HTTP mechanics
-shared by all of them live here: opening a streamed request with typed errors, reading it
-with stalls and disconnects mapped, and the status-code -> exception table.
+shared by all of them live here and in `transport.py`: opening a request with typed
+errors, relaying a framed body (SSE or NDJSON, line-capped) as events, and the status-code
+-> exception table.
 
 `stream()` is the one path; unary completions accumulate it. It must be an async
 generator whose `finally` closes the upstream response, so that closing the generator
@@ -19,20 +20,21 @@ import contextlib
 import email.utils
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-import httpx
 import orjson
 
 from broker import errors
 from broker.config import ProviderConfig
-from broker.providers.http11 import Pool, Response
+from broker.providers.sse import SSEError
+from broker.providers.transport import MAX_SMALL_BODY, Transport, UpstreamResponse, display_url
 from broker.redact import redact, register_secret
 from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, EndEvent
 
 MAX_ERROR_BODY = 64 * 1024
+F = TypeVar("F")
 
 
 @dataclass(slots=True)
@@ -52,6 +54,7 @@ class Provider(abc.ABC):
     base_headers: ClassVar[Mapping[str, str]] = {
         "content-type": "application/json",
         "accept": "application/json",
+        "user-agent": "model-broker",
     }
 
     def __init__(self, config: ProviderConfig) -> None:
@@ -60,47 +63,28 @@ class Provider(abc.ABC):
         self.base_url = config.resolved_base_url()
         self.api_key = config.resolved_api_key()
         register_secret(self.api_key)
-        self._client: httpx.AsyncClient | None = None
-        # Completions go through the lean client (see http11); httpx serves discovery and health.
-        self._pool: Pool | None = None
+        proxy = config.proxy.get_secret_value() if config.proxy is not None else None
+        register_secret(proxy)
+        self.transport = Transport(
+            name=self.name,
+            base_url=self.base_url,
+            headers={**self.base_headers, **self.auth_headers(), **config.headers},
+            max_connections=config.max_connections or 1000,
+            connect_timeout=config.connect_timeout_seconds,
+            read_timeout=config.read_timeout_seconds,
+            pool_timeout=config.pool_timeout_seconds,
+            max_decompressed_bytes=config.max_decompressed_bytes,
+            proxy=proxy,
+            ca_file=config.tls_ca_file,
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._client is not None:
-            return
-        limits = httpx.Limits(
-            max_connections=self.config.max_connections,
-            max_keepalive_connections=self.config.max_connections,
-            keepalive_expiry=30.0,
-        )
-        timeout = httpx.Timeout(
-            connect=self.config.connect_timeout_seconds,
-            read=self.config.read_timeout_seconds,
-            write=self.config.read_timeout_seconds,
-            pool=self.config.connect_timeout_seconds,
-        )
-        headers = {**self.base_headers, **self.auth_headers(), **self.config.headers}
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url + "/", headers=headers, timeout=timeout, limits=limits, trust_env=False
-        )
-        self._pool = Pool(
-            self.base_url, max_connections=self.config.max_connections, keepalive_expiry=30.0, headers=headers
-        )
+        await self.transport.start()
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.aclose()
-            self._pool = None
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            raise RuntimeError(f"provider {self.name} used before start()")
-        return self._client
+        await self.transport.close()
 
     # --- what each protocol supplies ---------------------------------------------------------
 
@@ -125,42 +109,6 @@ class Provider(abc.ABC):
 
     # --- shared HTTP mechanics ---------------------------------------------------------------
 
-    def _timeout_for(self, request: CompletionRequest | None) -> httpx.Timeout:
-        """The caller's remaining deadline bounds every phase of the upstream call."""
-        read = self.config.read_timeout_seconds
-        connect = self.config.connect_timeout_seconds
-        if request is not None and request.timeout is not None:
-            remaining = max(request.timeout, 0.001)
-            read, connect = min(read, remaining), min(connect, remaining)
-        return httpx.Timeout(connect=connect, read=read, write=read, pool=connect)
-
-    @contextlib.contextmanager
-    def transport_errors(
-        self,
-        *,
-        model: str,
-        timed_out: Callable[[httpx.TimeoutException], str],
-        unreachable: Callable[[httpx.TransportError], str],
-    ) -> Iterator[None]:
-        """httpx's timeouts -> UpstreamTimeout, its other transport errors -> UpstreamUnavailable.
-
-        Every upstream I/O (the request, a JSON call, reading a stream) goes through this, each
-        with its own wording; a sync context manager, so it can wrap awaits and yields alike.
-        """
-        try:
-            yield
-        except httpx.TimeoutException as exc:  # before TransportError: it is one
-            raise errors.UpstreamTimeout(
-                f"{self.name}: {timed_out(exc)}", provider=self.name, model=model
-            ) from None
-        except httpx.TransportError as exc:
-            raise errors.UpstreamUnavailable(
-                f"{self.name}: {unreachable(exc)}", provider=self.name, model=model
-            ) from None
-
-    def _cannot_reach(self, exc: httpx.TransportError) -> str:
-        return f"cannot reach {self.base_url}: {_describe_transport(exc)}"
-
     @contextlib.asynccontextmanager
     async def open(
         self,
@@ -170,28 +118,39 @@ class Provider(abc.ABC):
         json: Any = None,
         request: CompletionRequest | None = None,
         model: str = "",
-    ) -> AsyncIterator[Response]:
-        """Send a request and yield the streamed 2xx response; map every failure to a BrokerError.
+        read_timeout: float | None = None,
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Send a request and yield the 2xx response; map every failure to a BrokerError.
 
-        The response is closed on exit, whatever the reason (including cancellation).
+        The response is closed on exit, whatever the reason (including cancellation): a body
+        not read to its end closes its connection, which stops the upstream generating.
         """
         model = model or (request.model if request else "")
-        timeout = self._timeout_for(request)
-        if self._pool is None:
-            raise RuntimeError(f"provider {self.name} used before start()")
-        with self.transport_errors(
-            model=model,
-            timed_out=lambda exc: f"no response within {_fmt_timeout(exc, timeout)}",
-            unreachable=self._cannot_reach,
-        ):
-            resp = await self._pool.request(method, path, _json_bytes(json), timeout)
+        deadline = request.timeout if request is not None else None
         try:
-            if resp.status_code >= 400:
-                body = await _read_bounded(resp)
-                raise self.error_for_status(resp.status_code, resp.headers, body, model=model)
-            yield resp
-        finally:
-            await resp.aclose()
+            async with self.transport.request(
+                method, path, _json_bytes(json), deadline=deadline, read_timeout=read_timeout
+            ) as resp:
+                if resp.status >= 300:
+                    raise await self._status_error(resp, model)
+                yield resp
+        except errors.BrokerError as exc:
+            raise exc.with_target(self.name, model)  # noqa: B904 - the same exception, its target filled in
+
+    async def _status_error(self, resp: UpstreamResponse, model: str) -> errors.BrokerError:
+        if resp.status < 400:
+            # Redirects are never followed: one could carry the provider key to another host.
+            where = resp.headers.get("location", "")
+            to = f" to {display_url(where)}" if where.startswith(("http://", "https://")) else ""
+            return errors.UpstreamProtocolError(
+                f"{self.name}: {self.base_url} answered HTTP {resp.status}, a redirect{to}; the broker "
+                "does not follow redirects: set base_url to the final URL",
+                provider=self.name,
+                model=model,
+                upstream_status=resp.status,
+            )
+        body = await resp.read_prefix(MAX_ERROR_BODY)
+        return self.error_for_status(resp.status, resp.headers, body, model=model)
 
     async def get_json(self, path: str, *, timeout: float | None = None) -> Any:
         """GET a JSON document (discovery, health)."""
@@ -204,61 +163,46 @@ class Provider(abc.ABC):
     async def _json_call(
         self, method: str, path: str, body: Any, *, timeout: float | None, model: str = ""
     ) -> Any:
-        """A small request on the httpx client (not the completion path): errors mapped, JSON read."""
-        t = httpx.Timeout(timeout) if timeout is not None else httpx.USE_CLIENT_DEFAULT
-        with self.transport_errors(
-            model=model, timed_out=lambda _: f"{method} {path} timed out", unreachable=self._cannot_reach
-        ):
-            resp = await self.client.request(method, path, json=body, timeout=t)
-        if resp.status_code >= 400:
-            raise self.error_for_status(
-                resp.status_code, resp.headers, resp.content[:MAX_ERROR_BODY], model=model
-            )
-        return decode_json(resp.content, provider=self.name, what=f"{method} {path}")
+        """A small request (not the completion path): errors mapped, the answer bounded and read as JSON."""
+        async with self.open(method, path, json=body, model=model, read_timeout=timeout) as resp:
+            data = await resp.read(MAX_SMALL_BODY)
+        return decode_json(data, provider=self.name, what=f"{method} {path}")
 
-    async def guarded_lines(self, resp: Response, *, model: str = "") -> AsyncGenerator[str, None]:
-        """Lines of a streamed body, with stalls and disconnects mapped to BrokerErrors.
-
-        Splits on "\n" only: httpx's aiter_lines also splits on U+2028/U+2029/U+0085, which
-        may appear raw inside a JSON string and would break an NDJSON or SSE line in two.
-        """
-        pending = ""
-        with self.transport_errors(
-            model=model,
-            timed_out=lambda _: f"stream stalled (no data for {self.config.read_timeout_seconds:g}s)",
-            unreachable=lambda exc: f"connection lost mid-stream: {_describe_transport(exc)}",
-        ):
-            async for chunk in resp.aiter_text():
-                parts = (pending + chunk).split("\n")
-                pending = parts.pop()
-                for line in parts:
-                    yield line.removesuffix("\r")
-        if pending:
-            yield pending.removesuffix("\r")
-
-    async def relay_lines(
+    async def relay(
         self,
-        resp: Response,
-        feed: Callable[[str], Iterable[CompletionEvent]],
+        resp: UpstreamResponse,
+        frames: Callable[[bytes], list[F]],
+        feed: Callable[[F], Iterable[CompletionEvent]],
         *,
         model: str,
         missing_end: str,
         drain_seconds: float,
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """A line protocol's events (`feed` parses one line), the EndEvent last.
+        """A framed body's events: `frames` cuts each network read into frames (SSE events,
+        NDJSON lines; bounded), `feed` turns one frame into events; the EndEvent comes last.
 
         The EndEvent is held back until the rest of the body is read (at most drain_seconds):
         a consumer may stop at EndEvent and close us, and only a body read to its end lets
         the pooled connection be reused. A body that ends with no EndEvent is cut short.
         """
         end: EndEvent | None = None
-        async with contextlib.aclosing(self.guarded_lines(resp, model=model)) as lines:
-            async for line in lines:
-                for event in feed(line):
-                    if isinstance(event, EndEvent):
-                        end = event
-                    else:
-                        yield event
+        chunks = resp.chunks()
+        async with contextlib.aclosing(chunks):
+            async for data in chunks:
+                try:
+                    framed = frames(data)
+                except SSEError as exc:
+                    raise errors.UpstreamProtocolError(
+                        f"{self.name}: {exc}", provider=self.name, model=model
+                    ) from None
+                for frame in framed:
+                    for event in feed(frame):
+                        if isinstance(event, EndEvent):
+                            end = event
+                        else:
+                            yield event
+                    if end is not None:
+                        break
                 if end is not None:
                     break
             if end is None:
@@ -267,7 +211,7 @@ class Provider(abc.ABC):
                 )
             with contextlib.suppress(errors.BrokerError, TimeoutError):
                 async with asyncio.timeout(drain_seconds):
-                    async for _ in lines:
+                    async for _ in chunks:
                         pass
         yield end
 
@@ -367,42 +311,13 @@ def decode_json(data: bytes | str, *, provider: str, what: str) -> Any:
         ) from None
 
 
-def _json_bytes(doc: Any) -> bytes:
+def _json_bytes(doc: Any) -> bytes | None:
     """A request body: orjson (several times faster), or the stdlib for what orjson refuses."""
     if doc is None:
-        return b""
+        return None
     try:
         return orjson.dumps(doc)
     except TypeError:  # e.g. integers past 64 bits in a tool schema
         import json
 
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-
-
-async def _read_bounded(resp: Response) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in resp.aiter_bytes():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size >= MAX_ERROR_BODY:
-                break
-    except httpx.HTTPError:
-        pass  # an error body cut short still tells the status
-    return b"".join(chunks)[:MAX_ERROR_BODY]
-
-
-def _describe_transport(exc: httpx.TransportError) -> str:
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.ConnectError):
-        return f"connection failed ({text})"
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return f"the server closed the connection ({text})"
-    return text
-
-
-def _fmt_timeout(exc: httpx.TimeoutException, timeout: httpx.Timeout) -> str:
-    if isinstance(exc, httpx.ConnectTimeout):
-        return f"{timeout.connect:g}s (connect)"
-    return f"{timeout.read:g}s"

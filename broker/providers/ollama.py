@@ -26,6 +26,7 @@ from broker.providers.ollama_wire import (
     parse_show,
     parse_tags,
 )
+from broker.providers.sse import LineDecoder
 from broker.redact import redact
 from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
 
@@ -49,9 +50,10 @@ class OllamaProvider(Provider):
         async with self.open("POST", "api/chat", json=body, request=request) as resp:
             # Ollama reports the model as it was asked for, so the request's name is the answer's.
             yield StartEvent(model=request.model)
-            events = self.relay_lines(
+            events = self.relay(
                 resp,
-                parser.feed,
+                LineDecoder(self.config.max_line_bytes).feed,
+                lambda line: parser.feed(line.decode("utf-8", "replace")),
                 model=request.model,
                 missing_end='/api/chat ended without its final "done" line (answer cut short)',
                 drain_seconds=DRAIN_SECONDS,

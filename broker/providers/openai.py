@@ -1,26 +1,23 @@
 """OpenAI Chat Completions, and every server that speaks it (Ollama /v1, vLLM, llama.cpp).
 
 The JSON mapping lives in `openai_wire`; this module is the HTTP side: auth, the SSE
-stream (decoded by `sse.SSEDecoder` a network read at a time, payloads parsed by orjson),
+stream (decoded by `sse.SSEDecoder` a network read at a time, line-capped, payloads parsed by orjson),
 and the rules of the stream (events only after a 200, exactly one EndEvent, and only
 after `data: [DONE]`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import httpx
 import orjson
 
 from broker import errors
 from broker.config import ProviderConfig
 from broker.providers import register
 from broker.providers.base import Provider, UpstreamErrorInfo
-from broker.providers.http11 import Response
 from broker.providers.openai_wire import (
     ChunkParser,
     build_body,
@@ -29,15 +26,15 @@ from broker.providers.openai_wire import (
     token_limit_field,
 )
 from broker.providers.openai_wire import parse_error as parse_error_body
-from broker.providers.sse import SSEDecoder, SSEError
+from broker.providers.sse import SSEDecoder
+from broker.providers.transport import UpstreamResponse
 from broker.redact import redact
 from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
 
 DONE = b"[DONE]"
-# After [DONE] only the chunked-body terminator should follow, at once. Reading it lets
-# httpx put the connection back in the pool (closing an unfinished body drops it, and a
-# new TLS handshake costs far more), but a server that keeps the body open must not hold
-# the caller for long.
+# After [DONE] only the chunked-body terminator should follow, at once. Reading it puts the
+# connection back in the pool (closing an unfinished body drops it, and a new TLS handshake
+# costs far more), but a server that keeps the body open must not hold the caller for long.
 _DRAIN_SECONDS = 0.2
 
 
@@ -57,48 +54,32 @@ class OpenAIProvider(Provider):
         model = request.model
         body = build_body(request, max_tokens_field=self.max_tokens_field)
         parser = ChunkParser(provider=self.name, model=model)
+
+        def feed(event: tuple[str, bytes]) -> list[CompletionEvent]:
+            name, payload_bytes = event
+            if payload_bytes == DONE:
+                return [parser.end()]
+            if not payload_bytes:
+                return []  # an event without data
+            payload = self._decode(payload_bytes, model)
+            if name == "error":
+                raise error_from_payload(payload.get("error", payload), provider=self.name, model=model)
+            return parser.feed(payload)
+
         async with self.open("POST", "chat/completions", json=body, request=request) as resp:
             await self._expect_event_stream(resp, model)
             yield StartEvent(model=model)
-            decoder = SSEDecoder()
-            async with contextlib.aclosing(self._body(resp, request)) as reads:
-                done = False
-                async for data in reads:
-                    try:
-                        sse_events = decoder.feed(data)
-                    except SSEError as exc:
-                        raise errors.UpstreamProtocolError(
-                            f"{self.name}: {exc}", provider=self.name, model=model
-                        ) from None
-                    # Everything one read completed, in order; the payloads are parsed here,
-                    # each read's events handed on before the next read.
-                    for name, payload_bytes in sse_events:
-                        if payload_bytes == DONE:
-                            done = True
-                            break
-                        if not payload_bytes:
-                            continue  # an event without data
-                        payload = self._decode(payload_bytes, model)
-                        if name == "error":
-                            raise error_from_payload(
-                                payload.get("error", payload), provider=self.name, model=model
-                            )
-                        for event in parser.feed(payload):
-                            yield event
-                    if done:
-                        break
-                if not done:
-                    raise errors.UpstreamProtocolError(
-                        f"{self.name}: stream ended without [DONE] (the response may be truncated)",
-                        provider=self.name,
-                        model=model,
-                    )
-                # Drain before the last event: a consumer may stop at EndEvent and close us.
-                with contextlib.suppress(errors.BrokerError, TimeoutError):
-                    async with asyncio.timeout(_DRAIN_SECONDS):
-                        async for _ in reads:
-                            pass
-                yield parser.end()
+            events = self.relay(
+                resp,
+                SSEDecoder(self.config.max_line_bytes).feed,
+                feed,
+                model=model,
+                missing_end="stream ended without [DONE] (the response may be truncated)",
+                drain_seconds=_DRAIN_SECONDS,
+            )
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
 
     async def list_models(self) -> list[DiscoveredModel]:
         return parse_models(await self.get_json("models"), provider=self.name)
@@ -113,27 +94,12 @@ class OpenAIProvider(Provider):
 
     # --- stream mechanics ------------------------------------------------------------------
 
-    async def _body(self, resp: Response, request: CompletionRequest) -> AsyncGenerator[bytes, None]:
-        """The body a network read at a time, with stalls and disconnects mapped as base.guarded_lines maps them."""
-        with self.transport_errors(
-            model=request.model,
-            timed_out=lambda _: f"stream stalled (no data for {self._timeout_for(request).read:g}s)",
-            unreachable=lambda exc: f"connection lost mid-stream: {str(exc) or type(exc).__name__}",
-        ):
-            async for data in resp.aiter_bytes():
-                yield data
-
-    async def _expect_event_stream(self, resp: Response, model: str) -> None:
+    async def _expect_event_stream(self, resp: UpstreamResponse, model: str) -> None:
         """A 200 that is not SSE (a proxy's HTML page, a server ignoring `stream`) is not our protocol."""
         ctype = resp.headers.get("content-type", "")
         if "text/event-stream" in ctype:
             return
-        head = b""
-        with contextlib.suppress(httpx.HTTPError):
-            async for chunk in resp.aiter_bytes():
-                head += chunk
-                if len(head) >= 512:
-                    break
+        head = await resp.read_prefix(512)
         snippet = redact(" ".join(head[:200].decode("utf-8", "replace").split()))
         raise errors.UpstreamProtocolError(
             f"{self.name}: expected an event stream, got {ctype or 'no content-type'}: {snippet!r}",

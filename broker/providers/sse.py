@@ -1,22 +1,27 @@
-"""Server-sent events decoded from raw bytes, a network read at a time.
+"""Server-sent events and newline-delimited lines decoded from raw bytes, a network read at a time.
 
-Why not httpx-sse: it decodes text and splits lines one at a time through several layers
-of async generators, which costs more per event than everything else the daemon does
-with it. This decoder takes whatever bytes one read returned and hands back every event
-completed in them at once, with each `data` payload still as bytes (orjson reads bytes).
+Why hand-written: the framing libraries decode text and split lines one at a time through
+several layers of async generators, which costs more per event than everything else the
+daemon does with it. These decoders take whatever bytes one read returned and hand back
+everything completed in them at once, as bytes (orjson reads bytes).
 
-It follows the WHATWG rules that matter for model APIs: lines end at CRLF, LF or CR
-(a CR at the end of one read and the LF at the start of the next are one line end); a
-blank line dispatches the event; `data` lines are joined with LF; `event` names it;
-comments (`:` keep-alives), `id`, `retry` and unknown fields are ignored; an event with
-no `data` is not dispatched. It splits on bytes only, so U+2028/U+2029/U+0085 inside a
-JSON string (multi-byte in UTF-8) never break a line.
+Both keep two promises a network demands (tested against adversarial splits in
+tests/test_sse.py): bytes are scanned once (a partial line is kept as pieces and joined
+only when its end arrives, so a line trickling in byte by byte costs O(n), not O(n^2)),
+and a line longer than `max_line` bytes is refused (LineTooLong) before it is buffered.
+
+SSE follows the WHATWG rules that matter for model APIs: lines end at CRLF, LF or CR (a
+CR at the end of one read and the LF at the start of the next are one line end); a blank
+line dispatches the event; `data` lines are joined with LF; `event` names it; comments
+(`:` keep-alives), `id`, `retry` and unknown fields are ignored; an event with no `data`
+is not dispatched. Splitting on bytes means U+2028/U+2029/U+0085 inside a JSON string
+(multi-byte in UTF-8) never break a line.
 """
 
 from __future__ import annotations
 
-# A line this long without a line end is not an event stream we can use.
-MAX_PENDING_BYTES = 16 * 1024 * 1024
+# Default cap on one line (config: provider max_line_bytes).
+MAX_LINE_BYTES = 16 * 1024 * 1024
 
 _COLON = 58  # ord(":")
 
@@ -25,26 +30,94 @@ class SSEError(ValueError):
     pass
 
 
+class LineTooLong(SSEError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"a line of over {limit} bytes without a line end (max_line_bytes)")
+
+
+class _Pending:
+    """The start of a line whose end has not arrived, kept as pieces."""
+
+    __slots__ = ("limit", "parts", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, piece: bytes) -> None:
+        if piece:
+            self.size += len(piece)
+            if self.size > self.limit:
+                raise LineTooLong(self.limit)
+            self.parts.append(piece)
+
+    def take(self, head: bytes) -> bytes:
+        """The pending start joined with `head` (the completing bytes); resets."""
+        if not self.parts:
+            line = head
+        else:
+            self.parts.append(head)
+            line = b"".join(self.parts)
+            self.parts = []
+        self.size = 0
+        if len(line) > self.limit:
+            raise LineTooLong(self.limit)
+        return line
+
+
+class LineDecoder:
+    """NDJSON and other LF-terminated lines (a trailing CR is dropped); bytes out."""
+
+    def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
+        self._pending = _Pending(max_line)
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            self._pending.add(chunk)
+            return []
+        first = chunk.find(b"\n")
+        lines = [self._pending.take(chunk[:first])]
+        if first != last:
+            lines += chunk[first + 1 : last].split(b"\n")
+        self._pending.add(chunk[last + 1 :])
+        return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+    def tail(self) -> bytes:
+        """What is left after the last line end (at the end of the body)."""
+        return self._pending.take(b"")
+
+
 class SSEDecoder:
-    def __init__(self) -> None:
-        self._pending = b""
+    def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
+        self._pending = _Pending(max_line)
         self._event = ""
         self._data: list[bytes] = []
         self._skip_lf = False
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
         """Every event completed by `chunk`, as (event name, data); "message" when unnamed."""
-        if self._skip_lf and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-        self._skip_lf = False
-        buf = self._pending + chunk if self._pending else chunk
-        if b"\r" in buf:
-            self._skip_lf = buf.endswith(b"\r")
-            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        lines = buf.split(b"\n")
-        self._pending = lines.pop()
-        if len(self._pending) > MAX_PENDING_BYTES:
-            raise SSEError(f"a line of over {MAX_PENDING_BYTES} bytes without a line end")
+        if not chunk:
+            return []
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            # Only the new bytes are normalised; a CR ending this read may pair with an LF
+            # starting the next, which is then skipped.
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            self._pending.add(chunk)
+            return []
+        first = chunk.find(b"\n")
+        lines = [self._pending.take(chunk[:first])]
+        if first != last:
+            lines += chunk[first + 1 : last].split(b"\n")
+        self._pending.add(chunk[last + 1 :])
         out: list[tuple[str, bytes]] = []
         for line in lines:
             if not line:
@@ -63,9 +136,3 @@ class SSEDecoder:
             elif name == b"event":
                 self._event = value.decode("utf-8", "replace")
         return out
-
-    def close(self) -> list[tuple[str, bytes]]:
-        """At the end of the body: an event left without its blank line is dropped, as the spec says."""
-        self._pending = b""
-        self._data = []
-        return []

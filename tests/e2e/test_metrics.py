@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,6 +15,7 @@ from modelbroker.v1 import broker_pb2 as pb
 from tests.conftest import OPENAI_TEST_KEY, broker_settings, stub
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Fault, Reply
+from tests.httpclient import HTTP
 
 PRICED = {"id": "openai/gpt-4o-mini", "input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.6}
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -38,7 +38,7 @@ async def broker(upstream, daemon, channel_to):
 
 
 async def scrape(url: str) -> Samples:
-    async with httpx.AsyncClient() as http:
+    async with HTTP() as http:
         resp = await http.get(url, timeout=5)
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/plain")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +29,7 @@ from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 from tests.conftest import OPENAI_TEST_KEY
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Reply
+from tests.httpclient import HTTP
 
 MAX_CALLS = 40  # P(all on one of two workers) = 2**-39
 
@@ -116,7 +116,7 @@ def fresh_channel(target: str) -> grpc.aio.Channel:
 
 
 async def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    async with httpx.AsyncClient() as http:
+    async with HTTP() as http:
         resp = await http.get(url, timeout=5)
     assert resp.status_code == 200
     return {

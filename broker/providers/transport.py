@@ -1,0 +1,400 @@
+"""Every byte to and from an upstream: one aiohttp `ClientSession` and pool per provider.
+
+Completions, discovery and health checks all go through `Transport`; nothing else in the
+daemon opens an HTTP connection. What it guarantees:
+
+- One pool per provider (aiohttp's TCPConnector) behind a slot gate of `max_connections`:
+  a request waits for a free slot within the caller's deadline (or `pool_timeout_seconds`)
+  and, when it must give up, says that the broker's own pool was full (BrokerPoolFull), which
+  never counts against the provider's health.
+- Every aiohttp exception is mapped to the broker's typed errors here, in `mapped_errors`,
+  and nowhere else: timeouts -> UpstreamTimeout, unreachable / reset / TLS / proxy failures
+  -> UpstreamUnavailable, a malformed HTTP response (bad chunk sizes, oversize headers, a
+  body cut short) -> UpstreamProtocolError.
+- Proxies: `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` from the environment (`trust_env`), or the
+  provider's own `proxy:` URL, which overrides them (credentials in its userinfo; CONNECT
+  tunnelling for https upstreams is aiohttp's). A proxy's credentials never appear in a
+  message: proxies are named by scheme, host and port only.
+- Redirects are never followed (a redirect could carry the provider key to another host).
+- Bounded reads: `Accept-Encoding: identity` on every request; an upstream that compresses
+  anyway is inflated a bounded piece at a time and cut off at `max_decompressed_bytes`
+  (a gzip bomb costs at most that). aiohttp's C parser de-chunks the body and rejects
+  invalid or negative chunk sizes; reads are flow-controlled (aiohttp pauses the socket
+  when its buffer is full), so a slow caller never makes the daemon buffer an answer.
+- Closing a response before its end closes its connection at once: that is what tells
+  the upstream to stop generating when the caller cancels. A response read to its end
+  goes back to the pool.
+
+Line framing (SSE, NDJSON) with its own caps lives in `sse.py` and `lines.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import zlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from broker import errors
+
+# Answers to small calls (discovery, health, error bodies) are read whole up to this size.
+MAX_SMALL_BODY = 32 * 1024 * 1024
+# One inflate step's output: a compressed body is never expanded more than this at a time.
+_INFLATE_PIECE = 256 * 1024
+# Oversize status lines or headers are a broken or hostile upstream, not a big answer.
+_MAX_LINE = 16 * 1024
+_MAX_FIELD = 64 * 1024
+
+
+def display_url(url: str | URL) -> str:
+    """scheme://host:port of a URL, never its userinfo, path or query (a proxy's password)."""
+    u = URL(str(url))
+    host = u.host or "?"
+    return f"{u.scheme}://{host}:{u.explicit_port}" if u.explicit_port else f"{u.scheme}://{host}"
+
+
+class UpstreamResponse:
+    """A response whose body is read a network read at a time (bounded and inflated if needed)."""
+
+    __slots__ = ("_inflated", "_inflater", "_max_inflated", "_resp", "_transport", "headers", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse, transport: Transport) -> None:
+        self._resp = resp
+        self._transport = transport
+        self.status = resp.status
+        self.headers: Mapping[str, str] = resp.headers
+        self._max_inflated = transport.max_decompressed_bytes
+        self._inflated = 0
+        self._inflater: Any = None
+        encoding = resp.headers.get("content-encoding", "").strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            # wbits 32+15: accept a gzip or zlib header alike.
+            self._inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)
+        elif encoding not in ("", "identity"):
+            raise errors.UpstreamProtocolError(
+                f"{transport.name}: the answer is compressed with {encoding[:40]!r}, which the broker "
+                "does not decode (it asks for identity)",
+                provider=transport.name,
+            )
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """The body as it arrives; raises BrokerErrors (stall, disconnect, bad framing, bomb)."""
+        content = self._resp.content
+        while True:
+            with self._transport.mapped_errors(stage="body"):
+                data = await content.readany()
+            if not data:
+                if self._inflater is not None:
+                    tail = self._inflater.flush()
+                    if tail:
+                        self._count(len(tail))
+                        yield tail
+                return
+            if self._inflater is None:
+                yield data
+            else:
+                for piece in self._inflate(data):
+                    yield piece
+
+    def _inflate(self, data: bytes) -> Iterator[bytes]:
+        buf = data
+        while buf:
+            try:
+                piece = self._inflater.decompress(buf, _INFLATE_PIECE)
+            except zlib.error as exc:
+                raise errors.UpstreamProtocolError(
+                    f"{self._transport.name}: the compressed answer is corrupt ({exc})",
+                    provider=self._transport.name,
+                ) from None
+            self._count(len(piece))
+            if piece:
+                yield piece
+            buf = self._inflater.unconsumed_tail
+
+    def _count(self, n: int) -> None:
+        self._inflated += n
+        if self._inflated > self._max_inflated:
+            raise errors.UpstreamProtocolError(
+                f"{self._transport.name}: the compressed answer inflates past {self._max_inflated} bytes "
+                "(max_decompressed_bytes); the broker asked for an uncompressed answer",
+                provider=self._transport.name,
+            )
+
+    async def read(self, limit: int = MAX_SMALL_BODY) -> bytes:
+        """The whole body, or UpstreamProtocolError past `limit` bytes."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.chunks():
+            size += len(chunk)
+            if size > limit:
+                raise errors.UpstreamProtocolError(
+                    f"{self._transport.name}: the answer is larger than {limit} bytes",
+                    provider=self._transport.name,
+                )
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def read_prefix(self, limit: int) -> bytes:
+        """Up to `limit` bytes of the body; a body cut short is what it is (error bodies)."""
+        parts: list[bytes] = []
+        size = 0
+        with contextlib.suppress(errors.BrokerError):
+            async for chunk in self.chunks():
+                parts.append(chunk)
+                size += len(chunk)
+                if size >= limit:
+                    break
+        return b"".join(parts)[:limit]
+
+    @property
+    def at_eof(self) -> bool:
+        return self._resp.content.at_eof()
+
+    def close(self) -> None:
+        """Back to the pool if the body was read to its end, else close the connection now."""
+        if self._resp.content.at_eof():
+            self._resp.release()
+        else:
+            self._resp.close()
+
+
+class Transport:
+    """One provider's HTTP: session, pool, proxy, TLS trust, error mapping."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        base_url: str,
+        headers: Mapping[str, str],
+        max_connections: int,
+        connect_timeout: float,
+        read_timeout: float,
+        pool_timeout: float,
+        max_decompressed_bytes: int,
+        proxy: str | None = None,
+        ca_file: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/") + "/"
+        self.headers = {**headers, "accept-encoding": "identity"}
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.pool_timeout = pool_timeout
+        self.max_decompressed_bytes = max_decompressed_bytes
+        self.proxy = URL(proxy) if proxy else None
+        self.ca_file = ca_file
+        self._slots = asyncio.Semaphore(max_connections)
+        self._in_use = 0
+        self._session: aiohttp.ClientSession | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        ssl_ctx = ssl.create_default_context()
+        if self.ca_file is not None:
+            ssl_ctx.load_verify_locations(cafile=str(self.ca_file))
+        connector = aiohttp.TCPConnector(
+            limit=self.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=30.0,
+            ssl=ssl_ctx,
+            enable_cleanup_closed=False,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            # Environment proxies apply unless the provider names its own proxy.
+            trust_env=self.proxy is None,
+            headers=self.headers,
+            skip_auto_headers=("User-Agent",),
+            max_line_size=_MAX_LINE,
+            max_field_size=_MAX_FIELD,
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- requests ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        *,
+        deadline: float | None = None,
+        read_timeout: float | None = None,
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Send a request and yield its response (any status); closed on exit, whatever the reason.
+
+        `deadline` is the seconds the caller will still wait: it bounds the pool wait, the
+        connect and each read. `read_timeout` overrides the provider's for this call.
+        """
+        if self._session is None:
+            raise RuntimeError(f"provider {self.name} used before start()")
+        read = read_timeout if read_timeout is not None else self.read_timeout
+        connect = self.connect_timeout
+        pool_wait = self.pool_timeout
+        if deadline is not None:
+            remaining = max(deadline, 0.001)
+            read, connect, pool_wait = (
+                min(read, remaining),
+                min(connect, remaining),
+                min(pool_wait, remaining),
+            )
+        await self._acquire(pool_wait)
+        try:
+            timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect, sock_read=read)
+            with self.mapped_errors(stage="request", read=read, connect=connect):
+                resp = await self._session.request(
+                    method,
+                    self.base_url + path,
+                    data=body,
+                    timeout=timeout,
+                    allow_redirects=False,
+                    proxy=self.proxy,
+                )
+            wrapped: UpstreamResponse | None = None
+            try:
+                wrapped = UpstreamResponse(resp, self)
+                yield wrapped
+            finally:
+                if wrapped is not None:
+                    wrapped.close()
+                else:
+                    resp.close()
+        finally:
+            self._release()
+
+    async def _acquire(self, wait: float) -> None:
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: no timer needed
+        else:
+            try:
+                async with asyncio.timeout(wait):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise errors.BrokerPoolFull(
+                    f"{self.name}: the broker's connection pool for this provider was full "
+                    f"({self.max_connections} connections in use) for {wait:g}s; the upstream was not "
+                    "asked. Raise max_connections or lower the load",
+                    provider=self.name,
+                ) from None
+        self._in_use += 1
+
+    def _release(self) -> None:
+        self._in_use -= 1
+        self._slots.release()
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    # --- the one mapping of aiohttp's exceptions -------------------------------------------------
+
+    @contextlib.contextmanager
+    def mapped_errors(
+        self, *, stage: str, read: float | None = None, connect: float | None = None
+    ) -> Iterator[None]:
+        """aiohttp/OS/TLS errors -> the broker's typed errors, worded for where they happened.
+
+        A sync context manager so it can wrap an await or a yield alike; BrokerErrors and
+        cancellation pass through untouched.
+        """
+        read = self.read_timeout if read is None else read
+        connect = self.connect_timeout if connect is None else connect
+        where = f"{self.name}: "
+        mid = stage == "body"
+        try:
+            yield
+        except errors.BrokerError:
+            raise
+        except aiohttp.ClientHttpProxyError as exc:
+            raise errors.UpstreamUnavailable(
+                f"{where}the proxy {self._proxy_name()} refused the request: HTTP {exc.status} {exc.message}",
+                provider=self.name,
+            ) from exc
+        except aiohttp.ClientProxyConnectionError as exc:
+            raise errors.UpstreamUnavailable(
+                f"{where}cannot reach the proxy {self._proxy_name()}: {_os_reason(exc)}", provider=self.name
+            ) from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise errors.UpstreamUnavailable(
+                f"{where}TLS certificate verification failed for {display_url(self.base_url)}: "
+                f"{exc.certificate_error}",
+                provider=self.name,
+            ) from exc
+        except (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            raise errors.UpstreamUnavailable(
+                f"{where}TLS handshake with {display_url(self.base_url)} failed: {_os_reason(exc)}",
+                provider=self.name,
+            ) from exc
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise errors.UpstreamTimeout(
+                f"{where}cannot reach {self.base_url.rstrip('/')}: no connection within {connect:g}s",
+                provider=self.name,
+            ) from exc
+        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+            what = f"stream stalled (no data for {read:g}s)" if mid else f"no response within {read:g}s"
+            raise errors.UpstreamTimeout(where + what, provider=self.name) from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise errors.UpstreamUnavailable(
+                f"{where}cannot reach {self.base_url.rstrip('/')}: connection failed ({_os_reason(exc)})",
+                provider=self.name,
+            ) from exc
+        except aiohttp.ClientPayloadError as exc:
+            # "Response payload is not completed": the connection ended inside the body.
+            raise errors.UpstreamUnavailable(
+                f"{where}connection lost {'mid-stream' if mid else 'inside the answer'} ({_payload_reason(exc)})",
+                provider=self.name,
+            ) from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            what = (
+                "connection lost mid-stream" if mid else "the server closed the connection before answering"
+            )
+            raise errors.UpstreamUnavailable(f"{where}{what}", provider=self.name) from exc
+        except aiohttp.ClientResponseError as exc:
+            # aiohttp's parser refusing the status line, headers or chunk framing (oversize,
+            # malformed, a negative or non-hex chunk size).
+            detail = exc.__cause__ if exc.__cause__ is not None else exc.message
+            raise errors.UpstreamProtocolError(
+                f"{where}the upstream sent invalid HTTP ({_short(getattr(detail, 'message', detail))})",
+                provider=self.name,
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            what = "connection lost mid-stream" if mid else f"cannot reach {self.base_url.rstrip('/')}"
+            raise errors.UpstreamUnavailable(f"{where}{what}: {_os_reason(exc)}", provider=self.name) from exc
+
+    def _proxy_name(self) -> str:
+        return display_url(self.proxy) if self.proxy is not None else "from the environment"
+
+
+def _short(text: object, limit: int = 200) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
+def _os_reason(exc: BaseException) -> str:
+    inner = getattr(exc, "os_error", None) or exc
+    text = getattr(inner, "strerror", None) or str(inner) or type(inner).__name__
+    return _short(text)
+
+
+def _payload_reason(exc: aiohttp.ClientPayloadError) -> str:
+    cause = exc.__cause__ or (exc.args[1] if len(exc.args) > 1 else None)
+    return _short(cause if cause is not None else exc)
