@@ -119,6 +119,7 @@ class Provider(abc.ABC):
         request: CompletionRequest | None = None,
         model: str = "",
         read_timeout: float | None = None,
+        gated: bool = True,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send a request and yield the 2xx response; map every failure to a BrokerError.
 
@@ -129,7 +130,7 @@ class Provider(abc.ABC):
         deadline = request.timeout if request is not None else None
         try:
             async with self.transport.request(
-                method, path, _json_bytes(json), deadline=deadline, read_timeout=read_timeout
+                method, path, _json_bytes(json), deadline=deadline, read_timeout=read_timeout, gated=gated
             ) as resp:
                 if resp.status >= 300:
                     raise await self._status_error(resp, model)
@@ -164,7 +165,8 @@ class Provider(abc.ABC):
         self, method: str, path: str, body: Any, *, timeout: float | None, model: str = ""
     ) -> Any:
         """A small request (not the completion path): errors mapped, the answer bounded and read as JSON."""
-        async with self.open(method, path, json=body, model=model, read_timeout=timeout) as resp:
+        # Not gated: a pool full of completions must not fail health checks and discovery.
+        async with self.open(method, path, json=body, model=model, read_timeout=timeout, gated=False) as resp:
             data = await resp.read(MAX_SMALL_BODY)
         return decode_json(data, provider=self.name, what=f"{method} {path}")
 

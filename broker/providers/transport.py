@@ -4,9 +4,10 @@ Completions, discovery and health checks all go through `Transport`; nothing els
 daemon opens an HTTP connection. What it guarantees:
 
 - One pool per provider (aiohttp's TCPConnector) behind a slot gate of `max_connections`:
-  a request waits for a free slot within the caller's deadline (or `pool_timeout_seconds`)
+  a completion waits for a free slot within the caller's deadline (or `pool_timeout_seconds`)
   and, when it must give up, says that the broker's own pool was full (BrokerPoolFull), which
-  never counts against the provider's health.
+  never counts against the provider's health. Health checks and discovery skip the gate and
+  use a small reserve of connections, so a pool full of streams never fails a health check.
 - Every aiohttp exception is mapped to the broker's typed errors here, in `mapped_errors`,
   and nowhere else: timeouts -> UpstreamTimeout, unreachable / reset / TLS / proxy failures
   -> UpstreamUnavailable, a malformed HTTP response (bad chunk sizes, oversize headers, a
@@ -47,6 +48,9 @@ from broker import errors
 MAX_SMALL_BODY = 32 * 1024 * 1024
 # One inflate step's output: a compressed body is never expanded more than this at a time.
 _INFLATE_PIECE = 256 * 1024
+# Connections beyond max_connections kept for health checks and discovery, which skip the
+# slot gate: a pool full of completions must not make a healthy provider look down.
+CONTROL_RESERVE = 4
 # Oversize status lines or headers are a broken or hostile upstream, not a big answer.
 _MAX_LINE = 16 * 1024
 _MAX_FIELD = 64 * 1024
@@ -204,7 +208,7 @@ class Transport:
         if self.ca_file is not None:
             ssl_ctx.load_verify_locations(cafile=str(self.ca_file))
         connector = aiohttp.TCPConnector(
-            limit=self.max_connections,
+            limit=self.max_connections + CONTROL_RESERVE,
             limit_per_host=0,
             keepalive_timeout=30.0,
             ssl=ssl_ctx,
@@ -239,11 +243,13 @@ class Transport:
         *,
         deadline: float | None = None,
         read_timeout: float | None = None,
+        gated: bool = True,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send a request and yield its response (any status); closed on exit, whatever the reason.
 
         `deadline` is the seconds the caller will still wait: it bounds the pool wait, the
         connect and each read. `read_timeout` overrides the provider's for this call.
+        `gated=False` (health, discovery) skips the slot gate and uses the reserve.
         """
         if self._session is None:
             raise RuntimeError(f"provider {self.name} used before start()")
@@ -257,7 +263,8 @@ class Transport:
                 min(connect, remaining),
                 min(pool_wait, remaining),
             )
-        await self._acquire(pool_wait)
+        if gated:
+            await self._acquire(pool_wait)
         try:
             timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect, sock_read=read)
             with self.mapped_errors(stage="request", read=read, connect=connect):
@@ -279,7 +286,8 @@ class Transport:
                 else:
                     resp.close()
         finally:
-            self._release()
+            if gated:
+                self._release()
 
     async def _acquire(self, wait: float) -> None:
         if not self._slots.locked():
