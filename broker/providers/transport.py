@@ -43,6 +43,7 @@ import aiohttp
 from yarl import URL
 
 from broker import errors
+from broker.redact import register_secret
 
 # Answers to small calls (discovery, health, error bodies) are read whole up to this size.
 MAX_SMALL_BODY = 32 * 1024 * 1024
@@ -278,6 +279,15 @@ class Transport:
                 )
             wrapped: UpstreamResponse | None = None
             try:
+                if resp.status == 407:
+                    # Only a proxy answers 407; over CONNECT aiohttp raises it, for an http
+                    # upstream it arrives as a response. Either way: the proxy, not the caller.
+                    raise errors.UpstreamUnavailable(
+                        f"{self.name}: the proxy {self._proxy_name()} refused the request: HTTP 407 "
+                        "Proxy Authentication Required (check the proxy credentials)",
+                        provider=self.name,
+                        upstream_status=407,
+                    )
                 wrapped = UpstreamResponse(resp, self)
                 yield wrapped
             finally:
@@ -389,7 +399,30 @@ class Transport:
             raise errors.UpstreamUnavailable(f"{where}{what}: {_os_reason(exc)}", provider=self.name) from exc
 
     def _proxy_name(self) -> str:
-        return display_url(self.proxy) if self.proxy is not None else "from the environment"
+        if self.proxy is not None:
+            return display_url(self.proxy)
+        env = env_proxy(self.base_url)
+        return f"{display_url(env)} (from the environment)" if env else "on the way"
+
+
+def env_proxy(url: str) -> str | None:
+    """The HTTP(S)_PROXY the environment names for `url` (NO_PROXY honoured), as aiohttp reads it."""
+    import urllib.request
+
+    u = URL(url)
+    if u.host and urllib.request.proxy_bypass(u.host):
+        return None
+    return urllib.request.getproxies().get(u.scheme)
+
+
+def register_proxy_secrets(proxy: str | None) -> None:
+    """A proxy URL's password (and the whole URL) are secrets wherever they could be echoed."""
+    for candidate in (proxy, env_proxy("https://example.invalid"), env_proxy("http://example.invalid")):
+        if candidate:
+            register_secret(candidate)
+            password = URL(candidate).password
+            if password:
+                register_secret(password)
 
 
 def _short(text: object, limit: int = 200) -> str:

@@ -4,6 +4,7 @@ pool that must refuse says so, never asks the upstream, and never marks the prov
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,6 +16,16 @@ from tests.fakes.script import Reply
 from tests.reliability.conftest import FAST_ROUTING, openai_provider, stream, stub, unary, user
 
 STREAMS = 300
+
+
+def completions(fake: FakeOpenAI) -> int:
+    return len([r for r in fake.requests if r.path.endswith("/chat/completions")])
+
+
+async def until(check: Callable[[], bool], within: float = 5.0) -> None:
+    async with asyncio.timeout(within):
+        while not check():  # noqa: ASYNC110 - the fake exposes a list, not an event
+            await asyncio.sleep(0.01)
 
 
 async def test_the_default_pool_serves_every_stream_the_server_admits(daemon, channel_to) -> None:
@@ -55,8 +66,7 @@ async def test_a_full_pool_says_so_and_leaves_the_provider_healthy(daemon, chann
         s = stub(ch)
         req = pb.StreamCompleteRequest(model="openai/gpt-4o-mini", messages=[user("hi")])
         holders = [asyncio.create_task(stream(s, req, timeout=10)) for _ in range(2)]
-        while len([r for r in fake.requests if r.path.endswith("/chat/completions")]) < 2:
-            await asyncio.sleep(0.01)
+        await until(lambda: completions(fake) >= 2)
 
         refused = await unary(
             s, pb.CompleteRequest(model="openai/gpt-4o-mini", messages=[user("hi")]), timeout=5
@@ -88,8 +98,7 @@ async def test_a_deadline_shorter_than_the_pool_wait_bounds_it(daemon, channel_t
         s = stub(channel_to(target))
         req = pb.StreamCompleteRequest(model="openai/gpt-4o-mini", messages=[user("hi")])
         holder = asyncio.create_task(stream(s, req, timeout=10))
-        while not [r for r in fake.requests if r.path.endswith("/chat/completions")]:
-            await asyncio.sleep(0.01)
+        await until(lambda: completions(fake) >= 1)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
