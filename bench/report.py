@@ -14,6 +14,7 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("unary_c1", "unary c=1: latency p50 (ms)", "p50_ms", True),
     ("unary_c1", "unary c=1: latency p99 (ms)", "p99_ms", True),
     ("unary_c32", "unary c=32: throughput (req/s)", "rps", False),
+    ("unary_c32", "unary c=32: server CPU per request (us)", "server_cpu_us_per_req", True),
     ("unary_c256", "unary c=256: throughput (req/s)", "rps", False),
     ("stream20_c1", "stream 20 chunks c=1: TTFT p50 (ms)", "ttft_p50_ms", True),
     ("stream20_c1", "stream 20 chunks c=1: TTFT p99 (ms)", "ttft_p99_ms", True),
@@ -24,6 +25,7 @@ ROWS: list[tuple[str, str, str, bool]] = [
     ("stream200_c1", "stream 200 chunks c=1: total p99 (ms)", "p99_ms", True),
     ("stream20_c32", "stream 20 chunks c=32: streams/s", "rps", False),
     ("stream20_c32", "stream 20 chunks c=32: chunks/s", "chunks_per_s", False),
+    ("stream20_c32", "stream 20 chunks c=32: server CPU per stream (us)", "server_cpu_us_per_req", True),
     ("stream200_c32", "stream 200 chunks c=32: streams/s", "rps", False),
     ("stream200_c32", "stream 200 chunks c=32: chunks/s", "chunks_per_s", False),
     (
@@ -72,7 +74,7 @@ def markdown(out: dict[str, Any]) -> str:
         if workload not in out["workloads"]:
             continue
         vals = {c: _get(out, workload, c, key) for c in cols}
-        if key == "chunks_per_server_cpu_s":
+        if key in ("chunks_per_server_cpu_s", "server_cpu_us_per_req"):
             vals["direct"] = None  # direct has no server in between: its "server" is the upstream
         b, d, ll = vals["broker"], vals["direct"], vals["litellm"]
         diff = _fmt(b - d) if lower and b is not None and d is not None and key.endswith("_ms") else ""

@@ -230,6 +230,9 @@ def run_workload(w: Workload, server: Server, upstream: Server) -> dict[str, Any
         for k in watched:
             result[f"{k}_cpu_pct"] = 100.0 * (cpu1[k] - cpu0[k]) / wall
         result["server_cpu_s"] = cpu1["server"] - cpu0["server"]
+        if result.get("ok"):
+            # Daemon CPU per completed request: what the HTTP client and everything else cost.
+            result["server_cpu_us_per_req"] = 1e6 * result["server_cpu_s"] / result["ok"]
     result["server_rss_mb"] = rss_bytes(server.proc.pid) / 2**20
     if w.kind == "hold":
         result["server_rss_mb_before"] = rss0 / 2**20

@@ -5,7 +5,8 @@ selection by requirements, then `fallback_models`. Per candidate: its provider's
 breaker must let it through; a retryable failure before any output is retried with
 backoff (broker/retry.py) or moves on to the next candidate; a caller's own error ends
 the request at once. Time to first token and stalls between chunks are timed per
-provider (only the wait for the upstream, never the caller's reading).
+provider (only the wait for the upstream, never the caller's reading); thinking, reasoning
+and pings (ProgressEvent) re-arm both timers but are neither content nor forwarded.
 
 Streaming is the only path; unary accumulates it, buffered (`stream(buffered=True)`), so
 a unary failure part-way may still retry or fall back with the partial answer thrown
@@ -41,6 +42,7 @@ from broker.types import (
     Cost,
     EndEvent,
     FinishReason,
+    ProgressEvent,
     StartEvent,
     TextDeltaEvent,
     TextPart,
@@ -330,11 +332,21 @@ class CompletionService:
             tools=call.tools,
             tool_choice=call.tool_choice,
             params=call.params,
-            default_max_tokens=spec.max_output_tokens,
+            # Not the model's maximum (64,000 for claude-sonnet-4-5): the provider's configured
+            # default, or the protocol's own rule, capped by the model's max output.
+            default_max_tokens=cfg.default_max_tokens,
+            max_output_tokens=spec.max_output_tokens,
+            reasoning_model=spec.reasoning,
             # The caller's remaining deadline bounds every phase of the upstream request.
             timeout=None if deadline is None else max(deadline - t0, 0.001),
         )
         started = False
+        # Before the first content the TTFT limit runs from the last sign of progress
+        # (thinking, reasoning, a ping), at first the request itself: a model thinking
+        # aloud for minutes is working, one silent for ttft_timeout_seconds is not.
+        progress_at = t0
+        progressed = False
+        generated_chars = 0  # text, tool calls and hidden reasoning, for a usage estimate
         timer = _WaitTimer()
         try:
             async with aclosing(target.provider.stream(request)) as events:
@@ -343,7 +355,7 @@ class CompletionService:
                     if started:
                         timer.start_wait(cfg.stall_timeout_seconds)
                     else:
-                        timer.start_wait(cfg.ttft_timeout_seconds - (time.monotonic() - t0))
+                        timer.start_wait(cfg.ttft_timeout_seconds - (time.monotonic() - progress_at))
                     try:
                         ev = await anext(events)
                     except StopAsyncIteration:
@@ -351,17 +363,29 @@ class CompletionService:
                     except asyncio.CancelledError:
                         if not timer.expired():
                             raise
-                        what = (
-                            f"stream stalled (no chunk for {cfg.stall_timeout_seconds:g}s)"
-                            if started
-                            else f"no first token within {cfg.ttft_timeout_seconds:g}s"
-                        )
+                        if started:
+                            what = f"stream stalled (no chunk for {cfg.stall_timeout_seconds:g}s)"
+                        elif progressed:
+                            what = (
+                                f"no first token within {cfg.ttft_timeout_seconds:g}s "
+                                "of the last progress (thinking, reasoning or ping)"
+                            )
+                        else:
+                            what = f"no first token within {cfg.ttft_timeout_seconds:g}s"
                         raise errors.UpstreamTimeout(
                             f"{target.state.name}: {what}", provider=target.state.name, model=target.model
                         ) from None
                     finally:
                         timer.end_wait()
                     if isinstance(ev, StartEvent):
+                        continue
+                    if isinstance(ev, ProgressEvent):
+                        # Re-arms the timers (the next wait starts now); not content, so no
+                        # Started (a fallback is still possible) and nothing for the caller.
+                        generated_chars += ev.chars
+                        if not started:
+                            progress_at = time.monotonic()
+                            progressed = True
                         continue
                     if not started:
                         started = True
@@ -370,9 +394,17 @@ class CompletionService:
                         self.router.latency.observe(spec.id, now - t0)
                         yield Started(request_id=request_id, provider=target.state.name, model=target.model)
                     if isinstance(ev, EndEvent):
-                        cost = compute_cost(spec.pricing, ev.usage, local=target.state.local)
-                        yield Finished(ev.finish_reason, ev.usage, cost)
+                        usage = ev.usage
+                        if not ev.usage_reported:
+                            # Zeros would pass for counts (and bill nothing): estimate, labelled so.
+                            usage = estimated_usage(call, generated_chars)
+                        cost = compute_cost(spec.pricing, usage, local=target.state.local)
+                        yield Finished(ev.finish_reason, usage, cost)
                         return
+                    if isinstance(ev, TextDeltaEvent):
+                        generated_chars += len(ev.text)
+                    else:
+                        generated_chars += len(ev.name) + len(ev.arguments_delta)
                     yield ev
         finally:
             timer.close()
@@ -460,11 +492,23 @@ def estimated_tokens(chars: int) -> int:
     return -(-chars // 4)
 
 
+def prompt_chars(call: CompletionCall) -> int:
+    return sum(len(p.text) for m in call.messages for p in m.content if isinstance(p, TextPart))
+
+
+def estimated_usage(call: CompletionCall, generated_chars: int) -> Usage:
+    """For a stream that ended cleanly without usage (llama.cpp's server): estimates, marked so."""
+    return Usage(
+        input_tokens=estimated_tokens(prompt_chars(call)),
+        output_tokens=estimated_tokens(generated_chars),
+        estimated=True,
+    )
+
+
 def interrupted(
     cause: errors.BrokerError, delivered: Delivered, call: CompletionCall
 ) -> errors.StreamInterrupted:
     """The end of a stream that failed after content: what was delivered and usage so far, in ErrorInfo."""
-    prompt_chars = sum(len(p.text) for m in call.messages for p in m.content if isinstance(p, TextPart))
     return errors.StreamInterrupted(
         f"the stream from {cause.provider}/{cause.model} failed after {delivered.chunks} chunks "
         f"({delivered.text_chars} characters) were sent; not retried, to avoid splicing two answers: "
@@ -477,7 +521,7 @@ def interrupted(
             "delivered_text_chars": str(delivered.text_chars),
             "delivered_tool_call_chars": str(delivered.tool_call_chars),
             # The upstream reports usage only at the end; these are estimates from what was sent.
-            "usage_input_tokens": str(estimated_tokens(prompt_chars)),
+            "usage_input_tokens": str(estimated_tokens(prompt_chars(call))),
             "usage_output_tokens": str(estimated_tokens(delivered.text_chars + delivered.tool_call_chars)),
             "usage_estimated": "true",
         },

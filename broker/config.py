@@ -84,6 +84,12 @@ class ProviderConfig(_Strict):
     # Bill at the catalogue's prices? Default (unset): only on the vendor's own endpoint
     # (api.openai.com, api.anthropic.com); a proxy to the vendor can set true.
     catalog_prices: bool | None = None
+    # Output limit sent when a request sets no max_tokens, capped by the model's max output.
+    # Unset: Anthropic (which requires one) gets 4096; OpenAI and Ollama send none.
+    default_max_tokens: int | None = Field(default=None, ge=1)
+    # openai type: the output-limit field. auto: max_completion_tokens for reasoning models
+    # (o-series, gpt-5 family: catalogue flag, else the id), max_tokens otherwise.
+    max_tokens_field: Literal["auto", "max_tokens", "max_completion_tokens"] = "auto"
 
     @field_validator("name")
     @classmethod
@@ -104,7 +110,11 @@ class ProviderConfig(_Strict):
     @field_validator("proxy")
     @classmethod
     def _proxy_shape(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and v.get_secret_value() and not re.match(r"^https?://[^/\s]+", v.get_secret_value()):
+        if (
+            v is not None
+            and v.get_secret_value()
+            and not re.match(r"^https?://[^/\s]+", v.get_secret_value())
+        ):
             # The value itself is not echoed: it may carry credentials.
             raise ValueError("must be an http:// or https:// proxy URL")
         return v if v is not None and v.get_secret_value() else None

@@ -186,7 +186,9 @@ def _message(m: pb.Message, path: str, v: list[tuple[str, str]], max_bytes: int)
         calls.append(ToolCall(id=tc.id, name=tc.name, arguments=tc.arguments or "{}"))
     if role is Role.TOOL and not m.tool_call_id:
         v.append((f"{path}.tool_call_id", "required for ROLE_TOOL messages: the id of the call this answers"))
-    if not parts and not calls:
+    if not parts and not calls and role is not Role.ASSISTANT:
+        # An empty assistant turn is history as it happened (a model that said nothing):
+        # passed on (OpenAI takes it; the Anthropic mapping leaves it out).
         v.append((f"{path}.content", "must not be empty"))
     return Message(
         role=role, content=parts, tool_calls=calls, tool_call_id=m.tool_call_id, is_error=m.is_error
@@ -317,6 +319,7 @@ def usage_to_proto(u: Usage) -> pb.Usage:
         output_tokens=u.output_tokens,
         cached_input_tokens=u.cached_input_tokens,
         cache_write_input_tokens=u.cache_write_input_tokens,
+        estimated=u.estimated,
     )
 
 

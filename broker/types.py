@@ -118,10 +118,26 @@ class CompletionRequest:
     tools: list[Tool] = field(default_factory=list)
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     params: GenerationParams = field(default_factory=GenerationParams)
-    # The model's max output from the catalogue: Anthropic needs max_tokens on every request.
+    # The provider's configured output limit for a request that sets none (ProviderConfig
+    # default_max_tokens); None: the protocol's own rule (Anthropic, which requires a limit,
+    # sends 4096; the others send none). Capped by max_output_tokens, see output_limit().
     default_max_tokens: int | None = None
+    # The model's max output, from discovery or the catalogue (None: unknown).
+    max_output_tokens: int | None = None
+    # A reasoning model (o-series, gpt-5 family, per the catalogue); None: not in the catalogue.
+    reasoning_model: bool | None = None
     # Seconds the caller will still wait, or None; bounds the upstream timeout.
     timeout: float | None = None
+
+    def output_limit(self, protocol_default: int | None) -> int | None:
+        """The output limit to send: the caller's own, else the configured default, else the
+        protocol's; a default (never the caller's own limit) is capped by the model's max output."""
+        if self.params.max_tokens is not None:
+            return self.params.max_tokens
+        limit = self.default_max_tokens if self.default_max_tokens is not None else protocol_default
+        if limit is not None and self.max_output_tokens:
+            limit = min(limit, self.max_output_tokens)
+        return limit
 
 
 @dataclass(slots=True)
@@ -130,6 +146,8 @@ class Usage:
     output_tokens: int = 0
     cached_input_tokens: int = 0
     cache_write_input_tokens: int = 0
+    # True when the upstream reported no usage and the counts are the broker's estimate.
+    estimated: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -171,12 +189,25 @@ class ToolCallDeltaEvent:
 
 
 @dataclass(slots=True, frozen=True)
+class ProgressEvent:
+    """The upstream is working but has no answer content to show: a thinking or reasoning
+    delta, a signature, a keep-alive ping. It re-arms the time-to-first-token and stall
+    timers and is never forwarded to the caller, nor counted as the first content.
+    `chars` is the size of generated (hidden) text, for a usage estimate; 0 for pings."""
+
+    chars: int = 0
+
+
+@dataclass(slots=True, frozen=True)
 class EndEvent:
     finish_reason: FinishReason
     usage: Usage
+    # False when the stream carried no usage at all (llama.cpp's server with include_usage):
+    # the counts are then zeros, not counts, and the broker estimates them.
+    usage_reported: bool = True
 
 
-CompletionEvent = StartEvent | TextDeltaEvent | ToolCallDeltaEvent | EndEvent
+CompletionEvent = StartEvent | TextDeltaEvent | ToolCallDeltaEvent | ProgressEvent | EndEvent
 
 
 # --- model facts --------------------------------------------------------------------------
@@ -204,6 +235,8 @@ class ModelSpec:
     context_window: int | None = None
     max_output_tokens: int | None = None
     pricing: Pricing | None = None
+    # A reasoning model (hidden reasoning tokens count against the output limit); None: unknown.
+    reasoning: bool | None = None
     source: str = "discovered"
     discovered: bool = False
 
@@ -219,3 +252,5 @@ class DiscoveredModel:
     name: str
     capabilities: frozenset[Capability] | None = None
     context_window: int | None = None
+    # The most output tokens the model can produce (Anthropic's listing: `max_tokens`).
+    max_output_tokens: int | None = None

@@ -20,6 +20,7 @@ models.json schema (version 1):
       "context_window": int | null, # most input tokens accepted (LiteLLM max_input_tokens)
       "max_output_tokens": int | null,
       "vision": bool, "tools": bool, "json_mode": bool,
+      "reasoning": bool,            # a reasoning model (LiteLLM supports_reasoning; see below)
       # Prices: integer micro-USD per million tokens (1 USD/Mtok = 1_000_000), exact.
       "input_micro_usd_per_mtok": int | null,
       "output_micro_usd_per_mtok": int | null,
@@ -41,6 +42,11 @@ Field choices (why):
   (both arrived with the 1106 models); the pre-1106 gpt-4 snapshots are the exception.
   Anthropic: supports_response_schema as stated. Ollama: always, since the server enforces
   `format: "json"` for every model.
+- reasoning: LiteLLM's supports_reasoning (hidden reasoning tokens, billed as output and
+  counted against the output limit). For OpenAI it decides the output-limit field: reasoning
+  models (o-series, gpt-5 family) reject `max_tokens` and take `max_completion_tokens`. The
+  source omits the flag for o1-mini, an o-series model that rejects `max_tokens` like the
+  others; OPENAI_REASONING_GAPS sets it (named in the entry's note).
 - Anthropic aliases (claude-sonnet-4-5, claude-3-5-haiku-latest, ...) point at a snapshot, so
   they take the snapshot's facts: the source's own alias keys sometimes disagree with the
   snapshot (claude-3-5-haiku-latest at $1/$5 vs $0.80/$4). LiteLLM's claude-4-opus-20250514
@@ -85,6 +91,8 @@ OPENAI = [
     "gpt-5-nano", "gpt-5-nano-2025-08-07", "gpt-5.1", "gpt-5.1-2025-11-13",
 ]  # fmt: skip
 OPENAI_NO_JSON_MODE = {"gpt-4", "gpt-4-0613"}  # pre-1106: no response_format json_object
+# o-series models the source does not flag supports_reasoning (see the module doc).
+OPENAI_REASONING_GAPS = {"o1-mini"}
 
 # Anthropic: model id -> source key (the snapshot, for aliases).
 ANTHROPIC = {
@@ -146,10 +154,14 @@ def _entry(provider_type: str, model: str, key: str, raw: dict[str, Any]) -> dic
     vision = raw.get("supports_vision") is True
     tools = raw.get("supports_function_calling") is True
     schema = raw.get("supports_response_schema") is True
+    reasoning = raw.get("supports_reasoning") is True
     note: str | None = None
     cache_write = micro_usd_per_mtok(raw.get("cache_creation_input_token_cost"))
     if provider_type == "openai":
         json_mode = (schema or tools) and model not in OPENAI_NO_JSON_MODE
+        if model in OPENAI_REASONING_GAPS and not reasoning:
+            reasoning = True
+            note = "reasoning: the source omits supports_reasoning for this o-series model"
         prices = (
             micro_usd_per_mtok(raw.get("input_cost_per_token")),
             micro_usd_per_mtok(raw.get("output_cost_per_token")),
@@ -177,6 +189,7 @@ def _entry(provider_type: str, model: str, key: str, raw: dict[str, Any]) -> dic
         "vision": vision,
         "tools": tools,
         "json_mode": json_mode,
+        "reasoning": reasoning,
         "input_micro_usd_per_mtok": prices[0],
         "output_micro_usd_per_mtok": prices[1],
         "cached_input_micro_usd_per_mtok": prices[2],

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -38,6 +37,7 @@ from broker.types import (
 )
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.script import Fault, Reply, ToolCallScript, weather_tool_reply
+from tests.httpclient import HTTP
 
 MODEL = "claude-sonnet-4-5"
 # Not shaped like a well-known key, so only the provider's own registration can redact it.
@@ -526,7 +526,7 @@ async def test_health_check_reports_a_bad_key(fake):
 
 async def test_fake_rejects_what_the_api_rejects(fake):
     # Keeps the fake honest: these are the real API's answers to requests the provider never sends.
-    async with httpx.AsyncClient(base_url=fake.url) as client:
+    async with HTTP(fake.url) as client:
         good = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
         r = await client.post("/v1/messages", json=body, headers=good)

@@ -7,7 +7,7 @@ import base64
 import json
 import os
 
-import httpx
+import aiohttp
 import pytest
 
 from broker import errors
@@ -35,6 +35,7 @@ from broker.types import (
 )
 from tests.fakes.ollama_upstream import FakeOllama
 from tests.fakes.script import Fault, Reply, ToolCallScript, weather_tool_reply
+from tests.httpclient import HTTP
 
 PNG = b"\x89PNG\r\n\x1a\n fake image bytes"
 WEATHER = Tool(
@@ -381,10 +382,10 @@ def _real_host() -> str:
 
 async def _real_ollama_answers(url: str) -> bool:
     try:
-        async with httpx.AsyncClient(timeout=0.5, trust_env=False) as client:
+        async with HTTP(timeout=0.5) as client:
             resp = await client.get(f"{url}/api/version")
         return resp.status_code == 200 and "version" in resp.json()
-    except (httpx.HTTPError, ValueError):
+    except (aiohttp.ClientError, TimeoutError, ValueError):
         return False
 
 

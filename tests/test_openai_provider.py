@@ -7,7 +7,6 @@ import json
 import os
 from typing import Any
 
-import httpx
 import pytest
 from pydantic import SecretStr
 
@@ -20,7 +19,6 @@ from broker.providers.openai_wire import (
     error_from_payload,
     parse_error,
     parse_models,
-    token_limit_field,
 )
 from broker.types import (
     CompletionEvent,
@@ -30,6 +28,7 @@ from broker.types import (
     GenerationParams,
     ImagePart,
     Message,
+    ProgressEvent,
     ResponseFormat,
     Role,
     StartEvent,
@@ -45,6 +44,7 @@ from broker.types import (
 from tests.fakes.http import FakeHTTPServer, Request, Response
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Fault, Reply, ToolCallScript, weather_tool_reply
+from tests.httpclient import HTTP
 
 KEY = "sk-test-0123456789abcdef"
 MODEL = "gpt-4o-mini"
@@ -206,16 +206,21 @@ def test_defaults_send_no_optional_fields() -> None:
     }
 
 
-def test_output_limit_field_follows_the_host() -> None:
-    assert token_limit_field("https://api.openai.com/v1") == "max_completion_tokens"
-    assert token_limit_field("https://eu.api.openai.com/v1") == "max_completion_tokens"
-    assert token_limit_field("http://localhost:11434/v1") == "max_tokens"
-    assert token_limit_field("http://vllm.internal:8000/v1") == "max_tokens"
-    # The vendor default base_url is api.openai.com.
-    assert OpenAIProvider(ProviderConfig(name="o", type="openai")).max_tokens_field == "max_completion_tokens"
+def test_output_limit_field_is_not_decided_by_the_host() -> None:
+    # The host rule is gone: whatever base_url, the field is decided per request model.
+    for url in (
+        "https://api.openai.com/v1",
+        "https://x.openai.azure.com/openai/v1",
+        "http://localhost:11434/v1",
+    ):
+        assert (
+            OpenAIProvider(ProviderConfig(name="o", type="openai", base_url=url)).max_tokens_field == "auto"
+        )
+    assert OpenAIProvider(ProviderConfig(name="o", type="openai")).max_tokens_field == "auto"
     request = hello()
     request.params = GenerationParams(max_tokens=10)
     assert build_body(request, max_tokens_field="max_completion_tokens")["max_completion_tokens"] == 10
+    assert build_body(request)["max_tokens"] == 10  # gpt-4o-mini: not a reasoning model
 
 
 def test_image_outside_user_message_is_rejected() -> None:
@@ -345,6 +350,7 @@ def test_parser_whole_tool_calls_and_compat_quirks() -> None:
     )
     events += parser.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     assert events == [
+        ProgressEvent(3),  # the reasoning: progress for the timers, never text
         ToolCallDeltaEvent(0, "call_a", "f", '{"x":1}'),
         ToolCallDeltaEvent(1, "call_b", "g", "{}"),
     ]
@@ -357,7 +363,7 @@ def test_parser_whole_tool_calls_and_compat_quirks() -> None:
 def test_parser_finish_mapping(wire: str, expected: FinishReason) -> None:
     parser = ChunkParser(provider="p", model="m")
     parser.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": wire}], "usage": None})
-    assert parser.end() == EndEvent(expected, Usage())
+    assert parser.end() == EndEvent(expected, Usage(), usage_reported=False)
 
 
 def test_mid_stream_error_payload_shapes() -> None:
@@ -602,7 +608,7 @@ def test_parse_error_shapes() -> None:
 
 async def test_fake_answers_non_streaming_and_masks_wrong_keys(fake: FakeOpenAI) -> None:
     fake.reply = weather_tool_reply()
-    async with httpx.AsyncClient(base_url=fake.url + "/") as client:
+    async with HTTP(fake.url + "/") as client:
         ok = await client.post(
             "chat/completions",
             json={"model": MODEL, "messages": []},

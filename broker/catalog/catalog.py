@@ -5,8 +5,9 @@ serving that id); overrides are per provider NAME ("vllm/my-model"). How facts m
 ModelSpec, highest precedence first:
 
   1. config (`models:` in the YAML): the operator's word beats everything, field by field;
-  2. discovered facts (e.g. Ollama's /api/show capabilities and context length), where the
-     provider's listing carried them: the server actually serving the model knows best;
+  2. discovered facts (e.g. Ollama's /api/show capabilities and context length, Anthropic's
+     /v1/models max_input_tokens and max_tokens, the max output), where the provider's
+     listing carried them: the server actually serving the model knows best;
   3. the catalogue entry.
 
 Prices from the catalogue apply only at the vendor's own endpoint (`vendor_endpoint=True`).
@@ -50,6 +51,8 @@ class CatalogEntry:
     vision: bool
     tools: bool
     json_mode: bool
+    # A reasoning model: for OpenAI, it takes max_completion_tokens, not max_tokens.
+    reasoning: bool
     input_micro_usd_per_mtok: int | None
     output_micro_usd_per_mtok: int | None
     cached_input_micro_usd_per_mtok: int | None
@@ -164,6 +167,7 @@ def parse_entries(document: Any) -> tuple[CatalogEntry, ...]:
             vision=_field(raw, "vision", bool, where),
             tools=_field(raw, "tools", bool, where),
             json_mode=_field(raw, "json_mode", bool, where),
+            reasoning=_field(raw, "reasoning", bool, where),
             deprecation_date=_field(raw, "deprecation_date", str, where, nullable=True),
             source=_field(raw, "source", str, where),
             note=_field(raw, "note", str, where, nullable=True),
@@ -276,11 +280,13 @@ class Catalog:
         caps: frozenset[Capability] = frozenset()
         caps_known = False
         context = max_out = None
+        reasoning: bool | None = None
         prices: list[int | None] = [None, None, None, None]  # input, output, cached input, cache write
         if entry is not None:
             source = "catalogue"
             caps, caps_known = entry.capabilities, True
             context, max_out = entry.context_window, entry.max_output_tokens
+            reasoning = entry.reasoning
             if vendor_endpoint:
                 prices = [
                     entry.input_micro_usd_per_mtok,
@@ -289,12 +295,15 @@ class Catalog:
                     entry.cache_write_input_micro_usd_per_mtok,
                 ]
         if discovered is not None:
-            if discovered.capabilities is not None or discovered.context_window is not None or entry is None:
+            said = (discovered.capabilities, discovered.context_window, discovered.max_output_tokens)
+            if any(fact is not None for fact in said) or entry is None:
                 source = "discovered"
             if discovered.capabilities is not None:
                 caps, caps_known = discovered.capabilities, True
             if discovered.context_window is not None:
                 context = discovered.context_window
+            if discovered.max_output_tokens is not None:
+                max_out = discovered.max_output_tokens
         if local:
             prices[0] = 0 if prices[0] is None else prices[0]
             prices[1] = 0 if prices[1] is None else prices[1]
@@ -327,6 +336,7 @@ class Catalog:
             context_window=context,
             max_output_tokens=max_out,
             pricing=pricing,
+            reasoning=reasoning,
             source=source,
             discovered=discovered is not None,
         )

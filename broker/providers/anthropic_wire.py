@@ -26,6 +26,7 @@ from broker.types import (
     FinishReason,
     ImagePart,
     Message,
+    ProgressEvent,
     Role,
     TextDeltaEvent,
     TextPart,
@@ -35,7 +36,10 @@ from broker.types import (
 )
 
 API_VERSION = "2023-06-01"
-# Anthropic requires max_tokens on every request; used when neither caller nor catalogue says.
+# Anthropic requires max_tokens on every request: sent when neither the caller nor the
+# provider's `default_max_tokens` says, capped by the model's max output. Not the model's
+# maximum (64,000 for claude-sonnet-4-5): that would reserve, and risk billing, far more
+# than most answers need, and some clients time out on long non-streamed answers.
 FALLBACK_MAX_TOKENS = 4096
 MODELS_PAGE_LIMIT = 1000
 
@@ -56,6 +60,11 @@ def build_body(request: CompletionRequest) -> dict[str, Any]:
         role = "assistant" if msg.role == Role.ASSISTANT else "user"
         results, blocks = _blocks(msg, i)
         if not results and not blocks:
+            if msg.role == Role.ASSISTANT:
+                # An empty assistant turn in history (a model that said nothing) is valid
+                # elsewhere; Anthropic rejects empty content, and leaving the turn out says
+                # the same thing (the user turns around it merge into one).
+                continue
             raise errors.InvalidRequest([(f"messages[{i}].content", "Anthropic rejects an empty message")])
         # Anthropic wants alternating roles: consecutive same-role turns become one turn.
         if not turns or turns[-1].role != role:
@@ -112,11 +121,9 @@ class _Turn:
 
 def _max_tokens(request: CompletionRequest) -> int:
     wanted = request.params.max_tokens
-    if wanted is not None:
-        if wanted < 1:
-            raise errors.InvalidRequest([("params.max_tokens", f"must be at least 1, got {wanted}")])
-        return wanted
-    return request.default_max_tokens or FALLBACK_MAX_TOKENS
+    if wanted is not None and wanted < 1:
+        raise errors.InvalidRequest([("params.max_tokens", f"must be at least 1, got {wanted}")])
+    return request.output_limit(FALLBACK_MAX_TOKENS) or FALLBACK_MAX_TOKENS
 
 
 def _system_text(msg: Message, i: int) -> str:
@@ -250,31 +257,12 @@ _STATUS_OF_ERROR_TYPE = {
 }
 
 
+# One instance for every ping and signature: they carry no size.
+_ALIVE = ProgressEvent()
+
+
 def finish_reason(stop_reason: str | None) -> FinishReason:
     return _FINISH.get(stop_reason or "", FinishReason.OTHER)
-
-
-class SSEDecoder:
-    """Lines of an SSE body -> (event, data) pairs; enough of the spec for this API."""
-
-    def __init__(self) -> None:
-        self._event = ""
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> tuple[str, str] | None:
-        if not line:  # a blank line dispatches the event gathered so far
-            event, data = self._event, "\n".join(self._data)
-            self._event, self._data = "", []
-            return (event, data) if data else None
-        if line.startswith(":"):
-            return None  # comment (keep-alive)
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            self._event = value
-        elif name == "data":
-            self._data.append(value)
-        return None
 
 
 @dataclass(slots=True)
@@ -296,14 +284,9 @@ class StreamParser:
         self.model = model
         self.started = False
         self.finished = False
-        self._sse = SSEDecoder()
         self._usage: dict[str, int] = {}
         self._stop_reason: str | None = None
         self._tools: dict[int, _ToolBlock] = {}  # by the block's `index` in content[]
-
-    def feed_line(self, line: str) -> list[CompletionEvent]:
-        event = self._sse.feed(line)
-        return self.feed(*event) if event is not None else []
 
     def feed(self, event: str, data: str) -> list[CompletionEvent]:
         if self.finished:
@@ -326,6 +309,8 @@ class StreamParser:
     def _dispatch(self, kind: str, payload: Mapping[str, Any]) -> list[CompletionEvent]:
         if kind == "message_start":
             return self._on_start(payload)
+        if kind == "ping":
+            return [_ALIVE]  # may come anywhere; the upstream is alive and working
         handlers = {
             "content_block_start": self._on_block_start,
             "content_block_delta": self._on_block_delta,
@@ -359,7 +344,11 @@ class StreamParser:
             ]
         if block.get("type") == "text" and block.get("text"):
             return [TextDeltaEvent(str(block["text"]))]
-        return []  # thinking, server tools and other blocks the neutral stream does not carry
+        if block.get("type") == "text":
+            return []
+        # thinking, redacted_thinking, server tools and their results: not carried by the
+        # neutral stream, but the model is working (progress for the TTFT and stall timers).
+        return [ProgressEvent(len(str(block.get("thinking") or "")))]
 
     def _on_block_delta(self, payload: Mapping[str, Any]) -> list[CompletionEvent]:
         delta = payload.get("delta") or {}
@@ -371,7 +360,13 @@ class StreamParser:
             if tool is not None and fragment:
                 tool.got_arguments = True
                 return [ToolCallDeltaEvent(index=tool.index, arguments_delta=fragment)]
-        return []  # thinking_delta, signature_delta, citations_delta, ...
+            # A server tool's input (server_tool_use, e.g. web search): the model is working.
+            return [ProgressEvent(len(fragment))] if tool is None else []
+        if delta.get("type") == "thinking_delta":
+            return [ProgressEvent(len(str(delta.get("thinking") or "")))]
+        if delta.get("type") in ("signature_delta", "citations_delta"):
+            return [_ALIVE]
+        return []  # delta types newer than this code
 
     def _on_block_stop(self, payload: Mapping[str, Any]) -> list[CompletionEvent]:
         tool = self._tools.get(int(payload.get("index", -1)))
@@ -390,7 +385,11 @@ class StreamParser:
 
     def _on_message_stop(self, payload: Mapping[str, Any]) -> list[CompletionEvent]:
         self.finished = True
-        return [EndEvent(finish_reason(self._stop_reason), usage_from(self._usage))]
+        return [
+            EndEvent(
+                finish_reason(self._stop_reason), usage_from(self._usage), usage_reported=bool(self._usage)
+            )
+        ]
 
     def _merge_usage(self, usage: Any) -> None:
         # message_delta counts are cumulative: a later value replaces an earlier one.
@@ -472,17 +471,22 @@ def models_page(doc: Any, *, provider: str) -> tuple[list[DiscoveredModel], str 
             continue
         if item.get("lifecycle") == "retired":
             continue  # still listed as history, but requests naming it fail
-        window = item.get("max_input_tokens")
         models.append(
             DiscoveredModel(
                 name=item["id"],
                 capabilities=_capabilities(item.get("capabilities")),
-                context_window=window if isinstance(window, int) else None,
+                context_window=_positive(item.get("max_input_tokens")),
+                # The listing's `max_tokens` is the model's maximum output (ModelInfo schema).
+                max_output_tokens=_positive(item.get("max_tokens")),
             )
         )
     last_id = doc.get("last_id")
     more = bool(doc.get("has_more")) and isinstance(last_id, str) and bool(last_id)
     return models, (last_id if more else None)
+
+
+def _positive(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _capabilities(caps: Any) -> frozenset[Capability] | None:

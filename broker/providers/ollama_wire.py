@@ -26,6 +26,7 @@ from broker.types import (
     FinishReason,
     ImagePart,
     Message,
+    ProgressEvent,
     ResponseFormat,
     Role,
     TextDeltaEvent,
@@ -161,8 +162,10 @@ def _options(request: CompletionRequest) -> Json:
         options["temperature"] = p.temperature
     if p.top_p is not None:
         options["top_p"] = p.top_p
-    if p.max_tokens is not None:
-        options["num_predict"] = p.max_tokens
+    # The caller's limit, else the provider's configured default_max_tokens, else none.
+    limit = request.output_limit(None)
+    if limit is not None:
+        options["num_predict"] = limit
     if p.stop:
         options["stop"] = list(p.stop)
     if p.seed is not None:
@@ -203,11 +206,20 @@ class ChatStreamParser:
                 model=self.model,
             )
         if "error" in doc:
-            raise stream_error(str(doc["error"]), provider=self.provider, model=self.model)
+            raise stream_error(
+                _error_text(doc["error"]),
+                provider=self.provider,
+                model=self.model,
+                status=_stated_status(doc),
+            )
         events: list[CompletionEvent] = []
         message = doc.get("message")
         if isinstance(message, dict):
-            # `thinking` is deliberately dropped: the neutral stream carries only the answer.
+            # `thinking` is not relayed (the neutral stream carries only the answer), but the
+            # model is working: progress for the time-to-first-token and stall timers.
+            thinking = message.get("thinking")
+            if isinstance(thinking, str) and thinking:
+                events.append(ProgressEvent(len(thinking)))
             if content := message.get("content"):
                 events.append(TextDeltaEvent(str(content)))
             for call in message.get("tool_calls") or []:
@@ -218,11 +230,13 @@ class ChatStreamParser:
             finish = _FINISH.get(str(doc.get("done_reason") or "stop"), FinishReason.OTHER)
             if finish == FinishReason.STOP and self._tool_calls:
                 finish = FinishReason.TOOL_CALLS  # Ollama says "stop" after calling tools
-            # Metric fields are omitempty: a missing count is 0.
+            # Metric fields are omitempty: a missing count is 0, but with neither count the
+            # server reported no usage (an old or proxied build), and zeros are not counts.
             usage = Usage(
                 input_tokens=_count(doc, "prompt_eval_count"), output_tokens=_count(doc, "eval_count")
             )
-            events.append(EndEvent(finish, usage))
+            reported = "prompt_eval_count" in doc or "eval_count" in doc
+            events.append(EndEvent(finish, usage, usage_reported=reported))
         return events
 
     def _tool_call(self, call: Mapping[str, Any]) -> ToolCallDeltaEvent:
@@ -262,9 +276,31 @@ def status_for_message(text: str) -> int:
     return 500
 
 
-def stream_error(text: str, *, provider: str, model: str) -> errors.BrokerError:
-    """A `{"error": ...}` line mid-stream: classified like the HTTP error it would have been."""
-    status = status_for_message(text)
+def _error_text(err: Any) -> str:
+    """`"error": "text"`, or an OpenAI-style object from a proxy in front of Ollama."""
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return str(err["message"])
+    return str(err)
+
+
+def _stated_status(doc: Mapping[str, Any]) -> int | None:
+    """An HTTP status the error line states itself (`status_code`, or inside an error object)."""
+    err = doc.get("error")
+    for where in (doc, err if isinstance(err, dict) else {}):
+        for key in ("status_code", "status", "code"):
+            value = where.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
+                return value
+    if isinstance(err, dict) and "invalid_request" in str(err.get("type") or ""):
+        return 400
+    return None
+
+
+def stream_error(text: str, *, provider: str, model: str, status: int | None = None) -> errors.BrokerError:
+    """A `{"error": ...}` line mid-stream: classified like the HTTP error it would have been
+    (the status the line states, else the one Ollama's wording implies)."""
+    if status is None:
+        status = status_for_message(text)
     info = UpstreamErrorInfo(message=text)
     message = f"{provider} failed mid-stream: {text or 'no message'}"
     return classify_error(status, info, message, {}, {"provider": provider, "model": model})

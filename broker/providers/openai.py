@@ -23,7 +23,6 @@ from broker.providers.openai_wire import (
     build_body,
     error_from_payload,
     parse_models,
-    token_limit_field,
 )
 from broker.providers.openai_wire import parse_error as parse_error_body
 from broker.providers.sse import SSEDecoder
@@ -44,7 +43,7 @@ class OpenAIProvider(Provider):
 
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
-        self.max_tokens_field = token_limit_field(self.base_url)
+        self.max_tokens_field = self.config.max_tokens_field
 
     def auth_headers(self) -> dict[str, str]:
         # Local compatible servers usually run without a key; sending "Bearer " would be noise.

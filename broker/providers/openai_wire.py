@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
-from urllib.parse import urlsplit
 
 from broker import errors
 from broker.providers.base import UpstreamErrorInfo, classify_error
@@ -23,6 +23,7 @@ from broker.types import (
     FinishReason,
     ImagePart,
     Message,
+    ProgressEvent,
     ResponseFormat,
     Role,
     TextDeltaEvent,
@@ -33,6 +34,12 @@ from broker.types import (
 
 MAX_COMPLETION_TOKENS = "max_completion_tokens"
 MAX_TOKENS = "max_tokens"
+AUTO = "auto"  # decided per request by the model: see limit_field()
+# OpenAI's reasoning families by id, for models the catalogue does not know (a dated snapshot
+# it lacks, a gateway's "openai/gpt-5"): o1, o3-mini, o4-mini-2025-04-16, gpt-5, gpt-5.1-codex...
+_REASONING_ID = re.compile(r"^(?:o[1-9][0-9]*|gpt-5)(?:[-.:]|$)")
+# Bound on an upstream's nested error detail (OpenRouter's error.metadata.raw) in a message.
+_RAW_DETAIL_CHARS = 500
 
 _FINISH = {
     "stop": FinishReason.STOP,
@@ -47,23 +54,35 @@ _SNIPPET = 200
 # --- request ---------------------------------------------------------------------------------
 
 
-def token_limit_field(base_url: str) -> str:
-    """Which output-limit field a server understands.
+def is_reasoning_model_id(model: str) -> bool:
+    """An OpenAI reasoning family by its id (the last path segment, so "openai/gpt-5" counts)."""
+    return bool(_REASONING_ID.match(model.rsplit("/", 1)[-1].lower()))
 
-    api.openai.com deprecated `max_tokens` and rejects it for o-series models, so it gets
-    `max_completion_tokens`. The compatible servers (Ollama /v1, vLLM, llama.cpp) know
-    `max_tokens`, and Ollama silently drops `max_completion_tokens`: the limit would vanish.
+
+def limit_field(request: CompletionRequest, setting: str = AUTO) -> str:
+    """Which output-limit field to send for this request's model.
+
+    OpenAI's reasoning models (o-series, gpt-5 family) reject `max_tokens` with a 400
+    ("Unsupported parameter: 'max_tokens'"), wherever they are served (api.openai.com, Azure,
+    a gateway), and take `max_completion_tokens`. Every other model, and every compatible
+    server (Ollama /v1, vLLM, llama.cpp), takes `max_tokens`; Ollama silently drops
+    `max_completion_tokens`, so the limit would vanish. The catalogue's `reasoning` flag
+    decides; for a model it lacks, the id's family does. `setting` (the provider's
+    `max_tokens_field`) other than "auto" overrides both.
     """
-    host = urlsplit(base_url).hostname or ""
-    if host == "api.openai.com" or host.endswith(".api.openai.com"):  # incl. us./eu. residency hosts
-        return MAX_COMPLETION_TOKENS
-    return MAX_TOKENS
+    if setting in (MAX_TOKENS, MAX_COMPLETION_TOKENS):
+        return setting
+    reasoning = request.reasoning_model
+    if reasoning is None:
+        reasoning = is_reasoning_model_id(request.model)
+    return MAX_COMPLETION_TOKENS if reasoning else MAX_TOKENS
 
 
-def build_body(
-    request: CompletionRequest, *, max_tokens_field: str = MAX_COMPLETION_TOKENS
-) -> dict[str, Any]:
-    """The JSON body of POST chat/completions. Always streamed, always asking for usage."""
+def build_body(request: CompletionRequest, *, max_tokens_field: str = AUTO) -> dict[str, Any]:
+    """The JSON body of POST chat/completions. Always streamed, always asking for usage.
+
+    max_tokens_field: "auto" (by the model, see limit_field), "max_tokens" or "max_completion_tokens".
+    """
     body: dict[str, Any] = {
         "model": request.model,
         "messages": [_message(i, m) for i, m in enumerate(request.messages)],
@@ -80,10 +99,11 @@ def build_body(
         body["temperature"] = p.temperature
     if p.top_p is not None:
         body["top_p"] = p.top_p
-    # Only the caller's own limit: the catalogue's default_max_tokens exists for Anthropic,
-    # which requires one; here it would only risk a 400 from a server with a smaller cap.
-    if p.max_tokens is not None:
-        body[max_tokens_field] = p.max_tokens
+    # The caller's own limit, else the provider's configured default_max_tokens; with neither,
+    # no limit (the server's own default), since a guessed one only risks a 400.
+    limit = request.output_limit(None)
+    if limit is not None:
+        body[limit_field(request, max_tokens_field)] = limit
     if p.stop:
         body["stop"] = list(p.stop)
     if p.seed is not None:
@@ -162,10 +182,14 @@ class ChunkParser:
         self.model = model
         self._finish: FinishReason | None = None
         self._usage = Usage()
+        self._usage_reported = False
+        self._content = False  # any answer text or tool call seen
+        self._refused = False
         # Upstream tool-call index -> (id sent, name sent); ids keep index-less servers keyed.
         self._calls: dict[int, tuple[bool, bool]] = {}
         self._ids: dict[str, int] = {}
         self._last_index = 0
+        self._with_arguments: set[int] = set()
 
     def feed(self, payload: Any) -> list[CompletionEvent]:
         if not isinstance(payload, dict):
@@ -174,6 +198,7 @@ class ChunkParser:
             raise error_from_payload(payload["error"], provider=self.provider, model=self.model)
         if isinstance(payload.get("usage"), dict):
             self._usage = usage_from(payload["usage"])
+            self._usage_reported = True
         events: list[CompletionEvent] = []
         for choice in payload.get("choices") or ():
             # n is never sent, so only choice 0 exists; ignore anything else defensively.
@@ -185,18 +210,37 @@ class ChunkParser:
             reason = choice.get("finish_reason")
             if isinstance(reason, str) and reason:
                 self._finish = _FINISH.get(reason, FinishReason.OTHER)
+                events.extend(self._close_empty_calls())
         return events
+
+    def _close_empty_calls(self) -> list[CompletionEvent]:
+        """A call to a tool without parameters may stream `"arguments": ""` and nothing else;
+        "{}" keeps its arguments valid JSON for the caller (Anthropic's mapping does the same)."""
+        empty = [i for i in sorted(self._calls) if i not in self._with_arguments]
+        self._with_arguments.update(empty)
+        return [ToolCallDeltaEvent(index=i, arguments_delta="{}") for i in empty]
 
     def _delta(self, delta: dict[str, Any]) -> list[CompletionEvent]:
         events: list[CompletionEvent] = []
-        # `refusal` is the text a model shows when it declines; the caller should see it.
-        # reasoning / reasoning_content (Ollama, llama.cpp) are deliberately not forwarded.
-        for key in ("content", "refusal"):
-            text = delta.get(key)
-            if isinstance(text, str) and text:
-                events.append(TextDeltaEvent(text))
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            self._content = True
+            events.append(TextDeltaEvent(text))
+        # Not answer text, so never relayed as such (the API has no field for them yet), but
+        # the model is working: progress for the time-to-first-token and stall timers.
+        # `refusal` is the model declining (OpenAI; the stream ends with finish "stop"): the
+        # answer ends as content_filter, which is what the API can say today.
+        # reasoning (Groq, OpenRouter, Ollama /v1) and reasoning_content (vLLM, llama.cpp,
+        # DeepSeek) are its hidden thinking.
+        for key in ("refusal", "reasoning", "reasoning_content"):
+            hidden = delta.get(key)
+            if isinstance(hidden, str) and hidden:
+                if key == "refusal":
+                    self._refused = True
+                events.append(ProgressEvent(len(hidden)))
         for call in delta.get("tool_calls") or ():
             if isinstance(call, dict) and (ev := self._tool_delta(call)) is not None:
+                self._content = True
                 events.append(ev)
         return events
 
@@ -224,19 +268,30 @@ class ChunkParser:
         self._calls[index] = (id_sent or bool(out_id), name_sent or bool(out_name))
         if call_id:
             self._ids.setdefault(call_id, index)
+        if args:
+            self._with_arguments.add(index)
         if not (out_id or out_name or args):
             return None
         return ToolCallDeltaEvent(index=index, id=out_id, name=out_name, arguments_delta=args)
 
     def end(self) -> EndEvent:
+        """The one EndEvent, after `[DONE]`.
+
+        [DONE] with no finish_reason (llama-cpp-python's server): `[DONE]` is the server's
+        own word that the answer is complete, and a server that cut it at a limit would say
+        "length"; so an answer with content ends as "stop" (tool_calls when it called
+        tools), and one with nothing in it as "other". A refusal is content_filter.
+        Without a usage chunk `usage_reported` is False: zeros are not counts.
+        """
         reason = self._finish
-        if reason is None:
-            # [DONE] with no finish_reason: the server did not say why it stopped.
-            reason = FinishReason.OTHER
-        elif reason == FinishReason.STOP and self._calls:
+        if self._refused and reason in (None, FinishReason.STOP):
+            reason = FinishReason.CONTENT_FILTER
+        elif reason is None:
+            reason = FinishReason.STOP if self._content else FinishReason.OTHER
+        if reason == FinishReason.STOP and self._calls:
             # Some compatible servers report "stop" after tool calls; callers loop on tool_calls.
             reason = FinishReason.TOOL_CALLS
-        return EndEvent(finish_reason=reason, usage=self._usage)
+        return EndEvent(finish_reason=reason, usage=self._usage, usage_reported=self._usage_reported)
 
     def _protocol(self, message: str) -> errors.UpstreamProtocolError:
         return errors.UpstreamProtocolError(
@@ -255,13 +310,33 @@ def usage_from(u: dict[str, Any]) -> Usage:
 
 
 def error_from_payload(err: Any, *, provider: str, model: str) -> errors.BrokerError:
-    """A top-level `error` inside a 200 stream (OpenAI, vLLM): the same table as HTTP errors."""
+    """A top-level `error` inside a 200 stream (OpenAI, vLLM, Groq, OpenRouter): the same table
+    as HTTP errors, so an invalid request (Groq's `tool_use_failed`, `status_code` 400) is the
+    caller's error and not retried, while a `server_error` is transient."""
     info = _info_from_error(err)
-    code = err.get("code") if isinstance(err, dict) else None
-    status = code if isinstance(code, int) and 400 <= code <= 599 else _status_for_kind(info.kind)
+    status = _payload_status(err)
+    if status is None:
+        words = [info.kind]
+        if isinstance(err, dict):
+            words += [w for k in ("type", "code") if isinstance(w := err.get(k), str)]
+        status = _status_for_kind(" ".join(words))
     message = f"{provider} failed mid-stream: {redact(info.message) or 'no message'}"
     kw: dict[str, Any] = {"provider": provider, "model": model, "upstream_status": status}
     return classify_error(status, info, message, {}, kw)
+
+
+def _payload_status(err: Any) -> int | None:
+    """The HTTP status an in-stream error states: `status_code` (Groq), `status`, or an integer
+    `code` (OpenRouter, vLLM)."""
+    if not isinstance(err, dict):
+        return None
+    for key in ("status_code", "status", "code"):
+        value = err.get(key)
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599:
+            return value
+    return None
 
 
 def _status_for_kind(kind: str) -> int:
@@ -305,14 +380,30 @@ def _info_from_error(err: Any) -> UpstreamErrorInfo:
     if not isinstance(err, dict):
         return UpstreamErrorInfo(message=_snip(json.dumps(err)))
     message = err.get("message")
+    message = message if isinstance(message, str) else ""
     code, etype, param = err.get("code"), err.get("type"), err.get("param")
     # The code is the more specific word (insufficient_quota, context_length_exceeded).
     kind = code if isinstance(code, str) and code else etype if isinstance(etype, str) else ""
-    return UpstreamErrorInfo(
-        message=message if isinstance(message, str) else "",
-        kind=kind,
-        param=param if isinstance(param, str) else "",
-    )
+    detail = _raw_detail(err.get("metadata"))
+    if detail:
+        message = f"{message}: {detail}" if message else detail
+    return UpstreamErrorInfo(message=message, kind=kind, param=param if isinstance(param, str) else "")
+
+
+def _raw_detail(metadata: Any) -> str:
+    """OpenRouter's `error.metadata`: `raw` is what the provider behind it said (the useful
+    part of "Provider returned error"), `provider_name` who said it. Bounded; the caller redacts."""
+    if not isinstance(metadata, dict):
+        return ""
+    raw = metadata.get("raw")
+    if raw is None or raw == "":
+        return ""
+    text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)
+    text = " ".join(text.split())
+    if len(text) > _RAW_DETAIL_CHARS:
+        text = text[:_RAW_DETAIL_CHARS] + "..."
+    who = metadata.get("provider_name")
+    return f"{who} said: {text}" if isinstance(who, str) and who else f"upstream said: {text}"
 
 
 def parse_models(doc: Any, *, provider: str) -> list[DiscoveredModel]:

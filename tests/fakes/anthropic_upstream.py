@@ -82,6 +82,11 @@ class FakeAnthropic:
         self.faults: list[Fault] = []
         # Prompt-cache writes have no neutral Reply field; set here to exercise that usage path.
         self.cache_creation_input_tokens = 0
+        # Extended thinking (no neutral Reply field either): a thinking block before the
+        # answer, one thinking_delta per chunk `thinking_delay` seconds apart, then its
+        # signature_delta, as the API streams it with `thinking` enabled (recording an-thinking).
+        self.thinking_chunks: list[str] = []
+        self.thinking_delay = 0.0
         self.server = _CountingServer(self._handle, port=port)
 
     @property
@@ -196,6 +201,15 @@ class FakeAnthropic:
         ]
         ping = (sse('{"type": "ping"}', "ping"), False)
         index = 0
+        if self.thinking_chunks:
+            out.append(_block_start(index, {"type": "thinking", "thinking": "", "signature": ""}))
+            out.append(ping)
+            for chunk in self.thinking_chunks:
+                out.append((_delta(index, {"type": "thinking_delta", "thinking": chunk})[0], False))
+            signature = {"type": "signature_delta", "signature": "EqQBCkgIARABGAIiQL2fake0signature"}
+            out.append((_delta(index, signature)[0], False))
+            out.append(_block_stop(index))
+            index += 1
         if reply.text_chunks:
             out.append(_block_start(index, {"type": "text", "text": ""}))
             out.append(ping)
@@ -240,6 +254,8 @@ class FakeAnthropic:
                 sent += 1
                 if reply.chunk_delay:
                     await asyncio.sleep(reply.chunk_delay)
+            elif self.thinking_delay and b'"thinking_delta"' in data:
+                await asyncio.sleep(self.thinking_delay)
         await resp.end()
         if cut:
             await resp.close()
@@ -361,6 +377,11 @@ def _validate(body: dict[str, Any]) -> str | None:
     messages = body["messages"]
     for i, msg in enumerate(messages):
         content = msg.get("content")
+        if content in ("", []) and not (i + 1 == len(messages) and msg.get("role") == "assistant"):
+            return (
+                f"messages.{i}: all messages must have non-empty content except for the "
+                "optional final assistant message"
+            )
         if msg.get("role") != "assistant" or not isinstance(content, list):
             continue
         uses = [b.get("id") for b in content if b.get("type") == "tool_use"]

@@ -164,6 +164,15 @@ class FakeOpenAI:
         self.echo_full_key = echo_full_key
         self.reply = Reply()
         self.faults: list[Fault] = []
+        # Hidden reasoning before the answer (no neutral Reply field): one delta per chunk in
+        # `reasoning_field` ("reasoning": Groq, OpenRouter; "reasoning_content": vLLM,
+        # llama.cpp), `reasoning_delay` seconds apart.
+        self.reasoning_chunks: list[str] = []
+        self.reasoning_field = "reasoning"
+        self.reasoning_delay = 0.0
+        # llama-cpp-python's server: no usage chunk despite include_usage, and no finish_reason.
+        self.send_usage = True
+        self.send_finish_reason = True
         self.server = _DroppingServer(self._handle, port=port)
 
     @property
@@ -317,7 +326,7 @@ class FakeOpenAI:
             return
         reply = self.reply
         if body.get("stream"):
-            await _Streamer(body, reply, resp, fault).run(headers)
+            await _Streamer(body, reply, resp, fault, fake=self).run(headers)
         else:
             # Mid-stream faults need a stream; a whole-body answer ignores them.
             await resp.send(200, _completion(body, reply), headers=headers)
@@ -326,9 +335,18 @@ class FakeOpenAI:
 class _Streamer:
     """Writes one streamed answer, with a mid-stream fault where the script asks for it."""
 
-    def __init__(self, body: dict[str, Any], reply: Reply, resp: Response, fault: Fault | None) -> None:
+    def __init__(
+        self,
+        body: dict[str, Any],
+        reply: Reply,
+        resp: Response,
+        fault: Fault | None,
+        *,
+        fake: FakeOpenAI | None = None,
+    ) -> None:
         opts = body.get("stream_options") or {}
-        self.include_usage = bool(opts.get("include_usage"))
+        self.fake = fake
+        self.include_usage = bool(opts.get("include_usage")) and (fake is None or fake.send_usage)
         self.obfuscate = opts.get("include_obfuscation", True) is not False
         self.reply = reply
         self.resp = resp
@@ -377,6 +395,12 @@ class _Streamer:
         r, resp = self.reply, self.resp
         await resp.start_stream(200, headers={**headers, "openai-processing-ms": "112"})
         await resp.write(self.chunk({"role": "assistant", "content": "", "refusal": None}))
+        fake = self.fake
+        if fake is not None:
+            for text in fake.reasoning_chunks:
+                await resp.write(self.chunk({fake.reasoning_field: text}))
+                if fake.reasoning_delay:
+                    await asyncio.sleep(fake.reasoning_delay)
         deltas = self.content_deltas()
         for n, delta in enumerate(deltas):
             if n == self._fault_at(len(deltas)) and not await self._fault():
@@ -386,7 +410,8 @@ class _Streamer:
         if self._fault_at(len(deltas)) == len(deltas) and not await self._fault():
             return
         await self._pause()
-        await resp.write(self.chunk({}, finish=r.finish))
+        if self.fake is None or self.fake.send_finish_reason:
+            await resp.write(self.chunk({}, finish=r.finish))
         if self.include_usage:
             usage = {
                 "prompt_tokens": r.input_tokens,

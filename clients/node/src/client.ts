@@ -135,7 +135,7 @@ const FINISH_REASONS: Record<FinishReason, FinishReasonName> = {
   [FinishReason.UNRECOGNIZED]: "unspecified",
 };
 
-const NO_USAGE: Usage = { inputTokens: 0, outputTokens: 0, cachedInputTokens: 0, cacheWriteInputTokens: 0 };
+const NO_USAGE: Usage = { inputTokens: 0, outputTokens: 0, cachedInputTokens: 0, cacheWriteInputTokens: 0, estimated: false };
 const NO_COST: Cost = { known: false, inputMicroUsd: 0, outputMicroUsd: 0, totalMicroUsd: 0 };
 
 export function user(text: string): Message {

@@ -135,6 +135,8 @@ class Usage:
     input_tokens: int
     output_tokens: int
     cached_input_tokens: int = 0
+    # True when the upstream reported no usage and the broker estimated it (~4 chars a token).
+    estimated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +203,7 @@ class Answer:
 
 
 def _usage(u: pb.Usage) -> Usage:
-    return Usage(u.input_tokens, u.output_tokens, u.cached_input_tokens)
+    return Usage(u.input_tokens, u.output_tokens, u.cached_input_tokens, u.estimated)
 
 
 def _cost(c: pb.Cost) -> Cost:

@@ -583,7 +583,9 @@ Global___StreamCompleteRequest: _TypeAlias = StreamCompleteRequest  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):
-    """Usage counts tokens as the provider reported them."""
+    """Usage counts tokens as the provider reported them (or, when `estimated`, as the broker
+    estimated them).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -591,12 +593,19 @@ class Usage(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     output_tokens: _builtins.int
     cached_input_tokens: _builtins.int
     """Input tokens served from a prompt cache (included in input_tokens)."""
     cache_write_input_tokens: _builtins.int
     """Input tokens written to a prompt cache (Anthropic), included in input_tokens."""
+    estimated: _builtins.bool
+    """True when the provider reported no usage (e.g. llama.cpp's server ignores
+    stream_options.include_usage) and input_tokens / output_tokens are the broker's
+    estimate (about 4 characters per token of the prompt and of the generated text), not
+    counts. Cost is computed from the estimate too.
+    """
     def __init__(
         self,
         *,
@@ -604,10 +613,11 @@ class Usage(_message.Message):
         output_tokens: _builtins.int = ...,
         cached_input_tokens: _builtins.int = ...,
         cache_write_input_tokens: _builtins.int = ...,
+        estimated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_input_tokens", b"cache_write_input_tokens", "cached_input_tokens", b"cached_input_tokens", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_input_tokens", b"cache_write_input_tokens", "cached_input_tokens", b"cached_input_tokens", "estimated", b"estimated", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1046,6 +1056,8 @@ class ProviderInfo(_message.Message):
     LAST_CHECK_TIME_FIELD_NUMBER: _builtins.int
     MODEL_COUNT_FIELD_NUMBER: _builtins.int
     BREAKER_STATE_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_TIME_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_RESOLVED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     type: _builtins.str
     """Wire protocol: "openai", "anthropic" or "ollama"."""
@@ -1057,8 +1069,16 @@ class ProviderInfo(_message.Message):
     model_count: _builtins.int
     breaker_state: Global___BreakerState.ValueType
     """The circuit breaker's state; health is NOT_SERVING while it is open."""
+    last_error_resolved: _builtins.bool
+    """True once the provider has passed a health check since last_error: the error is
+    history, kept (with its time) for the operator. False while it is current.
+    """
     @_builtins.property
     def last_check_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_error_time(self) -> _timestamp_pb2.Timestamp:
+        """When last_error happened; unset when there is none."""
+
     def __init__(
         self,
         *,
@@ -1071,10 +1091,12 @@ class ProviderInfo(_message.Message):
         last_check_time: _timestamp_pb2.Timestamp | None = ...,
         model_count: _builtins.int = ...,
         breaker_state: Global___BreakerState.ValueType = ...,
+        last_error_time: _timestamp_pb2.Timestamp | None = ...,
+        last_error_resolved: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_check_time", b"last_check_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_check_time", b"last_check_time", "last_error_time", b"last_error_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "breaker_state", b"breaker_state", "health", b"health", "last_check_time", b"last_check_time", "last_error", b"last_error", "model_count", b"model_count", "name", b"name", "priority", b"priority", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "breaker_state", b"breaker_state", "health", b"health", "last_check_time", b"last_check_time", "last_error", b"last_error", "last_error_resolved", b"last_error_resolved", "last_error_time", b"last_error_time", "model_count", b"model_count", "name", b"name", "priority", b"priority", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -529,7 +529,10 @@ export interface StreamCompleteRequest {
   fallbackModels: string[];
 }
 
-/** Usage counts tokens as the provider reported them. */
+/**
+ * Usage counts tokens as the provider reported them (or, when `estimated`, as the broker
+ * estimated them).
+ */
 export interface Usage {
   inputTokens: number;
   outputTokens: number;
@@ -537,6 +540,13 @@ export interface Usage {
   cachedInputTokens: number;
   /** Input tokens written to a prompt cache (Anthropic), included in input_tokens. */
   cacheWriteInputTokens: number;
+  /**
+   * True when the provider reported no usage (e.g. llama.cpp's server ignores
+   * stream_options.include_usage) and input_tokens / output_tokens are the broker's
+   * estimate (about 4 characters per token of the prompt and of the generated text), not
+   * counts. Cost is computed from the estimate too.
+   */
+  estimated: boolean;
 }
 
 /** Cost of one request in integer micro-USD (1 USD = 1,000,000). Never a float. */
@@ -673,6 +683,15 @@ export interface ProviderInfo {
   modelCount: number;
   /** The circuit breaker's state; health is NOT_SERVING while it is open. */
   breakerState: BreakerState;
+  /** When last_error happened; unset when there is none. */
+  lastErrorTime:
+    | Date
+    | undefined;
+  /**
+   * True once the provider has passed a health check since last_error: the error is
+   * history, kept (with its time) for the operator. False while it is current.
+   */
+  lastErrorResolved: boolean;
 }
 
 /** ListProvidersResponse lists providers in priority order. */
@@ -2108,7 +2127,7 @@ export const StreamCompleteRequest: MessageFns<StreamCompleteRequest> = {
 };
 
 function createBaseUsage(): Usage {
-  return { inputTokens: 0, outputTokens: 0, cachedInputTokens: 0, cacheWriteInputTokens: 0 };
+  return { inputTokens: 0, outputTokens: 0, cachedInputTokens: 0, cacheWriteInputTokens: 0, estimated: false };
 }
 
 export const Usage: MessageFns<Usage> = {
@@ -2124,6 +2143,9 @@ export const Usage: MessageFns<Usage> = {
     }
     if (message.cacheWriteInputTokens !== 0) {
       writer.uint32(32).int64(message.cacheWriteInputTokens);
+    }
+    if (message.estimated !== false) {
+      writer.uint32(40).bool(message.estimated);
     }
     return writer;
   },
@@ -2173,6 +2195,14 @@ export const Usage: MessageFns<Usage> = {
             message.cacheWriteInputTokens = longToNumber(reader.int64());
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.estimated = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2207,6 +2237,7 @@ export const Usage: MessageFns<Usage> = {
         : isSet(object.cache_write_input_tokens)
         ? globalThis.Number(object.cache_write_input_tokens)
         : 0,
+      estimated: isSet(object.estimated) ? globalThis.Boolean(object.estimated) : false,
     };
   },
 
@@ -2224,6 +2255,9 @@ export const Usage: MessageFns<Usage> = {
     if (message.cacheWriteInputTokens !== 0) {
       obj.cacheWriteInputTokens = Math.round(message.cacheWriteInputTokens);
     }
+    if (message.estimated !== false) {
+      obj.estimated = message.estimated;
+    }
     return obj;
   },
 
@@ -2236,6 +2270,7 @@ export const Usage: MessageFns<Usage> = {
     message.outputTokens = object.outputTokens ?? 0;
     message.cachedInputTokens = object.cachedInputTokens ?? 0;
     message.cacheWriteInputTokens = object.cacheWriteInputTokens ?? 0;
+    message.estimated = object.estimated ?? false;
     return message;
   },
 };
@@ -3849,6 +3884,8 @@ function createBaseProviderInfo(): ProviderInfo {
     lastCheckTime: undefined,
     modelCount: 0,
     breakerState: 0,
+    lastErrorTime: undefined,
+    lastErrorResolved: false,
   };
 }
 
@@ -3880,6 +3917,12 @@ export const ProviderInfo: MessageFns<ProviderInfo> = {
     }
     if (message.breakerState !== 0) {
       writer.uint32(72).int32(message.breakerState);
+    }
+    if (message.lastErrorTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.lastErrorTime), writer.uint32(82).fork()).join();
+    }
+    if (message.lastErrorResolved !== false) {
+      writer.uint32(88).bool(message.lastErrorResolved);
     }
     return writer;
   },
@@ -3969,6 +4012,22 @@ export const ProviderInfo: MessageFns<ProviderInfo> = {
             message.breakerState = reader.int32() as any;
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.lastErrorTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.lastErrorResolved = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4012,6 +4071,16 @@ export const ProviderInfo: MessageFns<ProviderInfo> = {
         : isSet(object.breaker_state)
         ? breakerStateFromJSON(object.breaker_state)
         : 0,
+      lastErrorTime: isSet(object.lastErrorTime)
+        ? fromJsonTimestamp(object.lastErrorTime)
+        : isSet(object.last_error_time)
+        ? fromJsonTimestamp(object.last_error_time)
+        : undefined,
+      lastErrorResolved: isSet(object.lastErrorResolved)
+        ? globalThis.Boolean(object.lastErrorResolved)
+        : isSet(object.last_error_resolved)
+        ? globalThis.Boolean(object.last_error_resolved)
+        : false,
     };
   },
 
@@ -4044,6 +4113,12 @@ export const ProviderInfo: MessageFns<ProviderInfo> = {
     if (message.breakerState !== 0) {
       obj.breakerState = breakerStateToJSON(message.breakerState);
     }
+    if (message.lastErrorTime !== undefined) {
+      obj.lastErrorTime = message.lastErrorTime.toISOString();
+    }
+    if (message.lastErrorResolved !== false) {
+      obj.lastErrorResolved = message.lastErrorResolved;
+    }
     return obj;
   },
 
@@ -4061,6 +4136,8 @@ export const ProviderInfo: MessageFns<ProviderInfo> = {
     message.lastCheckTime = object.lastCheckTime ?? undefined;
     message.modelCount = object.modelCount ?? 0;
     message.breakerState = object.breakerState ?? 0;
+    message.lastErrorTime = object.lastErrorTime ?? undefined;
+    message.lastErrorResolved = object.lastErrorResolved ?? false;
     return message;
   },
 };
