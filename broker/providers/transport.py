@@ -12,8 +12,10 @@ daemon opens an HTTP connection. What it guarantees:
   and nowhere else: timeouts -> UpstreamTimeout, unreachable / reset / TLS / proxy failures
   -> UpstreamUnavailable, a malformed HTTP response (bad chunk sizes, oversize headers, a
   body cut short) -> UpstreamProtocolError.
-- Proxies: `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` from the environment (`trust_env`), or the
-  provider's own `proxy:` URL, which overrides them (credentials in its userinfo; CONNECT
+- Proxies: `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` from the environment, read once when the
+  provider starts (aiohttp's `trust_env` would look them and ~/.netrc up again on every
+  request, through a thread: 2 executor hops per request), or the provider's own `proxy:`
+  URL, which overrides them (credentials in its userinfo; CONNECT
   tunnelling for https upstreams is aiohttp's). A proxy's credentials never appear in a
   message: proxies are named by scheme, host and port only.
 - Redirects are never followed (a redirect could carry the provider key to another host).
@@ -194,7 +196,10 @@ class Transport:
         self.read_timeout = read_timeout
         self.pool_timeout = pool_timeout
         self.max_decompressed_bytes = max_decompressed_bytes
-        self.proxy = URL(proxy) if proxy else None
+        # An explicit proxy wins; else what the environment names for this base URL.
+        chosen = proxy or env_proxy(self.base_url)
+        self.proxy = URL(chosen) if chosen else None
+        self.proxy_from_env = bool(chosen) and not proxy
         self.ca_file = ca_file
         self._slots = asyncio.Semaphore(max_connections)
         self._in_use = 0
@@ -219,8 +224,7 @@ class Transport:
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
-            # Environment proxies apply unless the provider names its own proxy.
-            trust_env=self.proxy is None,
+            trust_env=False,  # proxies resolved once above
             headers=self.headers,
             skip_auto_headers=("User-Agent",),
             max_line_size=_MAX_LINE,
@@ -399,10 +403,9 @@ class Transport:
             raise errors.UpstreamUnavailable(f"{where}{what}: {_os_reason(exc)}", provider=self.name) from exc
 
     def _proxy_name(self) -> str:
-        if self.proxy is not None:
-            return display_url(self.proxy)
-        env = env_proxy(self.base_url)
-        return f"{display_url(env)} (from the environment)" if env else "on the way"
+        if self.proxy is None:
+            return "on the way"
+        return display_url(self.proxy) + (" (from the environment)" if self.proxy_from_env else "")
 
 
 def env_proxy(url: str) -> str | None:
