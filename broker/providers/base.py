@@ -313,7 +313,9 @@ def decode_json(data: bytes | str, *, provider: str, what: str) -> Any:
     try:
         return json.loads(data)
     except ValueError:
-        snippet = redact(data[:200].decode("utf-8", "replace") if isinstance(data, bytes) else data[:200])
+        # Redact first, then cut: a secret straddling the cut must not leave its head behind.
+        head = data[:4096].decode("utf-8", "replace") if isinstance(data, bytes) else data[:4096]
+        snippet = redact(head)[:200]
         raise errors.UpstreamProtocolError(
             f"{provider}: {what} answered with something that is not JSON: {snippet!r}", provider=provider
         ) from None

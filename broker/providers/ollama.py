@@ -83,7 +83,7 @@ class OllamaProvider(Provider):
         doc = await self.get_json("api/version")
         if not isinstance(doc, dict) or not isinstance(doc.get("version"), str):
             raise errors.UpstreamProtocolError(
-                f"{self.name}: {self.base_url}/api/version is not Ollama's answer: {redact(str(doc)[:200])}",
+                f"{self.name}: {self.base_url}/api/version is not Ollama's answer: {redact(str(doc)[:65536])[:200]}",
                 provider=self.name,
             )
 

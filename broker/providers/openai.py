@@ -99,7 +99,7 @@ class OpenAIProvider(Provider):
         if "text/event-stream" in ctype:
             return
         head = await resp.read_prefix(512)
-        snippet = redact(" ".join(head[:200].decode("utf-8", "replace").split()))
+        snippet = redact(" ".join(head.decode("utf-8", "replace").split()))[:200]  # redact, then cut
         raise errors.UpstreamProtocolError(
             f"{self.name}: expected an event stream, got {ctype or 'no content-type'}: {snippet!r}",
             provider=self.name,
@@ -112,9 +112,9 @@ class OpenAIProvider(Provider):
         except orjson.JSONDecodeError:
             payload = None
         if not isinstance(payload, dict):
-            snippet = data[:200].decode("utf-8", "replace")
+            snippet = redact(data[:4096].decode("utf-8", "replace"))[:200]  # redact, then cut
             raise errors.UpstreamProtocolError(
-                f"{self.name}: a stream chunk is not a JSON object: {redact(snippet)!r}",
+                f"{self.name}: a stream chunk is not a JSON object: {snippet!r}",
                 provider=self.name,
                 model=model,
             )

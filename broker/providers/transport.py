@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import weakref
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from pathlib import Path
@@ -45,7 +46,7 @@ import aiohttp
 from yarl import URL
 
 from broker import errors
-from broker.redact import register_secret
+from broker.redact import redact, register_secret, register_url_credentials
 
 # Answers to small calls (discovery, health, error bodies) are read whole up to this size.
 MAX_SMALL_BODY = 32 * 1024 * 1024
@@ -66,16 +67,53 @@ def display_url(url: str | URL) -> str:
     return f"{u.scheme}://{host}:{u.explicit_port}" if u.explicit_port else f"{u.scheme}://{host}"
 
 
+class _BrokenFraming(Exception):
+    """The connection closed because aiohttp's parser refused the body's framing."""
+
+
+# Protocols whose `closed` future has a consumer, so its exception is always retrieved.
+_watched: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _consume(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class UpstreamResponse:
     """A response whose body is read a network read at a time (bounded and inflated if needed)."""
 
-    __slots__ = ("_inflated", "_inflater", "_max_inflated", "_resp", "_transport", "headers", "status")
+    __slots__ = (
+        "_closed_fut",
+        "_inflated",
+        "_inflater",
+        "_max_inflated",
+        "_proto",
+        "_resp",
+        "_transport",
+        "headers",
+        "status",
+    )
 
     def __init__(self, resp: aiohttp.ClientResponse, transport: Transport) -> None:
         self._resp = resp
         self._transport = transport
         self.status = resp.status
         self.headers: Mapping[str, str] = resp.headers
+        # aiohttp 3.14's C parser, refusing a chunk size (negative, not hex, past 64 bits) in
+        # a read after the headers, closes the connection but never fails the body's reader,
+        # and drops the read timer: the read would wait for ever. One callback per response
+        # on the connection's `closed` future fails the reader instead (see _on_closed).
+        self._proto: Any = resp.connection.protocol if resp.connection is not None else None
+        self._closed_fut: asyncio.Future[None] | None = None
+        if self._proto is not None:
+            fut = self._proto.closed
+            if fut is not None:
+                if self._proto not in _watched:
+                    _watched.add(self._proto)
+                    fut.add_done_callback(_consume)
+                fut.add_done_callback(self._on_closed)
+                self._closed_fut = fut
         self._max_inflated = transport.max_decompressed_bytes
         self._inflated = 0
         self._inflater: Any = None
@@ -89,6 +127,14 @@ class UpstreamResponse:
                 "does not decode (it asks for identity)",
                 provider=transport.name,
             )
+
+    def _on_closed(self, fut: asyncio.Future[None]) -> None:
+        content = self._resp.content
+        if content.at_eof() or content.exception() is not None:
+            return  # a complete body, or aiohttp already said what went wrong
+        cause = self._proto.exception() if self._proto is not None else None
+        detail = getattr(cause, "message", None) or str(cause or "the connection closed inside the body")
+        content.set_exception(_BrokenFraming(detail))
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives; raises BrokerErrors (stall, disconnect, bad framing, bomb)."""
@@ -108,6 +154,9 @@ class UpstreamResponse:
             else:
                 for piece in self._inflate(data):
                     yield piece
+                    # One small read can inflate to megabytes: let health checks and other
+                    # streams run between the pieces.
+                    await asyncio.sleep(0)
 
     def _inflate(self, data: bytes) -> Iterator[bytes]:
         buf = data
@@ -165,6 +214,9 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Back to the pool if the body was read to its end, else close the connection now."""
+        if self._closed_fut is not None:
+            self._closed_fut.remove_done_callback(self._on_closed)
+            self._closed_fut = None
         if self._resp.content.at_eof():
             self._resp.release()
         else:
@@ -346,6 +398,10 @@ class Transport:
             yield
         except errors.BrokerError:
             raise
+        except _BrokenFraming as exc:
+            raise errors.UpstreamProtocolError(
+                f"{where}the upstream sent invalid HTTP ({_short(exc)})", provider=self.name
+            ) from exc
         except aiohttp.ClientHttpProxyError as exc:
             raise errors.UpstreamUnavailable(
                 f"{where}the proxy {self._proxy_name()} refused the request: HTTP {exc.status} {exc.message}",
@@ -423,13 +479,11 @@ def register_proxy_secrets(proxy: str | None) -> None:
     for candidate in (proxy, env_proxy("https://example.invalid"), env_proxy("http://example.invalid")):
         if candidate:
             register_secret(candidate)
-            password = URL(candidate).password
-            if password:
-                register_secret(password)
+            register_url_credentials(candidate)
 
 
 def _short(text: object, limit: int = 200) -> str:
-    s = " ".join(str(text).split())
+    s = " ".join(redact(str(text)[:65536]).split())  # redact, then cut
     return s if len(s) <= limit else s[:limit] + "..."
 
 

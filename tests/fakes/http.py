@@ -3,7 +3,12 @@
 Written on raw asyncio streams (not a framework) so a fake controls every byte it sends:
 exact SSE/NDJSON framing, chunked transfer, and faults no framework would produce
 (reset before headers, stall mid-body, close without a terminator). Keep-alive is
-supported because the broker's pooled httpx client reuses connections.
+supported because the broker's pooled client reuses connections.
+
+Every byte a Response sends goes through `tests.fakes.segment.write_segmented`, cut as the
+server's `segmenter` decides (default: MB_TEST_SEGMENT, i.e. random 1-1500-byte pieces, seed 1;
+`segmenter=None` or MB_TEST_SEGMENT=off writes each call in one piece), so the clients under
+test meet the arbitrary splits a real network makes.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import asyncio
 import contextlib
 import json
 import socket
+import ssl as ssl_module
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+
+from tests.fakes.segment import Segmenter, from_env, set_nodelay, write_segmented
 
 
 @dataclass
@@ -32,8 +40,9 @@ class Request:
 class Response:
     """Handed to a handler to answer. Use `send` for a whole body, or start_stream/write/end."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, segmenter: Segmenter | None = None) -> None:
         self._writer = writer
+        self.segmenter = segmenter
         self.started = False
         self.finished = False
         self.keep_alive = True
@@ -50,8 +59,7 @@ class Response:
             body = json.dumps(body)
         data = body.encode() if isinstance(body, str) else body
         hdrs = {"content-type": content_type, "content-length": str(len(data)), **(headers or {})}
-        self._writer.write(_head(status, hdrs) + data)
-        await self._writer.drain()
+        await self._send(_head(status, hdrs) + data)
         self.started = self.finished = True
 
     async def start_stream(
@@ -67,8 +75,7 @@ class Response:
             "cache-control": "no-cache",
             **(headers or {}),
         }
-        self._writer.write(_head(status, hdrs))
-        await self._writer.drain()
+        await self._send(_head(status, hdrs))
         self.started = True
 
     async def write(self, data: bytes | str) -> None:
@@ -76,13 +83,23 @@ class Response:
         raw = data.encode() if isinstance(data, str) else data
         if not raw:
             return
-        self._writer.write(f"{len(raw):x}\r\n".encode() + raw + b"\r\n")
-        await self._writer.drain()
+        await self._send(f"{len(raw):x}\r\n".encode() + raw + b"\r\n")
 
     async def end(self) -> None:
-        self._writer.write(b"0\r\n\r\n")
-        await self._writer.drain()
+        await self._send(b"0\r\n\r\n")
         self.finished = True
+
+    async def write_raw(self, data: bytes) -> None:
+        """Bytes exactly as given (status line, headers, framing: all the caller's), still segmented.
+
+        For byte-faithful replays and hand-made framing. The response counts as started; call
+        `close()` (or set `finished`) when the bytes were a whole response and framing allows reuse.
+        """
+        self.started = True
+        await self._send(data)
+
+    async def _send(self, data: bytes) -> None:
+        await write_segmented(self._writer, data, self.segmenter)
 
     def abort(self) -> None:
         """Drop the connection with a TCP reset (no terminator, no FIN handshake)."""
@@ -143,15 +160,19 @@ class FakeHTTPServer:
     # Set when a client closes a connection while a handler is still streaming to it.
     disconnects: asyncio.Queue[float] = field(default_factory=asyncio.Queue)
     open_connections: int = 0
+    # How responses are cut into socket writes (None: one write per call).
+    segmenter: Segmenter | None = field(default_factory=from_env)
+    # Serve TLS with this context (https:// in `url`).
+    ssl: ssl_module.SSLContext | None = None
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl is not None else 'http'}://{self.host}:{self.port}"
 
     async def start(self) -> FakeHTTPServer:
-        self._server = await asyncio.start_server(self._on_conn, self.host, self.port)
+        self._server = await asyncio.start_server(self._on_conn, self.host, self.port, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -179,13 +200,14 @@ class FakeHTTPServer:
         assert task is not None
         self._tasks.add(task)
         self.open_connections += 1
+        set_nodelay(writer)
         try:
             while True:
                 req = await _read_request(reader)
                 if req is None:
                     return
                 self.requests.append(req)
-                resp = Response(writer)
+                resp = Response(writer, self.segmenter)
                 watcher = asyncio.create_task(_watch_eof(reader))
                 handler = asyncio.ensure_future(self.handler(req, resp))
                 done, _ = await asyncio.wait({watcher, handler}, return_when=asyncio.FIRST_COMPLETED)
@@ -219,8 +241,8 @@ class FakeHTTPServer:
 
 
 async def _watch_eof(reader: asyncio.StreamReader) -> None:
-    # A request body was read whole; further bytes would be a pipelined request (httpx does
-    # not pipeline), so EOF here means the client closed the connection.
+    # A request body was read whole; further bytes would be a pipelined request (the broker's
+    # clients do not pipeline), so EOF here means the client closed the connection.
     while True:
         data = await reader.read(1)
         if not data:
@@ -255,6 +277,43 @@ async def _read_request(reader: asyncio.StreamReader) -> Request | None:
         body = b"".join(parts)
     path, _, query = target.partition("?")
     return Request(method=method, path=path, query=query, headers=headers, body=body)
+
+
+class _Capture:
+    """Enough of a StreamWriter for a Response to write into memory."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.transport = self
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    async def drain(self) -> None:
+        return None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def abort(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+async def capture_response(handler: Handler, req: Request) -> bytes:
+    """The exact bytes `handler` answers `req` with (status line, headers, framing), unsegmented.
+
+    For tests that then deliver those bytes cut at chosen offsets (`Response.write_raw` with a
+    `Segmenter.at`): e.g. a fake's own streamed answer, split inside its chunked framing.
+    """
+    sink = _Capture()
+    await handler(req, Response(cast(asyncio.StreamWriter, sink), None))
+    return bytes(sink.data)
 
 
 def sse(data: Any, event: str | None = None) -> bytes:
