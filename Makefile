@@ -7,7 +7,7 @@ PROTO_OUT := clients/python
 LISTEN ?= 127.0.0.1:50051
 CONFIG ?=
 
-.PHONY: install proto proto-check lint test run bench clean
+.PHONY: install proto proto-check lint test fuzz run bench clean
 .PHONY: test-node node-proto node-proto-check codegen-check codegen-tools breaking
 
 $(STAMP): pyproject.toml
@@ -44,6 +44,24 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	$(MAKE) test-node
+
+# The property-based suite (tests/fuzz, part of `make test` with ~2,000 examples, derandomized)
+# with 10x the examples and random seeds: hostile requests, byte mutations, upstream values.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest -q tests/fuzz $(PYTEST_ARGS)
+
+# The suites that meet upstream bytes (e2e, contract, replay, framing) again under random
+# segmentation seeds: every fake upstream cuts its responses into 1-1500-byte pieces
+# (tests/fakes/segment.py). `make test` runs them with the fixed seed 1; this adds SEEDS
+# random ones (printed, so a failure can be replayed with MB_TEST_SEGMENT=random:SEED).
+SEEDS ?= 3
+SEGMENT_SUITES := tests/e2e tests/replay tests/test_segment.py
+.PHONY: test-seeds
+test-seeds: $(STAMP)
+	@for seed in $$(shuf -i 2-999999 -n $(SEEDS)); do \
+	  echo "test-seeds: MB_TEST_SEGMENT=random:$$seed"; \
+	  MB_TEST_SEGMENT=random:$$seed timeout 900 $(BIN)/python -m pytest -q -x $(SEGMENT_SUITES) || { echo "test-seeds: FAILED with MB_TEST_SEGMENT=random:$$seed" >&2; exit 1; }; \
+	done
 
 # --- Node client (clients/node) and code generation for other languages ------------------------
 NODE_DIR := clients/node

@@ -1,4 +1,5 @@
 """Caller auth: API keys in `authorization: Bearer <key>` metadata, checked against SHA-256s.
+The same interceptor gives every ModelBroker RPC its request id (see `request_id_for`).
 
 The config holds only hashes (`model-broker keys create` / `keys hash`), so a leaked config
 file grants nothing. A server interceptor guards every `modelbroker.v1.ModelBroker` RPC:
@@ -18,10 +19,12 @@ import hashlib
 import hmac
 import inspect
 import ipaddress
+import re
 import secrets
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +33,7 @@ import structlog
 
 from broker import errors, limits
 from broker.config import AuthConfig, Settings, parse_listen
+from broker.redact import redact, register_secret
 from modelbroker.v1 import broker_pb2 as pb
 
 if TYPE_CHECKING:
@@ -43,6 +47,47 @@ SERVICE_PREFIX = "/modelbroker.v1.ModelBroker/"
 # often list before they complete, which would otherwise halve their request rate.
 COMPLETION_METHODS = frozenset({SERVICE_PREFIX + "Complete", SERVICE_PREFIX + "StreamComplete"})
 KEY_PREFIX = "mb_"  # broker/redact.py masks mb_ keys of 16+ characters wherever they appear
+REQUEST_ID_HEADER = "x-request-id"
+# A caller's x-request-id is used when it is 1-128 of these characters (fullmatch: no
+# trailing newline); anything else is ignored and a fresh id generated, never refused.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+# The current RPC's request id, set by the interceptor before the handler runs (and copied
+# into any task the handler starts), read for log lines and error trailers.
+current_request_id: ContextVar[str] = ContextVar("modelbroker_request_id", default="")
+
+
+def request_id_for(metadata: Sequence[tuple[str, Any]] | None) -> str:
+    """The caller's x-request-id when it is sane (and no secret: it is echoed and logged), else a fresh one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            if redact(value) == value:
+                return value
+            break
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class _Status(grpc.Status):  # type: ignore[misc]
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def status_for(exc: errors.BrokerError) -> Any:
+    """`errors.to_grpc_status`, with the ErrorInfo `model` and `provider` redacted too: a caller
+    may have sent a key as the model name, and its message is redacted already."""
+    exc.model, exc.provider = redact(exc.model), redact(exc.provider)
+    return errors.to_grpc_status(exc)
+
+
+def with_request_id(status: Any, request_id: str | None = None) -> Any:
+    """abort_with_status replaces the trailers, so the request id rides with the status."""
+    request_id = request_id or current_request_id.get()
+    if not request_id:
+        return status
+    md = tuple(kv for kv in status.trailing_metadata or () if kv[0] != REQUEST_ID_HEADER)
+    return _Status(status.code, status.details, (*md, (REQUEST_ID_HEADER, request_id)))
 
 
 def new_key() -> str:
@@ -60,6 +105,8 @@ class Caller:
     name: str
     allow_models: tuple[str, ...] | None  # None: every model
     limits: limits.CallerLimits
+    # Its plaintext key has been registered for redaction (on its first successful call).
+    key_registered: bool = field(default=False, compare=False)
 
     def may_use(self, provider: str, model: str) -> bool:
         if self.allow_models is None:
@@ -195,11 +242,19 @@ class Gatekeeper:
                 found = caller
         if found is None:
             raise errors.ApiKeyInvalid("the API key is not known to this broker")
+        if not found.key_registered:
+            # The config holds only the hash; now the daemon has the key, keep it out of
+            # every log line and error (at most once per configured key: bounded).
+            register_secret(key.strip())
+            found.key_registered = True
         return found
 
     def admit(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> limits.Release:
         """Authenticate and, for completions, admit; set the caller for the servicer."""
-        caller = self.authenticate(metadata)
+        return self.admit_caller(method, self.authenticate(metadata))
+
+    def admit_caller(self, method: str, caller: Caller | None) -> limits.Release:
+        """Admit an authenticated caller (None: auth is off); set it for the servicer."""
         current_caller.set(caller)
         if method not in COMPLETION_METHODS:
             return _nothing
@@ -209,21 +264,38 @@ class Gatekeeper:
         """The same handler, run inside admission: refusals abort with the mapped status."""
 
         async def enter(context: Any) -> limits.Release:
+            # Every outcome carries the id in its trailers, refusals here included: set now,
+            # and added to any status the RPC aborts with (`with_request_id`). In the trailers,
+            # not initial metadata, which would cost a gRPC operation of its own per call.
+            failure: errors.BrokerError | None = None
+            caller: Caller | None = None
             try:
-                return self.admit(method, metadata)
+                caller = self.authenticate(metadata)
+            except errors.BrokerError as exc:
+                failure = exc
+            # After authenticate, which registers a caller's key for redaction on first use:
+            # a key sent as x-request-id is then not echoed.
+            request_id = request_id_for(metadata)
+            current_request_id.set(request_id)
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+            try:
+                if failure is not None:
+                    raise failure
+                return self.admit_caller(method, caller)
             except errors.BrokerError as exc:
                 if self.on_refused is not None:
                     self.on_refused(method.removeprefix(SERVICE_PREFIX), exc.code.name, exc.reason)
                 log.info(
                     "request_refused",
                     rpc=method.removeprefix(SERVICE_PREFIX),
+                    request_id=request_id,
                     caller=caller_name(),
                     peer=context.peer(),
                     status=exc.code.name,
                     reason=exc.reason,
                     error=exc.message,
                 )
-                await context.abort_with_status(errors.to_grpc_status(exc))
+                await context.abort_with_status(with_request_id(status_for(exc), request_id))
                 raise AssertionError("abort_with_status returned") from exc
 
         def account(response: Any) -> None:

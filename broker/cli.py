@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,22 @@ from broker.config import (
 # `health` exit codes follow grpc_health_probe so scripts can use either.
 EXIT_SERVING, EXIT_USAGE, EXIT_CONNECT, EXIT_RPC, EXIT_NOT_SERVING = 0, 1, 2, 3, 4
 
+# SIGTERM/SIGINT that `serve` received before its event loop took the signals over.
+_early_signals: list[int] = []
+
+
+def _catch_early_signals() -> None:
+    """From `serve`'s first line: a SIGTERM while the config loads or the modules import is
+    remembered (and then handled as a drain, exit 0) instead of killing the process."""
+
+    def remember(sig: int, _frame: object) -> None:
+        _early_signals.append(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, remember)
+    # A `--workers` parent starts its workers with both blocked until this point.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     path = args.config or os.environ.get("MODEL_BROKER_CONFIG")
@@ -38,6 +55,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _catch_early_signals()
     from broker.logs import configure_logging
 
     worker = args.worker_index is not None
@@ -65,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and not worker:
         from broker.workers import supervise
 
-        return supervise(args, settings)
+        return supervise(args, settings, signalled=_early_signals)
     from broker.metrics import BrokerMetrics
     from broker.server import BrokerServer
 
@@ -79,13 +97,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             metrics=BrokerMetrics(process=False) if worker else None,
         )
         if not worker:
-            await server.serve_until_signal(args.listen)
+            await server.serve_until_signal(args.listen, signalled=_early_signals)
             return
         from broker.workers import exit_with_parent
 
         orphan_watch = asyncio.create_task(exit_with_parent())
         try:
-            await server.serve_until_signal(args.listen)
+            await server.serve_until_signal(args.listen, signalled=_early_signals)
         finally:
             orphan_watch.cancel()
 
@@ -268,7 +286,8 @@ def _summary(provider: str, model: str, finish: str, usage: object, cost: object
     )
     print(
         f"[{provider}/{model}] finish={finish} tokens in={usage.input_tokens} out={usage.output_tokens} "
-        f"cached={usage.cached_input_tokens} cost={price}",
+        f"cached={usage.cached_input_tokens}{' (estimated: the upstream reported no usage)' if usage.estimated else ''} "
+        f"cost={price}",
         file=sys.stderr,
     )
 
@@ -319,7 +338,15 @@ def cmd_providers(args: argparse.Namespace) -> int:
     for p in providers:
         health = pb.ProviderHealth.Name(p.health).removeprefix("PROVIDER_HEALTH_")
         breaker = pb.BreakerState.Name(p.breaker_state).removeprefix("BREAKER_STATE_").lower()
-        last = f"  last error: {p.last_error}" if p.last_error else ""
+        last = ""
+        if p.last_error:
+            when = (
+                p.last_error_time.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")
+                if p.last_error_time.seconds
+                else ""
+            )
+            state = "resolved" if p.last_error_resolved else "current"
+            last = f"  last error ({state}{', ' + when if when else ''}): {p.last_error}"
         print(
             f"{p.name:16} {p.type:10} prio={p.priority:<4} {health:12} breaker={breaker:10} "
             f"models={p.model_count:<4} {p.base_url}{last}"

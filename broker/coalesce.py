@@ -7,12 +7,14 @@ it arrives. When it falls behind (a slow client, a full HTTP/2 window, a busy da
 COALESCE_BACKLOG outputs or more, the text deltas waiting for it are sent as one message:
 fewer, larger writes, the same text in the same order, and nothing ever waits for more
 data. A caller a few deltas behind still gets them one by one, so a short burst from the
-upstream keeps its granularity.
+upstream keeps its granularity. A merged delta stays below MAX_MERGED_CHARS (plus one
+delta, itself at most completion.MAX_DELTA_CHARS), far below any gRPC message limit.
 
 How: a reader task pulls the source (the completion) into a short queue while the
 consumer (the servicer's StreamComplete loop) writes; each time the consumer comes back
 for more, it takes everything queued and merges runs of consecutive TextDeltaEvents. The
-queue is bounded, so a caller that stops reading stops the upstream reads too.
+queue is bounded, in outputs and in characters of text, so a caller that stops reading
+stops the upstream reads too, and what waits for it stays a few MiB whatever the deltas weigh.
 
 What does not change: the order of everything, where fallback ends (the completion
 decides that before yielding its first content, as before), errors (raised to the
@@ -29,18 +31,29 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
-from broker.types import TextDeltaEvent
+from broker.types import TextDeltaEvent, ToolCallDeltaEvent
 
 T = TypeVar("T")
 
 # Outputs read ahead of the caller, at most; beyond this the reader waits (backpressure).
 MAX_QUEUED = 256
+# ...and characters of text and tool-call arguments read ahead, at most (the reader waits
+# once past it; a single larger output still goes through).
+MAX_QUEUED_CHARS = 4 * 1024 * 1024
 # Merging starts when this many outputs wait for the caller (the one about to be sent included).
 COALESCE_BACKLOG = 8
 # While reading ahead, the reader lets the event loop run after this many queued outputs.
 YIELD_EVERY = 16
 # A merged delta stops growing here, far below the gRPC message limit.
 MAX_MERGED_CHARS = 64 * 1024
+
+
+def _chars(item: object) -> int:
+    if isinstance(item, TextDeltaEvent):
+        return len(item.text)
+    if isinstance(item, ToolCallDeltaEvent):
+        return len(item.arguments_delta)
+    return 0
 
 
 async def coalesced(source: AsyncIterator[T]) -> AsyncGenerator[T, None]:
@@ -51,17 +64,19 @@ async def coalesced(source: AsyncIterator[T]) -> AsyncGenerator[T, None]:
     reader_waiting: asyncio.Future[None] | None = None
     finished = False
     failure: Exception | None = None
+    queued_chars = 0  # of the items in `queue` (see _chars)
 
     def wake_consumer() -> None:
         if consumer_waiting is not None and not consumer_waiting.done():
             consumer_waiting.set_result(None)
 
     async def read() -> None:
-        nonlocal finished, failure, reader_waiting
+        nonlocal finished, failure, reader_waiting, queued_chars
         try:
             try:
                 async for item in source:
                     queue.append(item)
+                    queued_chars += _chars(item)
                     if consumer_waiting is not None and not consumer_waiting.done():
                         consumer_waiting.set_result(None)
                         # The caller was idle: let its write of this item start before reading
@@ -72,7 +87,7 @@ async def coalesced(source: AsyncIterator[T]) -> AsyncGenerator[T, None]:
                         # write completions now and then, so the caller is not kept waiting
                         # for the whole burst to be parsed.
                         await asyncio.sleep(0)
-                    while len(queue) >= MAX_QUEUED:
+                    while len(queue) >= MAX_QUEUED or (queued_chars > MAX_QUEUED_CHARS and len(queue) > 1):
                         reader_waiting = loop.create_future()
                         await reader_waiting
             finally:
@@ -98,6 +113,7 @@ async def coalesced(source: AsyncIterator[T]) -> AsyncGenerator[T, None]:
                 consumer_waiting = None
                 continue
             item = queue.popleft()
+            queued_chars -= _chars(item)
             if (
                 isinstance(item, TextDeltaEvent)
                 and len(queue) + 1 >= COALESCE_BACKLOG
@@ -110,8 +126,14 @@ async def coalesced(source: AsyncIterator[T]) -> AsyncGenerator[T, None]:
                     assert isinstance(nxt, TextDeltaEvent)
                     parts.append(nxt.text)
                     size += len(nxt.text)
+                    queued_chars -= len(nxt.text)
                 item = TextDeltaEvent("".join(parts))  # type: ignore[assignment]
-            if reader_waiting is not None and not reader_waiting.done() and len(queue) < MAX_QUEUED:
+            if (
+                reader_waiting is not None
+                and not reader_waiting.done()
+                and len(queue) < MAX_QUEUED
+                and (queued_chars <= MAX_QUEUED_CHARS or len(queue) <= 1)
+            ):
                 reader_waiting.set_result(None)
             yield item
         if failure is not None:

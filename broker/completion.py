@@ -10,9 +10,16 @@ and pings (ProgressEvent) re-arm both timers but are neither content nor forward
 
 Streaming is the only path; unary accumulates it, buffered (`stream(buffered=True)`), so
 a unary failure part-way may still retry or fall back with the partial answer thrown
-away. The first message to a streaming caller (`Started`) is held back until the first
-content, so a failure before any content can move on without the caller ever seeing the
-first provider's name. After content has been delivered a failure is an interruption
+away. What is held is bounded by what one response can carry (`server.max_message_bytes`):
+past it the upstream is closed and the call fails RESOURCE_EXHAUSTED RESPONSE_TOO_LARGE.
+A delta larger than MAX_DELTA_CHARS (one 12 MiB text event from an upstream) is passed on
+as several deltas, so every stream message stays far below the gRPC message limit. An
+upstream value the wire parsers did not foresee (a shape that raises ValueError, TypeError,
+...) is an UPSTREAM_PROTOCOL_ERROR with the traceback in the log, never INTERNAL.
+
+The first message to a streaming caller (`Started`) is held back until the first content,
+so a failure before any content can move on without the caller ever seeing the first
+provider's name. After content has been delivered a failure is an interruption
 (STREAM_INTERRUPTED, with what was delivered): never retried, never spliced with another
 model's output.
 """
@@ -22,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -56,6 +63,15 @@ log = structlog.get_logger("broker.completion")
 # A lower bound on tokens for a text, for "known to exceed the context window": real
 # tokenizers average ~4 bytes per token on prose; 6 keeps false alarms away.
 BYTES_PER_TOKEN_LOWER_BOUND = 6
+# One delta to the caller carries at most this many characters (at most 4 bytes each in
+# UTF-8: 256 KiB, below the smallest gRPC message limit the config allows, 1 MiB + 1 KiB);
+# a longer one is split, in order, over several deltas.
+MAX_DELTA_CHARS = 64 * 1024
+# Held (unary) tool-call deltas count this much beyond their text: the response's own
+# framing per call, and a bound on how many tiny deltas can be held.
+_HELD_DELTA_OVERHEAD = 16
+# Exceptions a provider stream may raise on upstream data of a shape nothing foresaw.
+_UNREADABLE = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError)
 _CAPABILITY_WORDS = {
     Capability.VISION: "vision (image input)",
     Capability.TOOLS: "tools",
@@ -241,14 +257,17 @@ class CompletionService:
                 attempt = Attempt(s.name, target.model)
                 record.attempts.append(attempt)
                 delivered = Delivered()
-                held: list[Output] | None = [] if buffered else None
+                held = Held(self.registry.settings.server.max_message_bytes) if buffered else None
                 try:
-                    async for out in self._attempt(call, target, request_id, deadline, record):
-                        if held is not None:
-                            held.append(out)
-                        else:
-                            delivered.add(out)
-                            yield out
+                    # aclosing: leaving early (the caller gone, a held answer too large)
+                    # closes the attempt, and with it the upstream request, at once.
+                    async with aclosing(self._attempt(call, target, request_id, deadline, record)) as outs:
+                        async for out in outs:
+                            if held is not None:
+                                held.add(out)
+                            else:
+                                delivered.add(out)
+                                yield out
                 except errors.BrokerError as exc:
                     exc.with_target(s.name, target.model)
                     attempt.error = exc.reason
@@ -282,7 +301,7 @@ class CompletionService:
                     raise
                 await self._outcome(s, None)
                 if held is not None:
-                    for out in held:
+                    for out in held.outputs():
                         yield out
                 return
         if last_error is not None:
@@ -323,7 +342,7 @@ class CompletionService:
         request_id: str,
         deadline: float | None,
         record: CallRecord,
-    ) -> AsyncIterator[Output]:
+    ) -> AsyncGenerator[Output, None]:
         spec, cfg = target.spec, target.state.config
         t0 = time.monotonic()
         request = CompletionRequest(
@@ -360,6 +379,18 @@ class CompletionService:
                         ev = await anext(events)
                     except StopAsyncIteration:
                         break
+                    except _UNREADABLE:
+                        # A bug in reading this upstream's bytes, not the caller's: the
+                        # traceback goes to the log, the caller gets a stable reason.
+                        log.exception(
+                            "upstream_unreadable", request_id=request_id, provider=target.state.name
+                        )
+                        raise errors.UpstreamProtocolError(
+                            f"{target.state.name}: the upstream's answer could not be read "
+                            "(see the broker's log for this request id)",
+                            provider=target.state.name,
+                            model=target.model,
+                        ) from None
                     except asyncio.CancelledError:
                         if not timer.expired():
                             raise
@@ -403,8 +434,16 @@ class CompletionService:
                         return
                     if isinstance(ev, TextDeltaEvent):
                         generated_chars += len(ev.text)
+                        if len(ev.text) > MAX_DELTA_CHARS:
+                            for piece in split_text(ev):
+                                yield piece
+                            continue
                     else:
                         generated_chars += len(ev.name) + len(ev.arguments_delta)
+                        if len(ev.arguments_delta) > MAX_DELTA_CHARS:
+                            for part in split_tool_call(ev):
+                                yield part
+                            continue
                     yield ev
         finally:
             timer.close()
@@ -468,6 +507,99 @@ class _WaitTimer:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+
+def split_text(ev: TextDeltaEvent, size: int = MAX_DELTA_CHARS) -> list[TextDeltaEvent]:
+    """An oversize text delta as several, in order, each at most `size` characters."""
+    text = ev.text
+    return [TextDeltaEvent(text[i : i + size]) for i in range(0, len(text), size)]
+
+
+def split_tool_call(ev: ToolCallDeltaEvent, size: int = MAX_DELTA_CHARS) -> list[ToolCallDeltaEvent]:
+    """An oversize tool-call delta as several: the first keeps id and name, the rest carry
+    argument fragments with the same index (which callers already concatenate)."""
+    args = ev.arguments_delta
+    parts = [args[i : i + size] for i in range(0, len(args), size)]
+    first = ToolCallDeltaEvent(index=ev.index, id=ev.id, name=ev.name, arguments_delta=parts[0])
+    return [first, *(ToolCallDeltaEvent(index=ev.index, arguments_delta=p) for p in parts[1:])]
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class Held:
+    """A buffered (unary) attempt's outputs, bounded by what one response can carry.
+
+    Consecutive text deltas (and argument fragments of one tool call) are merged as they
+    arrive, so a long answer of tiny deltas is held as a few strings, not a million
+    objects; `add` raises ResponseTooLarge once the content passes `limit` UTF-8 bytes
+    (the caller then closes the upstream: nothing more is read).
+    """
+
+    __slots__ = ("_chunks", "_held", "_key", "_pieces", "_pieces_chars", "limit", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._held: list[Output] = []
+        # The run being merged: None, ("text",) or ("args", index); its pieces, then chunks.
+        self._key: tuple[str, int] | None = None
+        self._pieces: list[str] = []
+        self._pieces_chars = 0
+        self._chunks: list[str] = []
+
+    def add(self, out: Output) -> None:
+        if isinstance(out, TextDeltaEvent):
+            self._merge(("text", 0), out.text)
+        elif isinstance(out, ToolCallDeltaEvent):
+            self.size += _HELD_DELTA_OVERHEAD
+            if out.id or out.name:
+                self._flush()
+                self.size += _utf8_len(out.id) + _utf8_len(out.name) + _utf8_len(out.arguments_delta)
+                self._held.append(out)
+            else:
+                self._merge(("args", out.index), out.arguments_delta)
+        else:
+            self._flush()
+            self._held.append(out)
+        if self.size > self.limit:
+            raise errors.ResponseTooLarge(
+                f"the answer grew past {self.limit} bytes, the most one Complete response carries "
+                "(server.max_message_bytes), so the broker stopped the upstream; use StreamComplete "
+                "for answers this long, or set params.max_tokens lower",
+                metadata={"limit_bytes": str(self.limit)},
+            )
+
+    def _merge(self, key: tuple[str, int], text: str) -> None:
+        if key != self._key:
+            self._flush()
+            self._key = key
+        self.size += _utf8_len(text)
+        self._pieces.append(text)
+        self._pieces_chars += len(text)
+        if len(self._pieces) >= 256 or self._pieces_chars >= 64 * 1024:
+            self._chunks.append("".join(self._pieces))
+            self._pieces.clear()
+            self._pieces_chars = 0
+
+    def _flush(self) -> None:
+        if self._key is None:
+            return
+        text = "".join(self._chunks) + "".join(self._pieces)
+        kind, index = self._key
+        if kind == "text":
+            self._held.append(TextDeltaEvent(text))
+        else:
+            self._held.append(ToolCallDeltaEvent(index=index, arguments_delta=text))
+        self._key = None
+        self._pieces.clear()
+        self._pieces_chars = 0
+        self._chunks.clear()
+
+    def outputs(self) -> list[Output]:
+        self._flush()
+        return self._held
 
 
 @dataclass(slots=True)

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from broker.redact import register_secret
+from broker.redact import register_secret, register_url_credentials
 
 ProviderType = Literal["openai", "anthropic", "ollama"]
 PRESETS = ("development", "cloud-only", "local-only")
@@ -339,6 +339,13 @@ class CallerKey(_Strict):
                 f"must be the 64-character hex SHA-256 of the key, from `model-broker keys hash`; "
                 f"got {len(v)} characters{hint}"
             )
+        if any(v == v[:n] * (64 // n) for n in (1, 2, 4, 8)):
+            # All zeros (the deploy ConfigMap's placeholder), one repeated digit or a short
+            # repeated run: no key hashes to that, so every call would fail API_KEY_INVALID.
+            raise ValueError(
+                f"is a placeholder ({v[:4]}...), not the hash of a key: replace it with the sha256 "
+                "from `model-broker keys create` (or `keys hash`)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -505,6 +512,12 @@ def settings_from_dict(raw: Any, *, source: str = "", env: Mapping[str, str] | N
             for p in settings.providers:
                 if p.api_key is not None:
                     register_secret(p.api_key.get_secret_value())
+                for value in p.headers.values():  # any header may carry a credential
+                    register_secret(value)
+                if p.proxy is not None:
+                    register_secret(p.proxy.get_secret_value())
+                    register_url_credentials(p.proxy.get_secret_value())
+                register_url_credentials(p.base_url)
             return settings
     raise ConfigError(problems, source)
 
@@ -571,4 +584,6 @@ def dump_settings(settings: Settings, *, reveal_secrets: bool = False) -> str:
             p_out["api_key_file"] = str(p.api_key_file)
         if p.proxy is not None:
             p_out["proxy"] = p.proxy.get_secret_value() if reveal_secrets else "**********"
+        if p.headers and not reveal_secrets:
+            p_out["headers"] = dict.fromkeys(p.headers, "**********")
     return yaml.safe_dump(data, sort_keys=False)

@@ -3,15 +3,24 @@
 Every problem in a request becomes one field violation with the proto field path
 (`messages[2].content[0].image.media_type`), and all of them are reported at once, so a
 caller fixes a request in one round trip. Nothing here knows a provider.
+
+Every field is bounded (the LIMITS table; README "Request limits"): sizes of strings and
+lists, a tool schema's size and depth, numbers finite and in range, enums known. A caller's
+own string is never echoed whole (errors.bound). Also here: ListModels paging and the
+bounded SelectModel answer, so no response can pass the gRPC message limit.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import math
 import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import struct_pb2
 
 from broker import errors
 from broker.types import (
@@ -35,8 +44,41 @@ from broker.types import (
 from modelbroker.v1 import broker_pb2 as pb
 
 IMAGE_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
-_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# fullmatch, never `$`: "f\n" would match `^...$` (`$` also matches before a final newline).
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# C0 controls and DEL: never part of a model id, provider name or tool-call id.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# --- limits (README "Request limits"; each is checked, a violation names the field) ---------
+MAX_MODEL_CHARS = 256  # model, fallback_models[], GetModel.model
+MAX_FALLBACK_MODELS = 8
+MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 256  # per message
+MAX_URL_CHARS = 8192  # an http(s) image URL (data: URLs count against the message size)
+MAX_TOOL_CALLS_PER_MESSAGE = 128
+MAX_ID_CHARS = 256  # tool_calls[].id, tool_call_id
+MAX_TOOL_CALL_NAME_CHARS = 256  # a call in history, as the model named it
+MAX_TOOLS = 128
+MAX_TOOL_DESCRIPTION_CHARS = 16 * 1024
+MAX_TOOL_SCHEMA_BYTES = 64 * 1024  # one tool's parameters, as JSON
+MAX_SCHEMA_DEPTH = 32  # objects and arrays nested in one tool's parameters
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 1024
+MAX_OUTPUT_TOKENS = 1 << 24  # params.max_tokens
+MAX_TOKEN_FIGURE = 2**53  # requirements.min_context_window and price ceilings
+MAX_PROVIDER_NAMES = 64  # requirements.allow_providers / exclude_providers
+MAX_PROVIDER_CHARS = 128
+MAX_CAPABILITIES = 16
+# ListModels: models per page by default and at most; a page also stops before MAX_PAGE_BYTES.
+DEFAULT_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = 1000
+MAX_PAGE_BYTES = 1024 * 1024
+MAX_PAGE_TOKEN_CHARS = 256
+# SelectModel: alternatives and exclusions listed at most (the rest are counted).
+MAX_SELECT_LISTED = 100
+# Violations one tool schema may add (a schema full of NaNs is one problem, many times).
+_MAX_SCHEMA_VIOLATIONS = 5
 
 _ROLES = {
     pb.ROLE_SYSTEM: Role.SYSTEM,
@@ -119,26 +161,42 @@ def completion_from_proto(
 ) -> CompletionCall:
     v: list[tuple[str, str]] = []
     requirements = requirements_from_proto(req.requirements, "requirements", v)
-    if not req.model.strip() and requirements.is_empty():
+    model = req.model.strip()
+    if not model and requirements.is_empty():
         v.append(
             (
                 "model",
                 "required: give 'provider/model', a model id or an alias (or requirements to select one)",
             )
         )
+    elif model:
+        _model_ref(req.model, "model", v)
     if not req.messages:
         v.append(("messages", "at least one message is required"))
-    messages = [_message(m, f"messages[{i}]", v, max_message_bytes) for i, m in enumerate(req.messages)]
+    elif len(req.messages) > MAX_MESSAGES:
+        v.append(("messages", f"at most {MAX_MESSAGES} messages, got {len(req.messages)}"))
+    messages = [
+        _message(m, f"messages[{i}]", v, max_message_bytes) for i, m in enumerate(req.messages[:MAX_MESSAGES])
+    ]
     tools = _tools(req, v)
     tool_choice = _tool_choice(req, {t.name for t in tools}, v)
     params = params_from_proto(req.params, v) if req.HasField("params") else GenerationParams()
-    for i, fb in enumerate(req.fallback_models):
+    if len(req.fallback_models) > MAX_FALLBACK_MODELS:
+        v.append(
+            (
+                "fallback_models",
+                f"at most {MAX_FALLBACK_MODELS} fallback models, got {len(req.fallback_models)}",
+            )
+        )
+    for i, fb in enumerate(req.fallback_models[:MAX_FALLBACK_MODELS]):
         if not fb.strip():
             v.append((f"fallback_models[{i}]", "must not be empty"))
+        else:
+            _model_ref(fb, f"fallback_models[{i}]", v)
     if v:
         raise errors.InvalidRequest(v)
     return CompletionCall(
-        model=req.model.strip(),
+        model=model,
         messages=messages,
         tools=tools,
         tool_choice=tool_choice,
@@ -146,6 +204,39 @@ def completion_from_proto(
         requirements=requirements,
         fallback_models=[f.strip() for f in req.fallback_models],
     )
+
+
+def _model_ref(ref: str, path: str, v: list[tuple[str, str]]) -> None:
+    """A model reference: at most MAX_MODEL_CHARS, no control characters."""
+    ref = ref.strip()
+    if len(ref) > MAX_MODEL_CHARS:
+        v.append((path, f"at most {MAX_MODEL_CHARS} characters, got {len(ref)}"))
+    elif _CONTROL.search(ref):
+        v.append((path, "must not contain control characters"))
+
+
+def model_ref_from_proto(ref: str, path: str = "model") -> str:
+    """GetModel's `model`, validated like a completion's: stripped, required, bounded."""
+    v: list[tuple[str, str]] = []
+    if not ref.strip():
+        v.append((path, "required"))
+    else:
+        _model_ref(ref, path, v)
+    if v:
+        raise errors.InvalidRequest(v)
+    return ref.strip()
+
+
+def _id(
+    value: str, path: str, v: list[tuple[str, str]], *, required: bool, limit: int = MAX_ID_CHARS
+) -> None:
+    if not value:
+        if required:
+            v.append((path, "required"))
+    elif len(value) > limit:
+        v.append((path, f"at most {limit} characters, got {len(value)}"))
+    elif _CONTROL.search(value):
+        v.append((path, "must not contain control characters"))
 
 
 def _message(m: pb.Message, path: str, v: list[tuple[str, str]], max_bytes: int) -> Message:
@@ -157,12 +248,14 @@ def _message(m: pb.Message, path: str, v: list[tuple[str, str]], max_bytes: int)
         role = Role.USER
     parts: list[ContentPart] = []
     size = 0
-    for j, part in enumerate(m.content):
+    if len(m.content) > MAX_CONTENT_PARTS:
+        v.append((f"{path}.content", f"at most {MAX_CONTENT_PARTS} parts, got {len(m.content)}"))
+    for j, part in enumerate(m.content[:MAX_CONTENT_PARTS]):
         ppath = f"{path}.content[{j}]"
         kind = part.WhichOneof("part")
         if kind == "text":
             parts.append(TextPart(part.text))
-            size += len(part.text.encode())
+            size += _utf8_len(part.text)
         elif kind == "image":
             if role in (Role.SYSTEM, Role.TOOL):
                 v.append(
@@ -172,20 +265,28 @@ def _message(m: pb.Message, path: str, v: list[tuple[str, str]], max_bytes: int)
             size += len(part.image.data) + len(part.image.url)
         else:
             v.append((ppath, "set text or image"))
-    if size > max_bytes:
-        v.append((f"{path}.content", f"{size} bytes exceeds the limit of {max_bytes} bytes per message"))
     calls = []
-    for j, tc in enumerate(m.tool_calls):
+    if len(m.tool_calls) > MAX_TOOL_CALLS_PER_MESSAGE:
+        v.append(
+            (
+                f"{path}.tool_calls",
+                f"at most {MAX_TOOL_CALLS_PER_MESSAGE} tool calls, got {len(m.tool_calls)}",
+            )
+        )
+    for j, tc in enumerate(m.tool_calls[:MAX_TOOL_CALLS_PER_MESSAGE]):
         if role is not Role.ASSISTANT:
             v.append((f"{path}.tool_calls", "only assistant messages carry tool calls"))
             break
-        if not tc.id:
-            v.append((f"{path}.tool_calls[{j}].id", "required"))
-        if not tc.name:
-            v.append((f"{path}.tool_calls[{j}].name", "required"))
+        _id(tc.id, f"{path}.tool_calls[{j}].id", v, required=True)
+        _id(tc.name, f"{path}.tool_calls[{j}].name", v, required=True, limit=MAX_TOOL_CALL_NAME_CHARS)
+        size += _utf8_len(tc.arguments) + len(tc.id) + len(tc.name)
         calls.append(ToolCall(id=tc.id, name=tc.name, arguments=tc.arguments or "{}"))
+    if size > max_bytes:
+        v.append((f"{path}.content", f"{size} bytes exceeds the limit of {max_bytes} bytes per message"))
     if role is Role.TOOL and not m.tool_call_id:
         v.append((f"{path}.tool_call_id", "required for ROLE_TOOL messages: the id of the call this answers"))
+    else:
+        _id(m.tool_call_id, f"{path}.tool_call_id", v, required=False)
     if not parts and not calls and role is not Role.ASSISTANT:
         # An empty assistant turn is history as it happened (a model that said nothing):
         # passed on (OpenAI takes it; the Anthropic mapping leaves it out).
@@ -193,6 +294,10 @@ def _message(m: pb.Message, path: str, v: list[tuple[str, str]], max_bytes: int)
     return Message(
         role=role, content=parts, tool_calls=calls, tool_call_id=m.tool_call_id, is_error=m.is_error
     )
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def _image(img: pb.Image, path: str, v: list[tuple[str, str]]) -> ImagePart:
@@ -206,6 +311,10 @@ def _image(img: pb.Image, path: str, v: list[tuple[str, str]]) -> ImagePart:
     if src == "url":
         if not img.url.startswith(("https://", "http://", "data:image/")):
             v.append((f"{path}.url", "must be an http(s) URL or a data:image/... URL"))
+        elif not img.url.startswith("data:") and len(img.url) > MAX_URL_CHARS:
+            v.append((f"{path}.url", f"at most {MAX_URL_CHARS} characters, got {len(img.url)}"))
+        elif _CONTROL.search(img.url) and not img.url.startswith("data:"):
+            v.append((f"{path}.url", "must not contain control characters"))
         if img.media_type and img.media_type not in IMAGE_MEDIA_TYPES:
             v.append((f"{path}.media_type", f"must be one of {', '.join(sorted(IMAGE_MEDIA_TYPES))}"))
         return ImagePart(url=img.url, media_type=img.media_type)
@@ -216,21 +325,108 @@ def _image(img: pb.Image, path: str, v: list[tuple[str, str]]) -> ImagePart:
 def _tools(req: pb.CompleteRequest | pb.StreamCompleteRequest, v: list[tuple[str, str]]) -> list[Tool]:
     tools: list[Tool] = []
     seen: set[str] = set()
-    for i, t in enumerate(req.tools):
-        if not _TOOL_NAME.match(t.name):
+    if len(req.tools) > MAX_TOOLS:
+        v.append(("tools", f"at most {MAX_TOOLS} tools, got {len(req.tools)}"))
+    for i, t in enumerate(req.tools[:MAX_TOOLS]):
+        if not _TOOL_NAME.fullmatch(t.name):
             v.append((f"tools[{i}].name", "must be 1-64 characters of letters, digits, '_' or '-'"))
         elif t.name in seen:
             v.append((f"tools[{i}].name", f"duplicate tool name {t.name!r}"))
         seen.add(t.name)
-        params: dict[str, Any] = (
-            json_format.MessageToDict(t.parameters)
-            if t.HasField("parameters")
-            else {"type": "object", "properties": {}}
-        )
+        if len(t.description) > MAX_TOOL_DESCRIPTION_CHARS:
+            v.append(
+                (
+                    f"tools[{i}].description",
+                    f"at most {MAX_TOOL_DESCRIPTION_CHARS} characters, got {len(t.description)}",
+                )
+            )
+        if t.HasField("parameters"):
+            params = schema_from_proto(t.parameters, f"tools[{i}].parameters", v)
+        else:
+            params = {"type": "object", "properties": {}}
         if params.get("type", "object") != "object":
             v.append((f"tools[{i}].parameters", "must be a JSON Schema of type object"))
         tools.append(Tool(name=t.name, description=t.description, parameters=params))
     return tools
+
+
+def key_path(path: str, key: str) -> str:
+    """The path of `key` inside the JSON object at `path`: `.key`, or `["k e y"]` when the
+    key is not an identifier (quoted as JSON, at most 64 characters of it)."""
+    if _IDENTIFIER.fullmatch(key) and len(key) <= 64:
+        return f"{path}.{key}"
+    quoted = key[:64].replace("\\", "\\\\").replace('"', '\\"')
+    quoted = _CONTROL.sub("?", quoted)
+    return f'{path}["{quoted}{"..." if len(key) > 64 else ""}"]'
+
+
+class _SchemaWalk:
+    """One tool schema (a Struct) -> a JSON-ready dict, bounded: depth, size, finite numbers."""
+
+    __slots__ = ("budget", "found", "v")
+
+    def __init__(self, v: list[tuple[str, str]]) -> None:
+        self.v = v
+        self.budget = MAX_TOOL_SCHEMA_BYTES
+        self.found = 0
+
+    def problem(self, path: str, what: str) -> None:
+        if self.found < _MAX_SCHEMA_VIOLATIONS:
+            self.v.append((path, what))
+        self.found += 1
+
+    def struct(self, s: struct_pb2.Struct, path: str, depth: int) -> dict[str, Any]:
+        if depth > MAX_SCHEMA_DEPTH:
+            self.problem(path, f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
+            return {}
+        out: dict[str, Any] = {}
+        for key in s.fields:
+            self.budget -= len(key) + 4
+            if self.budget < 0:
+                return out
+            out[key] = self.value(s.fields[key], key_path(path, key), depth)
+        return out
+
+    def value(self, val: struct_pb2.Value, path: str, depth: int) -> Any:
+        kind = val.WhichOneof("kind")
+        if kind == "string_value":
+            self.budget -= len(val.string_value) + 2
+            return val.string_value
+        if kind == "number_value":
+            self.budget -= 8
+            number = val.number_value
+            if not math.isfinite(number):
+                self.problem(path, f"must be a finite number, got {number}")
+            return number
+        if kind == "bool_value":
+            self.budget -= 5
+            return val.bool_value
+        if kind == "struct_value":
+            return self.struct(val.struct_value, path, depth + 1)
+        if kind == "list_value":
+            if depth + 1 > MAX_SCHEMA_DEPTH:
+                self.problem(path, f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
+                return []
+            items = []
+            for i, item in enumerate(val.list_value.values):
+                self.budget -= 1
+                if self.budget < 0:
+                    break
+                items.append(self.value(item, f"{path}[{i}]", depth + 1))
+            return items
+        self.budget -= 4
+        return None  # null_value, or no kind set (JSON null either way)
+
+
+def schema_from_proto(s: struct_pb2.Struct, path: str, v: list[tuple[str, str]]) -> dict[str, Any]:
+    """A JSON Schema Struct as a dict, checked: at most MAX_SCHEMA_DEPTH levels of objects
+    and arrays, at most MAX_TOOL_SCHEMA_BYTES of JSON, no NaN or infinite number (JSON has
+    none, and no upstream could parse one)."""
+    walk = _SchemaWalk(v)
+    out = walk.struct(s, path, 1)
+    if walk.budget < 0:
+        v.append((path, f"larger than {MAX_TOOL_SCHEMA_BYTES} bytes as JSON"))
+    return out
 
 
 def _tool_choice(
@@ -251,17 +447,20 @@ def params_from_proto(p: pb.GenerationParams, v: list[tuple[str, str]]) -> Gener
     temperature = p.temperature if p.HasField("temperature") else None
     top_p = p.top_p if p.HasField("top_p") else None
     max_tokens = p.max_tokens if p.HasField("max_tokens") else None
+    # `not a <= x <= b` is also true for NaN: every non-finite value is out of range.
     if temperature is not None and not 0.0 <= temperature <= 2.0:
         v.append(("params.temperature", f"must be between 0 and 2, got {temperature:g}"))
     if top_p is not None and not 0.0 <= top_p <= 1.0:
         v.append(("params.top_p", f"must be between 0 and 1, got {top_p:g}"))
-    if max_tokens is not None and max_tokens < 1:
-        v.append(("params.max_tokens", f"must be at least 1, got {max_tokens}"))
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_OUTPUT_TOKENS:
+        v.append(("params.max_tokens", f"must be between 1 and {MAX_OUTPUT_TOKENS}, got {max_tokens}"))
     if len(p.stop) > MAX_STOP_SEQUENCES:
         v.append(("params.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(p.stop)}"))
-    for i, s in enumerate(p.stop):
+    for i, s in enumerate(p.stop[: MAX_STOP_SEQUENCES * 4]):
         if not s:
             v.append((f"params.stop[{i}]", "must not be empty"))
+        elif len(s) > MAX_STOP_CHARS:
+            v.append((f"params.stop[{i}]", f"at most {MAX_STOP_CHARS} characters, got {len(s)}"))
     fmt = _RESPONSE_FORMAT.get(p.response_format)
     if fmt is None:
         v.append(("params.response_format", f"unknown format {p.response_format}"))
@@ -278,17 +477,27 @@ def params_from_proto(p: pb.GenerationParams, v: list[tuple[str, str]]) -> Gener
 
 def requirements_from_proto(r: pb.Requirements, path: str, v: list[tuple[str, str]]) -> Requirements:
     caps: set[Capability] = set()
-    for i, c in enumerate(r.capabilities):
+    if len(r.capabilities) > MAX_CAPABILITIES:
+        v.append(
+            (f"{path}.capabilities", f"at most {MAX_CAPABILITIES} capabilities, got {len(r.capabilities)}")
+        )
+    for i, c in enumerate(r.capabilities[:MAX_CAPABILITIES]):
         cap = CAPABILITY_FROM_PB.get(c)
         if cap is None:
             v.append((f"{path}.capabilities[{i}]", f"unknown capability {c}"))
         else:
             caps.add(cap)
-    if r.min_context_window < 0:
-        v.append((f"{path}.min_context_window", "must not be negative"))
+    if not 0 <= r.min_context_window <= MAX_TOKEN_FIGURE:
+        v.append((f"{path}.min_context_window", f"must be between 0 and {MAX_TOKEN_FIGURE}"))
     for name in ("max_input_price_micro_usd_per_mtok", "max_output_price_micro_usd_per_mtok"):
-        if r.HasField(name) and getattr(r, name) < 0:
-            v.append((f"{path}.{name}", "must not be negative"))
+        if r.HasField(name) and not 0 <= getattr(r, name) <= MAX_TOKEN_FIGURE:
+            v.append((f"{path}.{name}", f"must be between 0 and {MAX_TOKEN_FIGURE}"))
+    for name in ("allow_providers", "exclude_providers"):
+        names = getattr(r, name)
+        if len(names) > MAX_PROVIDER_NAMES:
+            v.append((f"{path}.{name}", f"at most {MAX_PROVIDER_NAMES} names, got {len(names)}"))
+        for i, n in enumerate(names[:MAX_PROVIDER_NAMES]):
+            _id(n, f"{path}.{name}[{i}]", v, required=True, limit=MAX_PROVIDER_CHARS)
     pref = _PREFERENCES.get(r.preference)
     if pref is None:
         v.append((f"{path}.preference", f"unknown preference {r.preference}"))
@@ -308,6 +517,107 @@ def requirements_from_proto(r: pb.Requirements, path: str, v: list[tuple[str, st
         exclude_providers=tuple(r.exclude_providers),
         preference=pref,
     )
+
+
+# --- ListModels paging and the bounded SelectModel answer ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsQuery:
+    """A validated ListModelsRequest: the filter and which page."""
+
+    provider: str
+    capabilities: frozenset[Capability]
+    page_size: int
+    offset: int
+
+    @property
+    def fingerprint(self) -> str:
+        """Ties a page token to its filter: a token sent with another filter is refused."""
+        caps = ",".join(sorted(c.value for c in self.capabilities))
+        return hashlib.sha256(f"{self.provider}\0{caps}".encode()).hexdigest()[:12]
+
+
+def list_models_query(req: pb.ListModelsRequest, providers: Collection[str]) -> ModelsQuery:
+    """Validate a ListModelsRequest (InvalidRequest naming each bad field)."""
+    v: list[tuple[str, str]] = []
+    caps = requirements_from_proto(pb.Requirements(capabilities=req.capabilities), "", v)
+    v = [(f.lstrip("."), d) for f, d in v]
+    if req.provider and req.provider not in providers:
+        v.append(("provider", f"no provider named {errors.bound(req.provider, 64)!r}"))
+    if req.page_size < 0:
+        v.append(("page_size", f"must not be negative, got {req.page_size}"))
+    page_size = min(req.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    query = ModelsQuery(req.provider, caps.capabilities, max(page_size, 1), 0)
+    if req.page_token:
+        offset = _page_offset(req.page_token, query.fingerprint)
+        if offset is None:
+            v.append(
+                (
+                    "page_token",
+                    "not a next_page_token of a ListModels answer with this provider and capabilities",
+                )
+            )
+        else:
+            query = ModelsQuery(query.provider, query.capabilities, query.page_size, offset)
+    if v:
+        raise errors.InvalidRequest(v)
+    return query
+
+
+def _page_token(offset: int, fingerprint: str) -> str:
+    return base64.urlsafe_b64encode(f"v1:{offset}:{fingerprint}".encode()).decode().rstrip("=")
+
+
+def _page_offset(token: str, fingerprint: str) -> int | None:
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    version, _, rest = raw.partition(":")
+    offset, _, fp = rest.partition(":")
+    if version != "v1" or fp != fingerprint or not offset.isdigit() or len(offset) > 12:
+        return None
+    return int(offset)
+
+
+def list_models_page(specs: Sequence[ModelSpec], query: ModelsQuery) -> pb.ListModelsResponse:
+    """One page of the (filtered, permitted) listing: at most query.page_size models and
+    MAX_PAGE_BYTES (at least one model), and the token of the next page when more follow.
+
+    Pages are by position in the listing, which is stable while the providers' model lists
+    are: a discovery refresh between two pages may shift a model onto the other page."""
+    out = pb.ListModelsResponse()
+    size = 0
+    end = query.offset
+    for spec in specs[query.offset : query.offset + query.page_size]:
+        info = model_to_proto(spec)
+        size += info.ByteSize() + 4
+        if size > MAX_PAGE_BYTES and len(out.models):
+            break
+        out.models.append(info)
+        end += 1
+    if end < len(specs):
+        out.next_page_token = _page_token(end, query.fingerprint)
+    return out
+
+
+def select_model_response(
+    selected: ModelSpec, alternatives: Sequence[ModelSpec], excluded: Sequence[tuple[str, str]]
+) -> pb.SelectModelResponse:
+    """The SelectModel answer with at most MAX_SELECT_LISTED alternatives and exclusions (the
+    best-ranked first; the rest counted in omitted_*), so it stays far below the message limit."""
+    out = pb.SelectModelResponse(selected=model_to_proto(selected))
+    out.alternatives.extend(model_to_proto(s) for s in alternatives[:MAX_SELECT_LISTED])
+    out.excluded.extend(
+        pb.ExcludedCandidate(model_id=errors.bound(m, 512), reason=errors.bound(r, 512))
+        for m, r in excluded[:MAX_SELECT_LISTED]
+    )
+    out.omitted_alternatives = max(len(alternatives) - MAX_SELECT_LISTED, 0)
+    out.omitted_excluded = max(len(excluded) - MAX_SELECT_LISTED, 0)
+    return out
 
 
 # --- neutral -> proto ------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from grpc_health.v1 import health, health_pb2
 
 from broker import errors
 from broker.config import HealthConfig
-from broker.redact import redact
 from broker.registry import ProviderState, Registry
 
 log = structlog.get_logger("broker.health")
@@ -152,7 +151,9 @@ class HealthMonitor:
         s.healthy = healthy
         s.last_check_wall = time.time()
         if error:
-            s.last_error = redact(error)
+            s.last_error = error  # redacted, then bounded (ProviderState.last_error)
+        elif self.serving(s):
+            s.mark_recovered()  # check passing, breaker not open: the last error is history
         if changed:
             log.info(
                 "provider_health", provider=s.name, serving=healthy, error=s.last_error if not healthy else ""
@@ -166,6 +167,8 @@ class HealthMonitor:
 
     async def publish(self, s: ProviderState) -> None:
         """Re-publish one provider and readiness now (its breaker opened or closed)."""
+        if self.serving(s):
+            s.mark_recovered()
         await self.servicer.set(provider_service(s.name), SERVING if self.serving(s) else NOT_SERVING)
         await self._update_readiness()
 

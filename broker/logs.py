@@ -1,7 +1,8 @@
 """structlog set-up: JSON lines when stderr is not a terminal, a console renderer when it is.
 
 Every event passes through `redact_processor` last-but-one, so no provider or caller key
-can reach a log line whatever a call site puts in it.
+can reach a log line whatever a call site puts in it. Whatever bounds a line's size must run
+after it (redact first, then truncate: a cut key may be too short to recognise).
 """
 
 from __future__ import annotations
@@ -13,17 +14,22 @@ from typing import Any
 
 import structlog
 
+from broker import errors
 from broker.redact import redact
 
 
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
     if isinstance(value, dict):
-        return {k: _redact_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+        return {redact(k) if isinstance(k, str) else k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
         return [_redact_value(v) for v in value]
-    return value
+    # Anything else (an exception, a URL object, bytes) would be rendered with repr(): redact
+    # that text, so no object can carry a key past this step.
+    return redact(repr(value))
 
 
 def redact_processor(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
@@ -57,6 +63,7 @@ def configure_logging(
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            errors.bound_log_processor,  # bounded lines: no caller string makes a 3 MB line
             redact_processor,
             renderer,
         ],
@@ -66,7 +73,7 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # Libraries (asyncio, httpx, grpc's Python layer) log through stdlib logging: send their
+    # Libraries (asyncio, aiohttp, grpc's Python layer) log through stdlib logging: send their
     # warnings through the same redaction and renderer, so every line is JSON and key-free.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -80,6 +87,7 @@ def configure_logging(
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                errors.bound_log_processor,
                 redact_processor,
                 renderer,
             ],

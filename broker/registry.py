@@ -33,6 +33,9 @@ from broker.types import Capability, DiscoveredModel, ModelSpec
 
 log = structlog.get_logger("broker.registry")
 
+# last_error is kept at most this long (after redaction: redact first, then truncate).
+MAX_LAST_ERROR_CHARS = 1024
+
 # The vendors' own endpoints: only these are billed at catalogue prices.
 _VENDOR_HOSTS = {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}
 _ALIAS_DEPTH = 5
@@ -43,14 +46,37 @@ class ProviderState:
     provider: Provider
     config: ProviderConfig
     healthy: bool | None = None  # None until the first check
-    last_error: str = ""
     last_check_wall: float | None = None
+    # The last error's text (see the `last_error` property), when it happened (wall clock),
+    # and whether the provider has passed a health check since (the error is then history).
+    _last_error: str = field(default="", init=False, repr=False)
+    last_error_wall: float | None = field(default=None, init=False)
+    last_error_resolved: bool = field(default=False, init=False)
     models: dict[str, DiscoveredModel] = field(default_factory=dict)
     discovered_at: float | None = None  # monotonic
     # Passive health (request outcomes) and the retry budget: per provider, not per model,
     # because what fails (network, overload, an outage) is the provider's.
     breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(BreakerConfig()))
     retry_budget: RetryBudget = field(default_factory=lambda: RetryBudget(RetryConfig()))
+
+    @property
+    def last_error(self) -> str:
+        """The last error a health check, discovery or request met (redacted, bounded); "" if none."""
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, value: str) -> None:
+        text = redact(value)
+        if len(text) > MAX_LAST_ERROR_CHARS:
+            text = text[:MAX_LAST_ERROR_CHARS] + "..."
+        self._last_error = text
+        self.last_error_wall = time.time() if text else None
+        self.last_error_resolved = False
+
+    def mark_recovered(self) -> None:
+        """A check passed: a last_error from before is now history (kept, with its time)."""
+        if self._last_error:
+            self.last_error_resolved = True
 
     @property
     def name(self) -> str:
@@ -110,14 +136,32 @@ class Registry:
         ]
         self.by_name = {s.name: s for s in self.providers}
         self._refresher: asyncio.Task[None] | None = None
+        self._first: asyncio.Task[None] | None = None
+        # Providers whose discovery is running now (start-up's may outlive the wait for it).
+        self.discovering: set[str] = set()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, discovery_wait: float | None = None) -> None:
+        """Open the providers' transports and start discovery: wait for the first round at most
+        `discovery_wait` seconds (None: until it ends), then let it finish in the background, so
+        a hanging upstream cannot hold start-up (each listing is bounded on its own too)."""
         for s in self.providers:
             await s.provider.start()
-        await self.refresh(force=True)
-        self._refresher = asyncio.create_task(self._refresh_loop(), name="discovery-refresh")
+        self._first = asyncio.create_task(self.refresh(force=True), name="discovery-first")
+        self._refresher = asyncio.create_task(self._refresh_loop(self._first), name="discovery-refresh")
+        await self.first_discovery(discovery_wait)
+
+    async def first_discovery(self, timeout: float | None) -> bool:
+        """Wait at most `timeout` seconds (None: no limit) for start-up's discovery; True once it ended."""
+        first = self._first
+        if first is None or first.done():
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(first), timeout)
+        return first.done()
 
     async def close(self) -> None:
         if self._refresher is not None:
@@ -127,7 +171,12 @@ class Registry:
         for s in self.providers:
             await s.provider.close()
 
-    async def _refresh_loop(self) -> None:
+    async def _refresh_loop(self, first: asyncio.Task[None] | None = None) -> None:
+        if first is not None:
+            try:
+                await first
+            finally:
+                first.cancel()  # cancelled with us (close() during start-up): stop it too
         while True:
             await asyncio.sleep(self.settings.discovery.ttl_seconds)
             await self.refresh()
@@ -144,13 +193,15 @@ class Registry:
         await asyncio.gather(*(self._discover(s) for s in due))
 
     async def _discover(self, s: ProviderState) -> None:
+        self.discovering.add(s.name)
         try:
             found = await asyncio.wait_for(s.provider.list_models(), self.settings.health.timeout_seconds * 5)
         except (errors.BrokerError, TimeoutError) as exc:
-            msg = redact(str(exc) or "discovery timed out")
-            log.warning("discovery_failed", provider=s.name, error=msg)
-            s.last_error = msg
+            s.last_error = str(exc) or "discovery timed out"  # redacted, then bounded
+            log.warning("discovery_failed", provider=s.name, error=s.last_error)
             return
+        finally:
+            self.discovering.discard(s.name)
         s.models = {m.name: m for m in found}
         s.discovered_at = time.monotonic()
         log.info("discovered", provider=s.name, models=len(s.models))

@@ -5,32 +5,40 @@ The servicer converts proto <-> neutral types and maps BrokerErrors to statuses 
 away or its deadline passes, grpc.aio raises CancelledError in the handler at its next
 await; the provider stream is closed by `aclosing` on the way out (closing the upstream
 HTTP request) and the CancelledError is re-raised.
+
+Request ids: the auth interceptor (broker/auth.py) gives every ModelBroker RPC its id
+before the handler runs (the caller's valid `x-request-id`, else a fresh one) and puts it
+in the trailers; `_abort` keeps it there for every error, streams included.
+
+Start and stop (`serve_until_signal`): the SIGTERM/SIGINT handlers are installed before the
+port is bound, so a signal at any moment (start-up included) turns health NOT_SERVING,
+drains and returns; start-up waits for discovery at most `health.timeout_seconds`, then lets
+it finish in the background. `stop` gives in-flight completions the grace period, then ends
+those still running with UNAVAILABLE / SHUTTING_DOWN (not a bare cancellation).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
+import contextlib
 import os
-import re
 import signal
 import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeAlias
 
 import grpc
 import structlog
 from grpc_reflection.v1alpha import reflection
 
-from broker import auth, convert, errors
+from broker import auth, convert, errors, guard
 from broker.breaker import BreakerState
 from broker.coalesce import coalesced
 from broker.completion import Accumulated, CallRecord, CompletionService, Finished, Output, Started
 from broker.config import Settings, parse_listen
 from broker.health import HealthMonitor
 from broker.metrics import BrokerMetrics, MeteredHealthServicer, MetricsServer
+from broker.redact import redact
 from broker.registry import Registry
 from broker.tls import server_credentials
 from broker.types import TextDeltaEvent, ToolCallDeltaEvent
@@ -41,40 +49,14 @@ log = structlog.get_logger("broker.server")
 
 # grpc ships no type hints (grpc-stubs lags grpc.aio), so the context is untyped here.
 Context: TypeAlias = Any
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _BREAKER_TO_PB = {
     BreakerState.CLOSED: pb.BREAKER_STATE_CLOSED,
     BreakerState.OPEN: pb.BREAKER_STATE_OPEN,
     BreakerState.HALF_OPEN: pb.BREAKER_STATE_HALF_OPEN,
 }
-
-
-def request_id_for(context: Context) -> str:
-    """The caller's x-request-id when it is sane, else a fresh one; echoed in initial metadata."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
-            return value
-    return uuid.uuid4().hex
-
-
-# The current completion's request id, for error trailers (set in `_run`, read in `_abort`).
-_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
-
-
-@dataclass(frozen=True, slots=True)
-class _Status(grpc.Status):  # type: ignore[misc]
-    code: grpc.StatusCode
-    details: str
-    trailing_metadata: tuple[tuple[str, str | bytes], ...]
-
-
-def _with_request_id(status: Any) -> Any:
-    """abort_with_status replaces the trailers, so the request id rides with the details."""
-    request_id = _request_id.get()
-    if not request_id:
-        return status
-    md = (*tuple(status.trailing_metadata or ()), ("x-request-id", request_id))
-    return _Status(status.code, status.details, md)
+# After the grace period, completions still running are ended with SHUTTING_DOWN; grpc's own
+# stop (which would cut them with a bare status) waits this much longer for those statuses.
+CUT_SECONDS = 1.0
 
 
 def _status_name(exc: BaseException | None) -> str:
@@ -104,6 +86,12 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
         # `draining`, new ones are refused with SHUTTING_DOWN while these finish.
         self.in_flight = 0
         self.draining = False
+        # Set when the grace period ended with completions still running: each is cancelled
+        # (`_runs`) and ends with UNAVAILABLE / SHUTTING_DOWN instead of a bare cancellation.
+        self.cutting = False
+        self.grace_seconds = settings.server.shutdown_grace_seconds
+        self._runs: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
         self.metrics = metrics or BrokerMetrics(process=False)
 
     # --- completions -----------------------------------------------------------------------------
@@ -113,12 +101,13 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
     ) -> AsyncIterator[Output]:
         """The shared body of both completion RPCs: validate, stream, log one line."""
         t0 = time.monotonic()
-        request_id = request_id_for(context)
-        # In the trailers, not initial metadata: they travel with the status, where initial
-        # metadata costs a gRPC operation of its own per call (~0.1 ms). The body has it too
-        # (StreamStart / CompleteResponse.request_id); `_abort` adds it to error trailers.
-        _request_id.set(request_id)
-        context.set_trailing_metadata((("x-request-id", request_id),))
+        # Set by the interceptor (trailers included); the body has it too (StreamStart /
+        # CompleteResponse.request_id). A servicer mounted without the interceptor makes its own.
+        request_id = auth.current_request_id.get()
+        if not request_id:
+            request_id = auth.request_id_for(context.invocation_metadata())
+            auth.current_request_id.set(request_id)
+            context.set_trailing_metadata(((auth.REQUEST_ID_HEADER, request_id),))
         remaining = context.time_remaining()
         deadline = None if remaining is None else t0 + remaining
         record = CallRecord()
@@ -133,6 +122,11 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
         if inflight is not None:
             inflight.inc()
         self.in_flight += 1
+        # The task running this body (the handler's, or coalesced()'s reader for streams):
+        # what `cut` cancels when the grace period ends.
+        task = asyncio.current_task()
+        if task is not None:
+            self._runs.add(task)
         try:
             if self.draining:
                 raise errors.ShuttingDown("the broker is shutting down: send this request to another replica")
@@ -156,8 +150,19 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
                     finished = out
                 yield out
                 waiting_since = time.monotonic()
+        except asyncio.CancelledError as exc:
+            if not self.cutting:
+                failure = exc
+                raise
+            # Ours, at the end of the grace period: the upstream is closed by now (the
+            # cancellation ran through the provider); the caller gets a status that says why.
+            if task is not None:
+                task.uncancel()
+            failure = self._cut_error()
+            raise failure from None
         except BaseException as exc:
-            failure = exc
+            # GeneratorExit while cutting: coalesced()'s reader was cancelled between two reads.
+            failure = self._cut_error() if self.cutting and isinstance(exc, GeneratorExit) else exc
             raise
         finally:
             end = time.monotonic()
@@ -166,6 +171,10 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
             if inflight is not None:
                 inflight.dec()
             self.in_flight -= 1
+            if task is not None:
+                self._runs.discard(task)
+            if self.in_flight == 0:
+                self._idle.set()
             self._log_request(kind, request_id, request.model, record, finished, failure, t0)
             self._observe(kind, record, finished, failure, end - t0, t0, upstream_wait)
 
@@ -196,6 +205,8 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
         if finished is not None:
             fields["tokens_in"] = finished.usage.input_tokens
             fields["tokens_out"] = finished.usage.output_tokens
+            if finished.usage.estimated:
+                fields["usage_estimated"] = True
             fields["cost_micro_usd"] = finished.cost.total_micro_usd if finished.cost.known else None
         if isinstance(failure, errors.BrokerError):
             fields["reason"] = failure.reason
@@ -228,12 +239,41 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
             cost_micro_usd=cost,
         )
 
+    # --- drain --------------------------------------------------------------------------------
+
+    def _cut_error(self) -> errors.ShuttingDown:
+        return errors.ShuttingDown(
+            f"the broker shut down before this call finished (its {self.grace_seconds:g}s drain "
+            "grace period ended): send it again, another replica takes it"
+        )
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait at most `timeout` seconds for the running completions to end; True if none is left."""
+        if self.in_flight == 0:
+            return True
+        self._idle.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        return self.in_flight == 0
+
+    def cut(self) -> int:
+        """End every completion still running with UNAVAILABLE / SHUTTING_DOWN; how many there were."""
+        self.cutting = True
+        runs = list(self._runs)
+        for t in runs:
+            t.cancel()
+        return len(runs)
+
     async def _abort(self, context: Context, exc: BaseException) -> None:
         if isinstance(exc, errors.BrokerError):
-            await context.abort_with_status(_with_request_id(errors.to_grpc_status(exc)))
+            await context.abort_with_status(auth.with_request_id(auth.status_for(exc)))
         log.exception("internal_error", error=repr(exc))
         await context.abort_with_status(
-            _with_request_id(errors.internal_status("internal error in the broker; see its logs"))
+            auth.with_request_id(
+                errors.internal_status(
+                    "internal error in the broker; see its logs", request_id=auth.current_request_id.get()
+                )
+            )
         )
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
@@ -266,13 +306,17 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
         self, request: pb.StreamCompleteRequest, context: Context
     ) -> AsyncIterator[pb.StreamCompleteResponse]:
         msg = pb.StreamCompleteResponse
+        deltas = 0  # content messages sent
+        ended = False
         try:
             # coalesced(): deltas that queue up while the caller is still reading the last
             # message go out as one; a caller that keeps up gets every delta on its own.
             async for out in coalesced(self._run(request, context, "StreamComplete")):
                 if isinstance(out, TextDeltaEvent):
+                    deltas += 1
                     yield msg(text_delta=pb.TextDelta(text=out.text))
                 elif isinstance(out, ToolCallDeltaEvent):
+                    deltas += 1
                     yield msg(
                         tool_call_delta=pb.ToolCallDelta(
                             index=out.index, id=out.id, name=out.name, arguments_delta=out.arguments_delta
@@ -285,6 +329,7 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
                         )
                     )
                 else:
+                    ended = True
                     yield msg(
                         end=pb.StreamEnd(
                             finish_reason=convert.FINISH_TO_PB[out.finish_reason],
@@ -292,30 +337,35 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
                             cost=convert.cost_to_proto(out.cost),
                         )
                     )
+                if self.cutting and not ended:
+                    raise self._cut_error()
+            if self.cutting and not ended:
+                # A cut can end the relay early without an error (its reader cancelled
+                # between two reads): the caller still learns why.
+                raise self._cut_error()
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
+            if isinstance(exc, errors.ShuttingDown) and deltas:
+                exc.metadata.update(interrupted="true", delivered_chunks=str(deltas))
             await self._abort(context, exc)
 
     # --- models and providers -------------------------------------------------------------------
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
-        v: list[tuple[str, str]] = []
-        caps = convert.requirements_from_proto(pb.Requirements(capabilities=request.capabilities), "", v)
-        if request.provider and request.provider not in self.registry.by_name:
-            v.append(("provider", f"no provider named {request.provider!r}"))
-        if v:
-            await self._abort(context, errors.InvalidRequest([(f.lstrip("."), d) for f, d in v]))
-        specs = self.registry.list_models(request.provider, caps.capabilities)
+        try:
+            query = convert.list_models_query(request, self.registry.by_name)
+        except errors.BrokerError as exc:
+            await self._abort(context, exc)
+        specs = self.registry.list_models(query.provider, query.capabilities)
         specs = [s for s in specs if auth.permitted(s.provider, s.name)]  # a caller sees only its models
-        return pb.ListModelsResponse(models=[convert.model_to_proto(s) for s in specs])
+        return convert.list_models_page(specs, query)
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
         try:
-            if not request.model.strip():
-                raise errors.InvalidRequest([("model", "required")])
-            target = self.registry.resolve(request.model.strip())[0]
-            auth.require_permitted(target.state.name, target.model, requested=request.model.strip())
+            ref = convert.model_ref_from_proto(request.model)
+            target = self.registry.resolve(ref)[0]
+            auth.require_permitted(target.state.name, target.model, requested=ref)
         except errors.BrokerError as exc:
             await self._abort(context, exc)
         return pb.GetModelResponse(model=convert.model_to_proto(target.spec))
@@ -328,11 +378,14 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
             info = out.providers.add(
                 name=s.name,
                 type=s.type,
-                base_url=s.provider.base_url,
+                base_url=redact(s.provider.base_url),  # userinfo credentials, if any
                 priority=s.config.priority,
-                last_error=s.last_error,
+                last_error=s.last_error,  # redacted and bounded when it was set
+                last_error_resolved=s.last_error_resolved,
                 model_count=len(s.served_models()),
             )
+            if s.last_error_wall is not None:
+                info.last_error_time.FromNanoseconds(int(s.last_error_wall * 1e9))
             if s.healthy is not None or s.breaker.is_open:
                 serving = self.health.serving(s)
                 info.health = pb.PROVIDER_HEALTH_SERVING if serving else pb.PROVIDER_HEALTH_NOT_SERVING
@@ -356,10 +409,8 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
                 raise selection.error()
         except errors.BrokerError as exc:
             await self._abort(context, exc)
-        return pb.SelectModelResponse(
-            selected=convert.model_to_proto(ranked[0].spec),
-            alternatives=[convert.model_to_proto(t.spec) for t in ranked[1:]],
-            excluded=[pb.ExcludedCandidate(model_id=e.model_id, reason=e.reason) for e in selection.excluded],
+        return convert.select_model_response(
+            ranked[0].spec, [t.spec for t in ranked[1:]], [(e.model_id, e.reason) for e in selection.excluded]
         )
 
 
@@ -420,7 +471,10 @@ class BrokerServer:
             interceptors=[self.gate.interceptor],
         )
         self.servicer = ModelBrokerServicer(settings, self.registry, self.health, self.metrics)
-        pb_grpc.add_ModelBrokerServicer_to_server(self.servicer, self.server)
+        # Deserializers that never raise and a catch-all around every handler (broker/guard.py).
+        guard.add_servicer(
+            self.server, self.servicer, abort=self.servicer._abort, max_response_bytes=max_bytes
+        )
         from grpc_health.v1 import health_pb2_grpc
 
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.server)
@@ -435,6 +489,12 @@ class BrokerServer:
         self.port = 0
 
     async def start(self, listen: str | None = None) -> int:
+        """Bind, start the providers and discovery, serve, run the first health checks.
+
+        Discovery runs in the background: start-up waits for it at most
+        `health.timeout_seconds` (a listing that hangs is bounded on its own, at 5x that),
+        so a hanging upstream cannot hold the daemon from serving for long.
+        """
         listen = listen or self.settings.server.listen
         host, port = parse_listen(listen)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -451,9 +511,15 @@ class BrokerServer:
         self.port = bound
         if self.serve_metrics and self.settings.metrics.listen:
             self.metrics_server = MetricsServer(self.settings.metrics.listen, self.metrics.registry)
-        await self.registry.start()
+        t0 = time.monotonic()
+        wait = self.settings.health.timeout_seconds
+        await self.registry.start(discovery_wait=0)  # transports open, discovery under way
         await self.server.start()
-        await self.health.start()
+        await self.health.start()  # the first round of checks, bounded by the same timeout
+        settled = await self.registry.first_discovery(max(wait - (time.monotonic() - t0), 0))
+        pending = sorted(self.registry.discovering) if not settled else []
+        if pending:
+            log.warning("discovery_pending", providers=pending, waited_seconds=wait)
         log.info(
             "serving",
             listen=f"{host}:{bound}",
@@ -463,17 +529,27 @@ class BrokerServer:
             auth=f"{len(self.settings.auth.keys)} keys" if self.gate.enabled else "off",
             tls="mtls" if tls.client_ca_file else "tls" if tls.enabled else "off",
             metrics=f"{self.metrics_server.host}:{self.metrics_server.port}" if self.metrics_server else "",
+            **({"discovery_pending": pending} if pending else {}),
         )
         return bound
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health turns NOT_SERVING, new RPCs are refused, in-flight ones get `grace` seconds."""
+        """Health turns NOT_SERVING and new RPCs are refused; in-flight completions get `grace`
+        seconds, then those still running end with UNAVAILABLE / SHUTTING_DOWN."""
         grace = self.settings.server.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
         # Completions refused from here with SHUTTING_DOWN (a clean, retryable status), and
         # by grpc itself once stop() runs; the Watch streams have ended (health.py).
         self.servicer.draining = True
-        await self.server.stop(grace)
+        self.servicer.grace_seconds = grace
+        # grpc refuses new RPCs at once; its own cut (a bare status) comes only after ours.
+        stopping = asyncio.create_task(self.server.stop(grace + CUT_SECONDS))
+        try:
+            if not await self.servicer.wait_idle(grace):
+                cut = self.servicer.cut()
+                log.warning("drain_cut", in_flight=cut, grace_seconds=grace, reason="SHUTTING_DOWN")
+        finally:
+            await stopping
         await self.health.close()
         await self.registry.close()
         if self.metrics_server is not None:
@@ -481,13 +557,49 @@ class BrokerServer:
             self.metrics_server = None
         log.info("stopped")
 
-    async def serve_until_signal(self, listen: str | None = None) -> None:
-        """Run until SIGTERM or SIGINT, then drain for the grace period and return."""
-        await self.start(listen)
-        stop = asyncio.Event()
+    async def serve_until_signal(self, listen: str | None = None, *, signalled: Sequence[int] = ()) -> None:
+        """Run until SIGTERM or SIGINT, then drain for the grace period and return.
+
+        The handlers go in before anything binds, so a signal during start-up (discovery or
+        the first health checks hanging, say) stops the start and drains like any other:
+        NOT_SERVING, then stop. `signalled`: signals that arrived before the loop ran (the
+        CLI catches them from its first line), handled the same way.
+        """
         loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        received: list[int] = list(signalled)
+
+        def on_signal(sig: int) -> None:
+            received.append(sig)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutdown_requested", grace_seconds=self.settings.server.shutdown_grace_seconds)
-        await self.stop()
+            loop.add_signal_handler(sig, on_signal, sig)
+        if received:
+            stop.set()  # signalled before the loop ran: do not even bind
+        starting = asyncio.create_task(self.start(listen), name="broker-start")
+        stopped = asyncio.create_task(stop.wait(), name="broker-signal")
+        try:
+            if not stop.is_set():
+                await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # a start that failed (port taken, bad TLS file) raises here
+                await stopped
+                during = "serving"
+            else:
+                # A task cancelled before its first step never runs: nothing was bound then.
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                during = "start-up"
+            log.info(
+                "shutdown_requested",
+                grace_seconds=self.settings.server.shutdown_grace_seconds,
+                signal=signal.Signals(received[0]).name if received else "",
+                during=during,
+            )
+            await self.stop()
+        finally:
+            stopped.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)

@@ -9,7 +9,9 @@ One grpc.aio process uses one core; this spreads callers over N of them without 
   `grpc.so_reuseport=1`; the kernel spreads new connections over the listening workers.
 - Signals: SIGTERM or SIGINT to the parent is forwarded as SIGTERM to every worker, and each
   drains exactly as a single daemon does (health NOT_SERVING, in-flight streams get
-  `server.shutdown_grace_seconds`). The parent exits 0 when every worker did. In Kubernetes
+  `server.shutdown_grace_seconds`). The parent exits 0 when every worker did. Its handlers
+  are in place before it reserves the port or starts a worker, and a worker's before it
+  binds, so a signal during start-up is a drain too. In Kubernetes
   the parent is the container's main process, so the kubelet's SIGTERM reaches it. A
   worker whose parent dies without forwarding (SIGKILL) sees it reparented within a second
   and drains the same way (`exit_with_parent`).
@@ -56,6 +58,7 @@ STARTUP_WINDOW_SECONDS = 5.0
 RESTART_DELAY_SECONDS = 1.0
 # After the drain grace, how long the parent waits before killing a worker that hangs.
 KILL_MARGIN_SECONDS = 10.0
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -77,13 +80,17 @@ def format_listen(host: str, port: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, args: argparse.Namespace, settings: Settings, workers: int) -> None:
+    def __init__(
+        self, args: argparse.Namespace, settings: Settings, workers: int, signalled: list[int] | None = None
+    ) -> None:
         self.args = args
         self.settings = settings
         self.n = workers
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.started_at: dict[int, float] = {}
         self.stopping = asyncio.Event()
+        # Signals that arrived before the loop ran (the CLI caught them): a stop like any other.
+        self.signalled = signalled if signalled is not None else []
         self.failed = False
         self.listen = ""
         self.metrics_dir = ""
@@ -99,9 +106,16 @@ class Supervisor:
         return argv  # without either, the worker reads MODEL_BROKER_CONFIG or the environment, as we did
 
     async def spawn(self, index: int) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *self.worker_argv(index), stdin=asyncio.subprocess.DEVNULL, env=self.env
-        )
+        # The worker starts with SIGTERM/SIGINT blocked (the mask survives exec) and unblocks
+        # them once its handlers are in (cli.py), so a stop forwarded while it is still
+        # importing is handled as a drain (exit 0), not a kill by the default action.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.worker_argv(index), stdin=asyncio.subprocess.DEVNULL, env=self.env
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self.procs[index] = proc
         self.started_at[index] = time.monotonic()
 
@@ -132,6 +146,11 @@ class Supervisor:
             log.info("worker_restarted", worker=index, worker_pid=self.procs[index].pid)
 
     async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        if self.signalled:
+            self.stopping.set()
         host, port = parse_listen(self.args.listen or self.settings.server.listen)
         try:
             reserved = reserve_port(host, port)
@@ -170,12 +189,11 @@ class Supervisor:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     async def _supervise(self, metrics_server: MetricsServer | None) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
         for i in range(self.n):
+            if self.stopping.is_set():
+                break  # stopped while starting: the workers already started drain below
             await self.spawn(i)
-        watchers = [asyncio.create_task(self.watch(i), name=f"watch-worker-{i}") for i in range(self.n)]
+        watchers = [asyncio.create_task(self.watch(i), name=f"watch-worker-{i}") for i in self.procs]
         log.info(
             "serving",
             listen=self.listen,
@@ -227,10 +245,10 @@ async def exit_with_parent(poll_seconds: float = 1.0) -> None:
             return
 
 
-def supervise(args: argparse.Namespace, settings: Settings) -> int:
+def supervise(args: argparse.Namespace, settings: Settings, *, signalled: list[int] | None = None) -> int:
     """Run `args.workers` workers until SIGTERM/SIGINT; the exit code for `serve`."""
     try:
-        return asyncio.run(Supervisor(args, settings, args.workers).run())
+        return asyncio.run(Supervisor(args, settings, args.workers, signalled).run())
     except ConfigError as exc:
         print(f"model-broker: {exc}", file=sys.stderr)
         return 2

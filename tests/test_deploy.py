@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.auth import hash_key, open_listen_warning
 from broker.cli import build_parser
-from broker.config import Settings, parse_listen, settings_from_dict
+from broker.config import ConfigError, Settings, parse_listen, settings_from_dict
 from broker.health import SERVICE_NAME, provider_service
 from modelbroker.v1 import broker_pb2 as pb
 from modelbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -49,6 +49,7 @@ BIN = Path(sys.executable).parent
 CALLER_KEY = "mb_test-deploy-caller-5b1e9d7a3c"
 ROUND_ROBIN: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+PLACEHOLDER = re.compile(r"0{64}")
 
 
 # --- manifests -------------------------------------------------------------------------------
@@ -154,10 +155,17 @@ def effective_config_path() -> str:
     return path
 
 
+def operator_config() -> dict[str, Any]:
+    """The ConfigMap's config after the operator's one edit (README "Deploying", step 3): a real
+    caller hash in place of the placeholder, which the daemon refuses."""
+    raw: dict[str, Any] = yaml.safe_load(configmap_config_text())
+    assert PLACEHOLDER.fullmatch(raw["auth"]["keys"][0]["sha256"]), "the ConfigMap ships a placeholder"
+    raw["auth"]["keys"][0]["sha256"] = hash_key(CALLER_KEY)
+    return raw
+
+
 def configmap_settings() -> Settings:
-    return settings_from_dict(
-        yaml.safe_load(configmap_config_text()), source="ConfigMap", env=container_env()
-    )
+    return settings_from_dict(operator_config(), source="ConfigMap", env=container_env())
 
 
 # --- Dockerfile --------------------------------------------------------------------------------
@@ -347,6 +355,24 @@ def test_configmap_config_validates_with_the_containers_environment() -> None:
             )
 
 
+def test_configmap_placeholder_hash_is_refused_until_the_operator_replaces_it(tmp_path: Path) -> None:
+    # As shipped, `config check` (README step 4) and `serve` refuse the placeholder with its
+    # path, so a pod can never go Ready with a key no caller has.
+    with pytest.raises(ConfigError) as refused:
+        settings_from_dict(yaml.safe_load(configmap_config_text()), env=container_env())
+    (problem,) = refused.value.problems
+    assert problem.startswith("auth.keys[0].sha256: is a placeholder"), problem
+    shipped, edited = tmp_path / "shipped.yaml", tmp_path / "edited.yaml"
+    shipped.write_text(configmap_config_text())
+    edited.write_text(yaml.safe_dump(operator_config()))
+    env = {**os.environ, **container_env()}
+    cli = [str(BIN / "model-broker"), "config", "check"]
+    out = subprocess.run([*cli, str(shipped)], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "auth.keys[0].sha256: is a placeholder" in out.stderr, out.stderr
+    out = subprocess.run([*cli, str(edited)], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
 def test_config_is_mounted_read_only_where_the_daemon_reads_it() -> None:
     mount = config_mount()
     assert mount.get("readOnly") is True
@@ -491,10 +517,8 @@ def health_status(target: str, service: str) -> int | grpc.StatusCode:
 
 def test_serve_with_the_configmap_config_answers_the_probes_and_stops_on_sigterm(tmp_path: Path) -> None:
     # The operator's one edit: a real caller hash in place of the placeholder.
-    raw = yaml.safe_load(configmap_config_text())
-    raw["auth"]["keys"][0]["sha256"] = hash_key(CALLER_KEY)
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config.write_text(yaml.safe_dump(operator_config()))
     argv = list(container()["args"])
     argv[argv.index("--config") + 1] = str(config)
     target = f"127.0.0.1:{free_loopback_port()}"

@@ -18,7 +18,7 @@ P = TypeVar("P", bound=type[Provider])
 PROTOCOL_MODULES = ("openai", "anthropic", "ollama")
 # Shared machinery that is not a protocol: a module in providers/ is one of these, a
 # protocol module, or a protocol's `<name>_wire` mapping (a test holds this).
-SUPPORT_MODULES = ("base", "sse", "transport")
+SUPPORT_MODULES = ("base", "checks", "sse", "transport")
 
 
 def register(cls: P) -> P:

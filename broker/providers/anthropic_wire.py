@@ -15,8 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from broker import errors
-from broker.providers.base import UpstreamErrorInfo, classify_error, decode_json
+from broker.providers import checks
+from broker.providers.base import UpstreamErrorInfo, classify_error
+from broker.redact import redact
 from broker.types import (
     Capability,
     CompletionEvent,
@@ -44,6 +48,10 @@ FALLBACK_MAX_TOKENS = 4096
 MODELS_PAGE_LIMIT = 1000
 
 Block = dict[str, Any]
+# The usage fields that are token counts (checked: integers in range, else a protocol error).
+_COUNT_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+# content_block_* events without an `index`: keyed here, never a real block's index.
+_NO_INDEX = -1
 
 
 # --- request ---------------------------------------------------------------------------------
@@ -202,7 +210,7 @@ def _data_url_image(url: str, where: str) -> Block:
 def _tool_input(arguments: str, i: int, j: int) -> dict[str, Any]:
     where = f"messages[{i}].tool_calls[{j}].arguments"
     try:
-        value = json.loads(arguments) if arguments.strip() else {}
+        value = checks.strict_json(arguments) if arguments.strip() else {}
     except ValueError as exc:
         raise errors.InvalidRequest([(where, f"not valid JSON ({exc})")]) from None
     if not isinstance(value, dict):
@@ -291,10 +299,12 @@ class StreamParser:
     def feed(self, event: str, data: str) -> list[CompletionEvent]:
         if self.finished:
             return []
-        try:
-            payload = decode_json(data, provider=self.provider, what=f"the stream ({event or 'event'})")
-        except errors.BrokerError as exc:
-            raise exc.with_target(self.provider, self.model) from None
+        payload = checks.decode_json(
+            data,
+            provider=self.provider,
+            model=self.model,
+            what=f"the stream ({errors.bound(event, 64) or 'event'})",
+        )
         if not isinstance(payload, dict):
             raise self._protocol_error(f"event {event!r} carries {type(payload).__name__}, not an object")
         kind = str(payload.get("type") or event)
@@ -302,9 +312,11 @@ class StreamParser:
             raise stream_error(payload, provider=self.provider, model=self.model)
         try:
             return self._dispatch(kind, payload)
-        except (AttributeError, TypeError, ValueError) as exc:
+        except (AttributeError, TypeError, ValueError, ArithmeticError) as exc:
             # Valid JSON of the wrong shape (a string where an object goes, say).
-            raise self._protocol_error(f"malformed {kind} event ({exc})") from None
+            raise self._protocol_error(
+                f"malformed {errors.bound(kind, 64)} event ({errors.bound(str(exc), 200)})"
+            ) from None
 
     def _dispatch(self, kind: str, payload: Mapping[str, Any]) -> list[CompletionEvent]:
         if kind == "message_start":
@@ -335,13 +347,18 @@ class StreamParser:
     def _on_block_start(self, payload: Mapping[str, Any]) -> list[CompletionEvent]:
         block = payload.get("content_block") or {}
         if block.get("type") == "tool_use":
+            where = {"provider": self.provider, "model": self.model}
+            if len(self._tools) >= checks.MAX_TOOL_CALLS:
+                raise self._protocol_error(f"more than {checks.MAX_TOOL_CALLS} tool_use blocks")
             tool = _ToolBlock(index=len(self._tools))
-            self._tools[int(payload.get("index", -1))] = tool
-            return [
-                ToolCallDeltaEvent(
-                    index=tool.index, id=str(block.get("id", "")), name=str(block.get("name", ""))
-                )
-            ]
+            self._tools[self._block_index(payload)] = tool
+            call_id = checks.text(
+                block.get("id", ""), field="a tool_use id", limit=checks.MAX_TOOL_CALL_ID_CHARS, **where
+            )
+            name = checks.text(
+                block.get("name", ""), field="a tool_use name", limit=checks.MAX_TOOL_NAME_CHARS, **where
+            )
+            return [ToolCallDeltaEvent(index=tool.index, id=call_id, name=name)]
         if block.get("type") == "text" and block.get("text"):
             return [TextDeltaEvent(str(block["text"]))]
         if block.get("type") == "text":
@@ -355,7 +372,7 @@ class StreamParser:
         if delta.get("type") == "text_delta" and delta.get("text"):
             return [TextDeltaEvent(str(delta["text"]))]
         if delta.get("type") == "input_json_delta":
-            tool = self._tools.get(int(payload.get("index", -1)))
+            tool = self._tools.get(self._block_index(payload))
             fragment = str(delta.get("partial_json") or "")
             if tool is not None and fragment:
                 tool.got_arguments = True
@@ -369,7 +386,7 @@ class StreamParser:
         return []  # delta types newer than this code
 
     def _on_block_stop(self, payload: Mapping[str, Any]) -> list[CompletionEvent]:
-        tool = self._tools.get(int(payload.get("index", -1)))
+        tool = self._tools.get(self._block_index(payload))
         if tool is not None and not tool.got_arguments:
             # A tool without parameters streams no JSON at all; "{}" keeps arguments valid JSON.
             tool.got_arguments = True
@@ -395,8 +412,24 @@ class StreamParser:
         # message_delta counts are cumulative: a later value replaces an earlier one.
         if isinstance(usage, dict):
             for key, value in usage.items():
+                if key in _COUNT_FIELDS and value is not None:
+                    # A count must be one (an integer in range), else the stream is not the protocol.
+                    value = checks.count(value, field=key, provider=self.provider, model=self.model)
                 if isinstance(value, int) and not isinstance(value, bool):
                     self._usage[key] = value
+
+    def _block_index(self, payload: Mapping[str, Any]) -> int:
+        """A content block's `index`: an integer in range; absent is _NO_INDEX (no block)."""
+        value = payload.get("index")
+        if value is None:
+            return _NO_INDEX
+        return checks.index(
+            value,
+            field="a content block index",
+            limit=checks.MAX_BLOCK_INDEX,
+            provider=self.provider,
+            model=self.model,
+        )
 
     def _protocol_error(self, what: str) -> errors.UpstreamProtocolError:
         return errors.UpstreamProtocolError(
@@ -422,13 +455,15 @@ def usage_from(usage: Mapping[str, Any]) -> Usage:
 def parse_error_body(body: bytes) -> UpstreamErrorInfo:
     """`{"type":"error","error":{"type","message"},"request_id"}`; anything else kept as text."""
     try:
-        doc = json.loads(body)
+        # orjson: no NaN, no lone surrogates (which no proto string could carry), bounded depth.
+        doc = orjson.loads(body)
     except ValueError:
         doc = None
     err = doc.get("error") if isinstance(doc, dict) else None
     if not isinstance(err, dict):
         # Proxies in front of the API (Cloudflare's 413, gateways' 502) answer in HTML or text.
-        return UpstreamErrorInfo(message=body[:300].decode("utf-8", "replace").strip())
+        # Redact, then cut: a key straddling the cut must not leave its head behind.
+        return UpstreamErrorInfo(message=redact(body[:65536].decode("utf-8", "replace")).strip()[:300])
     kind = str(err.get("type") or "")
     message = str(err.get("message") or "")
     lowered = message.lower()
@@ -467,26 +502,23 @@ def models_page(doc: Any, *, provider: str) -> tuple[list[DiscoveredModel], str 
         )
     models = []
     for item in doc["data"]:
-        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+        # An id no caller could send (too long, not text) is skipped, never passed on.
+        if not isinstance(item, dict) or (name := checks.listed_model_id(item.get("id"))) is None:
             continue
         if item.get("lifecycle") == "retired":
             continue  # still listed as history, but requests naming it fail
         models.append(
             DiscoveredModel(
-                name=item["id"],
+                name=name,
                 capabilities=_capabilities(item.get("capabilities")),
-                context_window=_positive(item.get("max_input_tokens")),
+                context_window=checks.listed_tokens(item.get("max_input_tokens")),
                 # The listing's `max_tokens` is the model's maximum output (ModelInfo schema).
-                max_output_tokens=_positive(item.get("max_tokens")),
+                max_output_tokens=checks.listed_tokens(item.get("max_tokens")),
             )
         )
     last_id = doc.get("last_id")
     more = bool(doc.get("has_more")) and isinstance(last_id, str) and bool(last_id)
     return models, (last_id if more else None)
-
-
-def _positive(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _capabilities(caps: Any) -> frozenset[Capability] | None:

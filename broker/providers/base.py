@@ -308,10 +308,10 @@ def retry_after_seconds(headers: Mapping[str, str], *, now: float | None = None)
 
 
 def decode_json(data: bytes | str, *, provider: str, what: str) -> Any:
-    import json
-
+    """orjson: strict (no NaN, no 1e999, no lone surrogates) and bounded in depth (1024), so a
+    hostile document is a protocol error, never a RecursionError."""
     try:
-        return json.loads(data)
+        return orjson.loads(data)
     except ValueError:
         # Redact first, then cut: a secret straddling the cut must not leave its head behind.
         head = data[:4096].decode("utf-8", "replace") if isinstance(data, bytes) else data[:4096]

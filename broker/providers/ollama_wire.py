@@ -15,8 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from broker import errors
-from broker.providers.base import UpstreamErrorInfo, classify_error, decode_json
+from broker.providers import checks
+from broker.providers.base import UpstreamErrorInfo, classify_error
+from broker.redact import redact
 from broker.types import (
     Capability,
     CompletionEvent,
@@ -118,7 +122,7 @@ def _image_base64(part: ImagePart, where: str) -> str:
 def _arguments(arguments: str, i: int, k: int) -> Json:
     where = f"messages[{i}].tool_calls[{k}].arguments"
     try:
-        value = json.loads(arguments) if arguments.strip() else {}
+        value = checks.strict_json(arguments) if arguments.strip() else {}
     except ValueError as exc:
         raise errors.InvalidRequest([(where, f"not valid JSON ({exc})")]) from None
     if not isinstance(value, dict):
@@ -195,13 +199,10 @@ class ChatStreamParser:
     def feed(self, line: str) -> list[CompletionEvent]:
         if not line.strip() or self.done:
             return []
-        try:
-            doc = decode_json(line, provider=self.provider, what="the /api/chat stream")
-        except errors.BrokerError as exc:
-            raise exc.with_target(self.provider, self.model) from None
+        doc = checks.decode_json(line, provider=self.provider, model=self.model, what="the /api/chat stream")
         if not isinstance(doc, dict):
             raise errors.UpstreamProtocolError(
-                f"{self.provider}: /api/chat line is {type(doc).__name__}, not an object: {line[:200]!r}",
+                f"{self.provider}: /api/chat line is {type(doc).__name__}, not an object: {redact(line[:65536])[:200]!r}",
                 provider=self.provider,
                 model=self.model,
             )
@@ -222,7 +223,8 @@ class ChatStreamParser:
                 events.append(ProgressEvent(len(thinking)))
             if content := message.get("content"):
                 events.append(TextDeltaEvent(str(content)))
-            for call in message.get("tool_calls") or []:
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict):
                     events.append(self._tool_call(call))
         if doc.get("done"):
@@ -233,16 +235,27 @@ class ChatStreamParser:
             # Metric fields are omitempty: a missing count is 0, but with neither count the
             # server reported no usage (an old or proxied build), and zeros are not counts.
             usage = Usage(
-                input_tokens=_count(doc, "prompt_eval_count"), output_tokens=_count(doc, "eval_count")
+                input_tokens=self._count(doc, "prompt_eval_count"),
+                output_tokens=self._count(doc, "eval_count"),
             )
             reported = "prompt_eval_count" in doc or "eval_count" in doc
             events.append(EndEvent(finish, usage, usage_reported=reported))
         return events
 
+    def _count(self, doc: Mapping[str, Any], key: str) -> int:
+        # An integer in range, else not the protocol (absent or null: 0).
+        return checks.count(doc.get(key), field=key, provider=self.provider, model=self.model)
+
     def _tool_call(self, call: Mapping[str, Any]) -> ToolCallDeltaEvent:
         index = self._tool_calls
+        if index >= checks.MAX_TOOL_CALLS:
+            raise checks.protocol_error(
+                self.provider, self.model, f"more than {checks.MAX_TOOL_CALLS} tool calls"
+            )
         self._tool_calls += 1
         function = call.get("function") or {}
+        if not isinstance(function, Mapping):
+            raise checks.protocol_error(self.provider, self.model, "a tool call's function is not an object")
         args = function.get("arguments")
         # Arguments are an object on the wire; the neutral form is JSON text.
         text = (
@@ -251,17 +264,23 @@ class ChatStreamParser:
             else json.dumps(args if args is not None else {}, ensure_ascii=False)
         )
         # Older Ollama sends no id; a synthesized one lets the caller's tool result refer to it.
+        where = {"provider": self.provider, "model": self.model}
         return ToolCallDeltaEvent(
             index=index,
-            id=str(call.get("id") or f"call_{index}"),
-            name=str(function.get("name") or ""),
+            id=checks.text(
+                call.get("id") or f"call_{index}",
+                field="a tool call id",
+                limit=checks.MAX_TOOL_CALL_ID_CHARS,
+                **where,
+            ),
+            name=checks.text(
+                function.get("name") or "",
+                field="a tool call name",
+                limit=checks.MAX_TOOL_NAME_CHARS,
+                **where,
+            ),
             arguments_delta=text,
         )
-
-
-def _count(doc: Mapping[str, Any], key: str) -> int:
-    value = doc.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def status_for_message(text: str) -> int:
@@ -310,7 +329,8 @@ def parse_error_body(body: bytes) -> UpstreamErrorInfo:
     """`{"error": "..."}`, or whatever text came (Go's router answers `404 page not found`)."""
     text = body.decode("utf-8", "replace").strip()
     try:
-        doc = json.loads(text)
+        # orjson: no NaN, no lone surrogates (which no proto string could carry), bounded depth.
+        doc = orjson.loads(text)
     except ValueError:
         return UpstreamErrorInfo(message=text[:500])
     if isinstance(doc, dict) and isinstance(doc.get("error"), str):
@@ -375,8 +395,8 @@ def parse_tags(doc: Any, *, provider: str) -> list[ListedModel]:
     for entry in doc.get("models") or []:
         if not isinstance(entry, dict):
             continue
-        name = entry.get("name") or entry.get("model")
-        if not isinstance(name, str) or not name:
+        name = checks.listed_model_id(entry.get("name") or entry.get("model"))
+        if name is None:  # none, or one no caller could send (too long, not text)
             continue
         details = entry.get("details")
         ctx = details.get("context_length") if isinstance(details, dict) else None
@@ -400,4 +420,4 @@ def _strings(value: Any) -> tuple[str, ...] | None:
 
 
 def _positive(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    return checks.listed_tokens(value)

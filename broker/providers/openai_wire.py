@@ -12,7 +12,10 @@ import json
 import re
 from typing import Any
 
+import orjson
+
 from broker import errors
+from broker.providers import checks
 from broker.providers.base import UpstreamErrorInfo, classify_error
 from broker.redact import redact
 from broker.types import (
@@ -197,7 +200,7 @@ class ChunkParser:
         if payload.get("error") is not None:
             raise error_from_payload(payload["error"], provider=self.provider, model=self.model)
         if isinstance(payload.get("usage"), dict):
-            self._usage = usage_from(payload["usage"])
+            self._usage = usage_from(payload["usage"], provider=self.provider, model=self.model)
             self._usage_reported = True
         events: list[CompletionEvent] = []
         for choice in payload.get("choices") or ():
@@ -245,21 +248,27 @@ class ChunkParser:
         return events
 
     def _tool_delta(self, call: dict[str, Any]) -> ToolCallDeltaEvent | None:
-        call_id = _str(call.get("id"))
+        where = {"provider": self.provider, "model": self.model}
+        call_id = checks.text(
+            _str(call.get("id")), field="a tool call id", limit=checks.MAX_TOOL_CALL_ID_CHARS, **where
+        )
         fn = call.get("function")
         fn = fn if isinstance(fn, dict) else {}
-        name = _str(fn.get("name"))
+        name = checks.text(
+            _str(fn.get("name")), field="a tool call name", limit=checks.MAX_TOOL_NAME_CHARS, **where
+        )
         raw_args = fn.get("arguments")
         if isinstance(raw_args, dict):  # a few servers send parsed arguments
             raw_args = json.dumps(raw_args, separators=(",", ":"))
         args = _str(raw_args)
         index = call.get("index")
-        if not isinstance(index, int):
+        if index is None:
             # `index` is required by the spec; without it, a new id starts a new call.
             if call_id and call_id not in self._ids:
                 index = max(self._calls, default=-1) + 1
             else:
                 index = self._ids.get(call_id, self._last_index)
+        index = checks.index(index, field="a tool call index", limit=checks.MAX_TOOL_CALLS, **where)
         self._last_index = index
         id_sent, name_sent = self._calls.get(index, (False, False))
         # Some servers repeat id and name on every fragment: pass them on once only.
@@ -299,13 +308,15 @@ class ChunkParser:
         )
 
 
-def usage_from(u: dict[str, Any]) -> Usage:
+def usage_from(u: dict[str, Any], *, provider: str = "", model: str = "") -> Usage:
+    """The usage object; every count an integer in range (checks.count), else a protocol error."""
     details = u.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    where = {"provider": provider, "model": model}
     return Usage(
-        input_tokens=_int(u.get("prompt_tokens")),
-        output_tokens=_int(u.get("completion_tokens")),
-        cached_input_tokens=_int(cached),
+        input_tokens=checks.count(u.get("prompt_tokens"), field="prompt_tokens", **where),
+        output_tokens=checks.count(u.get("completion_tokens"), field="completion_tokens", **where),
+        cached_input_tokens=checks.count(cached, field="prompt_tokens_details.cached_tokens", **where),
     )
 
 
@@ -360,7 +371,8 @@ def parse_error(status: int, body: bytes) -> UpstreamErrorInfo:
     """Read an error body: OpenAI's `{"error":{...}}`, old vLLM's top level, or plain text."""
     text = body.decode("utf-8", "replace").strip()
     try:
-        doc = json.loads(text) if text else None
+        # orjson: no NaN, no lone surrogates (which no proto string could carry), bounded depth.
+        doc = orjson.loads(text) if text else None
     except ValueError:
         doc = None
     if isinstance(doc, dict):
@@ -399,7 +411,7 @@ def _raw_detail(metadata: Any) -> str:
     if raw is None or raw == "":
         return ""
     text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False)
-    text = " ".join(text.split())
+    text = redact(" ".join(text[:65536].split()))  # redact, then cut
     if len(text) > _RAW_DETAIL_CHARS:
         text = text[:_RAW_DETAIL_CHARS] + "..."
     who = metadata.get("provider_name")
@@ -416,21 +428,16 @@ def parse_models(doc: Any, *, provider: str) -> list[DiscoveredModel]:
         )
     models = []
     for entry in data:
-        if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
+        # An id no caller could send (too long, not text) is skipped, never passed on.
+        if isinstance(entry, dict) and (name := checks.listed_model_id(entry.get("id"))) is not None:
             # vLLM reports the context it serves with; OpenAI and others say nothing.
-            ctx = entry.get("max_model_len")
-            models.append(
-                DiscoveredModel(name=entry["id"], context_window=ctx if isinstance(ctx, int) else None)
-            )
+            ctx = checks.listed_tokens(entry.get("max_model_len"))
+            models.append(DiscoveredModel(name=name, context_window=ctx))
     return models
 
 
 def _str(v: Any) -> str:
     return v if isinstance(v, str) else ""
-
-
-def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 def _snip(text: str) -> str:

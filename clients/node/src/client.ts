@@ -21,6 +21,8 @@ import {
   type Cost,
   FinishReason,
   type GenerationParams,
+  ListModelsRequest,
+  type ListModelsResponse,
   type ListProvidersResponse,
   type Message,
   ModelBrokerClient,
@@ -270,11 +272,19 @@ export class BrokerClient {
     return answerFromProto(resp);
   }
 
+  /** Every model, all pages (the daemon answers at most 1000 per ListModels call). */
   async listModels(provider = "", options: CallOptions = {}): Promise<ModelInfo[]> {
-    const resp = await this.unary<{ models: ModelInfo[] }>(options, (md, opts, cb) =>
-      this.stub.listModels({ provider, capabilities: [] }, md, opts, cb),
-    );
-    return resp.models;
+    const models: ModelInfo[] = [];
+    let pageToken = "";
+    do {
+      const req = ListModelsRequest.fromPartial({ provider, pageToken });
+      const resp = await this.unary<ListModelsResponse>(options, (md, opts, cb) =>
+        this.stub.listModels(req, md, opts, cb),
+      );
+      models.push(...resp.models);
+      pageToken = resp.nextPageToken;
+    } while (pageToken);
+    return models;
   }
 
   async getModel(model: string, options: CallOptions = {}): Promise<ModelInfo | undefined> {

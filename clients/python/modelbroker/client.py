@@ -378,15 +378,22 @@ class BrokerClient:
         return answer_from_proto(resp)
 
     def list_models(self, provider: str = "") -> list[pb.ModelInfo]:
-        try:
-            resp = self.stub.ListModels(
-                pb.ListModelsRequest(provider=provider),
-                timeout=self.timeout,
-                metadata=_metadata(self.api_key),
-            )
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
-        return list(resp.models)
+        """Every model, all pages (the daemon answers at most 1000 per ListModels call)."""
+        models: list[pb.ModelInfo] = []
+        token = ""
+        while True:
+            try:
+                resp = self.stub.ListModels(
+                    pb.ListModelsRequest(provider=provider, page_token=token),
+                    timeout=self.timeout,
+                    metadata=_metadata(self.api_key),
+                )
+            except grpc.RpcError as err:
+                raise error_from_rpc(err) from None
+            models += resp.models
+            token = resp.next_page_token
+            if not token:
+                return models
 
     def list_providers(self) -> list[pb.ProviderInfo]:
         try:
@@ -452,15 +459,22 @@ class AsyncBrokerClient:
         return answer_from_proto(resp)
 
     async def list_models(self, provider: str = "") -> list[pb.ModelInfo]:
-        try:
-            resp = await self.stub.ListModels(
-                pb.ListModelsRequest(provider=provider),
-                timeout=self.timeout,
-                metadata=_metadata(self.api_key),
-            )
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
-        return list(resp.models)
+        """Every model, all pages (the daemon answers at most 1000 per ListModels call)."""
+        models: list[pb.ModelInfo] = []
+        token = ""
+        while True:
+            try:
+                resp = await self.stub.ListModels(
+                    pb.ListModelsRequest(provider=provider, page_token=token),
+                    timeout=self.timeout,
+                    metadata=_metadata(self.api_key),
+                )
+            except grpc.RpcError as err:
+                raise error_from_rpc(err) from None
+            models += resp.models
+            token = resp.next_page_token
+            if not token:
+                return models
 
     async def list_providers(self) -> list[pb.ProviderInfo]:
         try:

@@ -933,14 +933,24 @@ Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):
-    """ListModelsRequest filters the model list."""
+    """ListModelsRequest filters the model list, one page at a time."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PROVIDER_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """Only this provider's models; empty means all."""
+    page_size: _builtins.int
+    """At most this many models per page: 0 means 1000, and more than 1000 is taken as 1000.
+    A page also ends before it would pass 1 MiB, so it may hold fewer.
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous answer, for the page after it; empty for the
+    first page. Send it with the same provider and capabilities.
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[Global___Capability.ValueType]:
         """Only models known to have all of these."""
@@ -950,10 +960,12 @@ class ListModelsRequest(_message.Message):
         *,
         provider: _builtins.str = ...,
         capabilities: _abc.Iterable[Global___Capability.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "page_size", b"page_size", "page_token", b"page_token", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -966,16 +978,22 @@ class ListModelsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Set when more models follow: send it as page_token for the next page. Empty on the
+    last page.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]: ...
     def __init__(
         self,
         *,
         models: _abc.Iterable[Global___ModelInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1070,8 +1088,9 @@ class ProviderInfo(_message.Message):
     breaker_state: Global___BreakerState.ValueType
     """The circuit breaker's state; health is NOT_SERVING while it is open."""
     last_error_resolved: _builtins.bool
-    """True once the provider has passed a health check since last_error: the error is
-    history, kept (with its time) for the operator. False while it is current.
+    """True once the provider has served again since last_error (a health check passed with
+    its circuit breaker not open): the error is history, kept with its time for the
+    operator. False while it is current.
     """
     @_builtins.property
     def last_check_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -1179,22 +1198,34 @@ class SelectModelResponse(_message.Message):
     SELECTED_FIELD_NUMBER: _builtins.int
     ALTERNATIVES_FIELD_NUMBER: _builtins.int
     EXCLUDED_FIELD_NUMBER: _builtins.int
+    OMITTED_ALTERNATIVES_FIELD_NUMBER: _builtins.int
+    OMITTED_EXCLUDED_FIELD_NUMBER: _builtins.int
+    omitted_alternatives: _builtins.int
+    """Ranked alternatives left out of this answer, which stays far below the message limit."""
+    omitted_excluded: _builtins.int
+    """Exclusions left out of this answer."""
     @_builtins.property
     def selected(self) -> Global___ModelInfo: ...
     @_builtins.property
-    def alternatives(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]: ...
+    def alternatives(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """The best-ranked alternatives, at most 100 (omitted_alternatives counts the rest)."""
+
     @_builtins.property
-    def excluded(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExcludedCandidate]: ...
+    def excluded(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExcludedCandidate]:
+        """At most 100 exclusions (omitted_excluded counts the rest)."""
+
     def __init__(
         self,
         *,
         selected: Global___ModelInfo | None = ...,
         alternatives: _abc.Iterable[Global___ModelInfo] | None = ...,
         excluded: _abc.Iterable[Global___ExcludedCandidate] | None = ...,
+        omitted_alternatives: _builtins.int = ...,
+        omitted_excluded: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["selected", b"selected"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "excluded", b"excluded", "selected", b"selected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alternatives", b"alternatives", "excluded", b"excluded", "omitted_alternatives", b"omitted_alternatives", "omitted_excluded", b"omitted_excluded", "selected", b"selected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

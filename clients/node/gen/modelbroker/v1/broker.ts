@@ -642,17 +642,32 @@ export interface ModelInfo {
   discovered: boolean;
 }
 
-/** ListModelsRequest filters the model list. */
+/** ListModelsRequest filters the model list, one page at a time. */
 export interface ListModelsRequest {
   /** Only this provider's models; empty means all. */
   provider: string;
   /** Only models known to have all of these. */
   capabilities: Capability[];
+  /**
+   * At most this many models per page: 0 means 1000, and more than 1000 is taken as 1000.
+   * A page also ends before it would pass 1 MiB, so it may hold fewer.
+   */
+  pageSize: number;
+  /**
+   * The next_page_token of the previous answer, for the page after it; empty for the
+   * first page. Send it with the same provider and capabilities.
+   */
+  pageToken: string;
 }
 
 /** ListModelsResponse lists models. */
 export interface ListModelsResponse {
   models: ModelInfo[];
+  /**
+   * Set when more models follow: send it as page_token for the next page. Empty on the
+   * last page.
+   */
+  nextPageToken: string;
 }
 
 /** GetModelRequest names a model. */
@@ -688,8 +703,9 @@ export interface ProviderInfo {
     | Date
     | undefined;
   /**
-   * True once the provider has passed a health check since last_error: the error is
-   * history, kept (with its time) for the operator. False while it is current.
+   * True once the provider has served again since last_error (a health check passed with
+   * its circuit breaker not open): the error is history, kept with its time for the
+   * operator. False while it is current.
    */
   lastErrorResolved: boolean;
 }
@@ -712,9 +728,17 @@ export interface ExcludedCandidate {
 
 /** SelectModelResponse is the choice, the ranked alternatives and the exclusions. */
 export interface SelectModelResponse {
-  selected: ModelInfo | undefined;
+  selected:
+    | ModelInfo
+    | undefined;
+  /** The best-ranked alternatives, at most 100 (omitted_alternatives counts the rest). */
   alternatives: ModelInfo[];
+  /** At most 100 exclusions (omitted_excluded counts the rest). */
   excluded: ExcludedCandidate[];
+  /** Ranked alternatives left out of this answer, which stays far below the message limit. */
+  omittedAlternatives: number;
+  /** Exclusions left out of this answer. */
+  omittedExcluded: number;
 }
 
 function createBaseImage(): Image {
@@ -3516,7 +3540,7 @@ export const ModelInfo: MessageFns<ModelInfo> = {
 };
 
 function createBaseListModelsRequest(): ListModelsRequest {
-  return { provider: "", capabilities: [] };
+  return { provider: "", capabilities: [], pageSize: 0, pageToken: "" };
 }
 
 export const ListModelsRequest: MessageFns<ListModelsRequest> = {
@@ -3530,6 +3554,12 @@ export const ListModelsRequest: MessageFns<ListModelsRequest> = {
         writer.int32(v);
       }
       writer.join();
+    }
+    if (message.pageSize !== 0) {
+      writer.uint32(24).int32(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      writer.uint32(34).string(message.pageToken);
     }
     return writer;
   },
@@ -3573,6 +3603,22 @@ export const ListModelsRequest: MessageFns<ListModelsRequest> = {
 
             break;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.pageSize = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.pageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3591,6 +3637,16 @@ export const ListModelsRequest: MessageFns<ListModelsRequest> = {
       capabilities: globalThis.Array.isArray(object?.capabilities)
         ? object.capabilities.map((e: any) => capabilityFromJSON(e))
         : [],
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
     };
   },
 
@@ -3602,6 +3658,12 @@ export const ListModelsRequest: MessageFns<ListModelsRequest> = {
     if (message.capabilities?.length) {
       obj.capabilities = message.capabilities.map((e) => capabilityToJSON(e));
     }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
+    }
     return obj;
   },
 
@@ -3612,18 +3674,23 @@ export const ListModelsRequest: MessageFns<ListModelsRequest> = {
     const message = createBaseListModelsRequest();
     message.provider = object.provider ?? "";
     message.capabilities = object.capabilities?.map((e) => e) || [];
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
     return message;
   },
 };
 
 function createBaseListModelsResponse(): ListModelsResponse {
-  return { models: [] };
+  return { models: [], nextPageToken: "" };
 }
 
 export const ListModelsResponse: MessageFns<ListModelsResponse> = {
   encode(message: ListModelsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.models) {
       ModelInfo.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.nextPageToken !== "") {
+      writer.uint32(18).string(message.nextPageToken);
     }
     return writer;
   },
@@ -3649,6 +3716,14 @@ export const ListModelsResponse: MessageFns<ListModelsResponse> = {
             message.models.push(ModelInfo.decode(reader, reader.uint32()));
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nextPageToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3664,6 +3739,11 @@ export const ListModelsResponse: MessageFns<ListModelsResponse> = {
   fromJSON(object: any): ListModelsResponse {
     return {
       models: globalThis.Array.isArray(object?.models) ? object.models.map((e: any) => ModelInfo.fromJSON(e)) : [],
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
     };
   },
 
@@ -3671,6 +3751,9 @@ export const ListModelsResponse: MessageFns<ListModelsResponse> = {
     const obj: any = {};
     if (message.models?.length) {
       obj.models = message.models.map((e) => ModelInfo.toJSON(e));
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
     }
     return obj;
   },
@@ -3681,6 +3764,7 @@ export const ListModelsResponse: MessageFns<ListModelsResponse> = {
   fromPartial(object: DeepPartial<ListModelsResponse>): ListModelsResponse {
     const message = createBaseListModelsResponse();
     message.models = object.models?.map((e) => ModelInfo.fromPartial(e)) || [];
+    message.nextPageToken = object.nextPageToken ?? "";
     return message;
   },
 };
@@ -4372,7 +4456,7 @@ export const ExcludedCandidate: MessageFns<ExcludedCandidate> = {
 };
 
 function createBaseSelectModelResponse(): SelectModelResponse {
-  return { selected: undefined, alternatives: [], excluded: [] };
+  return { selected: undefined, alternatives: [], excluded: [], omittedAlternatives: 0, omittedExcluded: 0 };
 }
 
 export const SelectModelResponse: MessageFns<SelectModelResponse> = {
@@ -4385,6 +4469,12 @@ export const SelectModelResponse: MessageFns<SelectModelResponse> = {
     }
     for (const v of message.excluded) {
       ExcludedCandidate.encode(v!, writer.uint32(26).fork()).join();
+    }
+    if (message.omittedAlternatives !== 0) {
+      writer.uint32(32).int32(message.omittedAlternatives);
+    }
+    if (message.omittedExcluded !== 0) {
+      writer.uint32(40).int32(message.omittedExcluded);
     }
     return writer;
   },
@@ -4426,6 +4516,22 @@ export const SelectModelResponse: MessageFns<SelectModelResponse> = {
             message.excluded.push(ExcludedCandidate.decode(reader, reader.uint32()));
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.omittedAlternatives = reader.int32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.omittedExcluded = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4447,6 +4553,16 @@ export const SelectModelResponse: MessageFns<SelectModelResponse> = {
       excluded: globalThis.Array.isArray(object?.excluded)
         ? object.excluded.map((e: any) => ExcludedCandidate.fromJSON(e))
         : [],
+      omittedAlternatives: isSet(object.omittedAlternatives)
+        ? globalThis.Number(object.omittedAlternatives)
+        : isSet(object.omitted_alternatives)
+        ? globalThis.Number(object.omitted_alternatives)
+        : 0,
+      omittedExcluded: isSet(object.omittedExcluded)
+        ? globalThis.Number(object.omittedExcluded)
+        : isSet(object.omitted_excluded)
+        ? globalThis.Number(object.omitted_excluded)
+        : 0,
     };
   },
 
@@ -4461,6 +4577,12 @@ export const SelectModelResponse: MessageFns<SelectModelResponse> = {
     if (message.excluded?.length) {
       obj.excluded = message.excluded.map((e) => ExcludedCandidate.toJSON(e));
     }
+    if (message.omittedAlternatives !== 0) {
+      obj.omittedAlternatives = Math.round(message.omittedAlternatives);
+    }
+    if (message.omittedExcluded !== 0) {
+      obj.omittedExcluded = Math.round(message.omittedExcluded);
+    }
     return obj;
   },
 
@@ -4474,6 +4596,8 @@ export const SelectModelResponse: MessageFns<SelectModelResponse> = {
       : undefined;
     message.alternatives = object.alternatives?.map((e) => ModelInfo.fromPartial(e)) || [];
     message.excluded = object.excluded?.map((e) => ExcludedCandidate.fromPartial(e)) || [];
+    message.omittedAlternatives = object.omittedAlternatives ?? 0;
+    message.omittedExcluded = object.omittedExcluded ?? 0;
     return message;
   },
 };
