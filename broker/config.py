@@ -1,5 +1,9 @@
 """Settings: one YAML file (or the environment alone), validated with pydantic.
 
+Owns the schema, its messages, loading, presets and env auto-config. What a provider type
+allows, defaults to and reads from the environment is not written here: it comes from its
+declaration in broker/providers/kinds.py.
+
 `${VAR}` and `${VAR:-default}` in string values are read from the environment. Every
 problem is reported with its path (`providers[1].base_url: ...`) so an operator can fix
 the file without reading code.
@@ -27,17 +31,12 @@ from pydantic import (
     model_validator,
 )
 
+from broker.providers import kinds
 from broker.redact import register_secret, register_url_credentials
 
-ProviderType = Literal["openai", "anthropic", "ollama"]
 PRESETS = ("development", "cloud-only", "local-only")
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
-DEFAULT_BASE_URLS: dict[str, str] = {
-    "openai": "https://api.openai.com/v1",
-    "anthropic": "https://api.anthropic.com",
-    "ollama": "http://localhost:11434",
-}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}$")
 
 
@@ -47,8 +46,11 @@ class _Strict(BaseModel):
 
 class ProviderConfig(_Strict):
     name: str
-    type: ProviderType
-    base_url: str = ""  # empty: the vendor default (Ollama: $OLLAMA_HOST)
+    # A declared provider type (broker/providers/kinds.py): the wire protocol.
+    type: str
+    # A compatible vendor's row (kinds.VENDORS, e.g. groq for `type: openai`): its base_url.
+    vendor: str | None = None
+    base_url: str = ""  # empty: the vendor's, else the type's default (Ollama: $OLLAMA_HOST)
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
     priority: int = Field(default=100, ge=0)
@@ -100,6 +102,26 @@ class ProviderConfig(_Strict):
             )
         return v
 
+    @field_validator("type", mode="before")
+    @classmethod
+    def _declared_type(cls, v: Any) -> Any:
+        # Checked at validation time, not frozen in a Literal: a type declared later counts.
+        if not isinstance(v, str) or kinds.find(v) is None:
+            raise ValueError(kinds.one_of(kinds.names()))
+        return v
+
+    @field_validator("vendor")
+    @classmethod
+    def _declared_vendor(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        row = kinds.VENDORS.get(v)
+        if row is None:
+            raise ValueError(kinds.one_of(kinds.VENDORS))
+        if info.data.get("type", row.kind) != row.kind:
+            raise ValueError(f"{v} speaks the {row.kind} protocol: set type: {row.kind}")
+        return v
+
     @field_validator("base_url")
     @classmethod
     def _url_shape(cls, v: str) -> str:
@@ -125,12 +147,24 @@ class ProviderConfig(_Strict):
             raise ValueError("set api_key or api_key_file, not both")
         return self
 
+    @property
+    def kind(self) -> kinds.ProviderKind:
+        """The declaration of this provider's type."""
+        return kinds.kind(self.type)
+
+    @property
+    def compatible_vendor(self) -> kinds.CompatibleVendor | None:
+        return kinds.VENDORS[self.vendor] if self.vendor is not None else None
+
     def resolved_base_url(self) -> str:
         if self.base_url:
             return self.base_url
-        if self.type == "ollama" and os.environ.get("OLLAMA_HOST"):
-            return ollama_host_url(os.environ["OLLAMA_HOST"])
-        return DEFAULT_BASE_URLS[self.type]
+        if self.compatible_vendor is not None:
+            return self.compatible_vendor.base_url
+        kind = self.kind
+        if kind.host_env and os.environ.get(kind.host_env):
+            return kind.url_from_host(os.environ[kind.host_env])
+        return kind.default_base_url
 
     def resolved_api_key(self) -> str | None:
         """The key from api_key or api_key_file (read at start, so a rotated file is seen on restart)."""
@@ -433,12 +467,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 def ollama_host_url(value: str) -> str:
     """OLLAMA_HOST may be `host`, `host:port` or a URL, as the ollama CLI accepts."""
-    value = value.strip().rstrip("/")
-    if not value.startswith(("http://", "https://")):
-        value = "http://" + value
-    if not re.search(r":\d+$", value.split("//", 1)[1]):
-        value += ":11434"
-    return value
+    return kinds.kind("ollama").url_from_host(value)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -546,31 +575,36 @@ def preset_settings(name: str, env: Mapping[str, str] | None = None) -> Settings
 
 
 def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
-    """No file: a provider for each of OPENAI_API_KEY/OPENAI_BASE_URL, ANTHROPIC_API_KEY, OLLAMA_HOST."""
+    """No file: a provider for each declared type whose variables are set (OPENAI_API_KEY or
+    OPENAI_BASE_URL, ANTHROPIC_API_KEY (+ ANTHROPIC_BASE_URL), OLLAMA_HOST), then one for each
+    compatible vendor whose key variable is; priorities 10, 20, 30... in declaration order."""
     env = os.environ if env is None else env
+
+    def var(name: str | None) -> str:
+        return env.get(name, "") if name else ""
+
     providers: list[dict[str, Any]] = []
-    if env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL"):
-        p: dict[str, Any] = {"name": "openai", "type": "openai", "priority": 10}
-        if env.get("OPENAI_BASE_URL"):
-            p["base_url"] = env["OPENAI_BASE_URL"]
-        if env.get("OPENAI_API_KEY"):
-            p["api_key"] = env["OPENAI_API_KEY"]
+    for i, kind in enumerate(kinds.KINDS.values()):
+        key, base_url, host = var(kind.key_env), var(kind.base_url_env), var(kind.host_env)
+        if not key and (kind.needs_key or not (base_url or host)):
+            continue
+        p: dict[str, Any] = {"name": kind.name, "type": kind.name, "priority": 10 * (i + 1)}
+        if base_url or host:
+            p["base_url"] = base_url or kind.url_from_host(host)
+        if key:
+            p["api_key"] = key
         providers.append(p)
-    if env.get("ANTHROPIC_API_KEY"):
-        a: dict[str, Any] = {"name": "anthropic", "type": "anthropic", "priority": 20}
-        a["api_key"] = env["ANTHROPIC_API_KEY"]
-        if env.get("ANTHROPIC_BASE_URL"):
-            a["base_url"] = env["ANTHROPIC_BASE_URL"]
-        providers.append(a)
-    if env.get("OLLAMA_HOST"):
-        providers.append(
-            {
-                "name": "ollama",
-                "type": "ollama",
-                "priority": 30,
-                "base_url": ollama_host_url(env["OLLAMA_HOST"]),
-            }
-        )
+    for i, vendor in enumerate(kinds.VENDORS.values(), start=len(kinds.KINDS)):
+        if key := var(vendor.key_env):
+            providers.append(
+                {
+                    "name": vendor.name,
+                    "type": vendor.kind,
+                    "vendor": vendor.name,
+                    "priority": 10 * (i + 1),
+                    "api_key": key,
+                }
+            )
     return settings_from_dict({"providers": providers}, source="environment", env=env)
 
 

@@ -9,6 +9,9 @@ Resolution of a model reference, in order:
   4. a bare id (which may itself contain '/', as vLLM model ids do): every provider that
      lists it, by priority.
 The result is an ordered candidate list; routing decides what to do with more than one.
+
+Whether a provider is local (free) or at its vendor's own endpoint (catalogue prices) is not
+decided here: its type's declaration (broker/providers/kinds.py) says.
 """
 
 from __future__ import annotations
@@ -36,8 +39,6 @@ log = structlog.get_logger("broker.registry")
 # last_error is kept at most this long (after redaction: redact first, then truncate).
 MAX_LAST_ERROR_CHARS = 1024
 
-# The vendors' own endpoints: only these are billed at catalogue prices.
-_VENDOR_HOSTS = {"openai": "api.openai.com", "anthropic": "api.anthropic.com"}
 _ALIAS_DEPTH = 5
 
 
@@ -88,16 +89,16 @@ class ProviderState:
 
     @property
     def local(self) -> bool:
-        """Local models cost nothing per token."""
-        return self.config.type == "ollama"
+        """Local models cost nothing per token (declared by the type, or the compatible vendor)."""
+        vendor = self.config.compatible_vendor
+        return self.config.kind.local or (vendor is not None and vendor.local)
 
     @property
     def vendor_endpoint(self) -> bool:
         """Serves the vendor's catalogue at the vendor's prices (see ProviderConfig.catalog_prices)."""
         if self.config.catalog_prices is not None:
             return self.config.catalog_prices
-        host = _VENDOR_HOSTS.get(self.config.type)
-        return host is not None and urlparse(self.provider.base_url).hostname == host
+        return urlparse(self.provider.base_url).hostname in self.config.kind.vendor_hosts
 
     def served_models(self) -> set[str]:
         return set(self.models) | set(self.config.models)

@@ -12,6 +12,7 @@ import pytest
 
 from broker.catalog import Catalog, compute_cost, micro_usd_from_usd, parse_entries
 from broker.config import ConfigError, ModelOverride
+from broker.providers import kinds
 from broker.types import Capability, Cost, DiscoveredModel, Pricing, Usage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,6 +125,37 @@ def test_ollama_tags_resolve_to_the_family_at_price_zero(catalog: Catalog, model
     assert spec.pricing == Pricing(0, 0, None)
     cost = compute_cost(spec.pricing, Usage(input_tokens=5_000, output_tokens=700), local=True)
     assert cost == Cost(known=True) and cost.total_micro_usd == 0
+
+
+def test_rows_and_tag_fallback_follow_the_type_declarations(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert {e.provider_type for e in catalog.entries()} <= set(kinds.KINDS)
+    row = {
+        "provider_type": "tagged",
+        "model": "fam",
+        "context_window": 8,
+        "max_output_tokens": 4,
+        "vision": False,
+        "tools": False,
+        "json_mode": False,
+        "reasoning": False,
+        "input_micro_usd_per_mtok": None,
+        "output_micro_usd_per_mtok": None,
+        "source": "test",
+        "date": "2026-01-01",
+    }
+    with pytest.raises(ValueError, match="bad or duplicate provider_type"):
+        parse_entries({"schema": 1, "models": [row]})  # no such type
+    monkeypatch.setattr(kinds, "KINDS", dict(kinds.KINDS))
+    kinds.declare(
+        kinds.ProviderKind(
+            name="tagged", module="x", default_base_url="http://x:1", carries=frozenset(), tagged_models=True
+        )
+    )
+    declared = Catalog(parse_entries({"schema": 1, "models": [row]}))
+    tagged = declared.lookup("tagged", "FAM:latest")
+    assert tagged is not None and tagged.model == "fam"
 
 
 def test_dated_ids_do_not_fall_back_to_their_family(catalog: Catalog) -> None:

@@ -145,6 +145,54 @@ def test_auto_config_from_environment() -> None:
     assert settings_from_env({}).providers == []
 
 
+def test_auto_config_follows_each_declared_type() -> None:
+    # Priorities are the type's place among the declarations, whichever types are present; an
+    # Anthropic base URL without a key makes no provider (the API needs one); Ollama needs no key.
+    s = settings_from_env({"ANTHROPIC_BASE_URL": "http://127.0.0.1:9", "OLLAMA_HOST": "http://127.0.0.1:8/"})
+    assert [(p.name, p.priority, p.base_url) for p in s.providers] == [("ollama", 30, "http://127.0.0.1:8")]
+    s = settings_from_env(
+        {"ANTHROPIC_API_KEY": "sk-ant-auto-654321", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"}
+    )
+    assert [(p.name, p.priority, p.base_url) for p in s.providers] == [
+        ("anthropic", 20, "http://127.0.0.1:9")
+    ]
+    s = settings_from_env({"OPENAI_BASE_URL": "http://127.0.0.1:7/v1"})
+    assert [(p.name, p.api_key) for p in s.providers] == [("openai", None)]  # local servers need no key
+
+
+def test_vendor_rows_fill_the_base_url_and_are_checked() -> None:
+    s = settings_from_dict(
+        {
+            "providers": [
+                {"name": "g", "type": "openai", "vendor": "groq"},
+                {"name": "r", "type": "openai", "vendor": "openrouter"},
+                {"name": "own", "type": "openai", "vendor": "groq", "base_url": "http://127.0.0.1:1/v1"},
+            ]
+        },
+        env={},
+    )
+    assert [p.resolved_base_url() for p in s.providers] == [
+        "https://api.groq.com/openai/v1",
+        "https://openrouter.ai/api/v1",
+        "http://127.0.0.1:1/v1",
+    ]
+    assert settings_from_dict(yaml.safe_load(dump_settings(s, reveal_secrets=True)), env={}) == s
+    with pytest.raises(ConfigError) as e:
+        settings_from_dict(
+            {
+                "providers": [
+                    {"name": "a", "type": "openai", "vendor": "grok"},
+                    {"name": "b", "type": "anthropic", "vendor": "groq"},
+                ]
+            },
+            env={},
+        )
+    assert e.value.problems == [
+        "providers[0].vendor: Input should be 'groq' or 'openrouter'",
+        "providers[1].vendor: groq speaks the openai protocol: set type: openai",
+    ]
+
+
 def test_base_url_defaults_follow_vendor_sdks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OLLAMA_HOST", raising=False)
     s = settings_from_dict(

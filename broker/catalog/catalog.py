@@ -15,9 +15,10 @@ An openai-type provider pointing at vLLM, a proxy or a gateway serving "gpt-4o-m
 the model's capabilities (same model id, same model) but pricing None: what that host
 charges is not OpenAI's list price, and "unknown" is honest where a wrong number is not.
 Config can set a price for it. Local providers (`local=True`, Ollama) are free unless config
-sets a price.
+sets a price. models.json may hold rows for any declared provider type, and only those.
 
-Lookup is exact, with one tolerance: Ollama tags ("llama3.2:3b", "llama3.2:latest") fall
+Lookup is exact, with one tolerance: for types whose ids carry tags (Ollama's, as its
+declaration in broker/providers/kinds.py says), "llama3.2:3b" and "llama3.2:latest" fall
 back to the untagged family ("llama3.2"). Dated OpenAI/Anthropic ids do NOT fall back to
 their family: snapshots are priced separately (gpt-4o-2024-05-13 costs twice gpt-4o), so an
 unknown snapshot reports unknown cost rather than a guessed one.
@@ -34,9 +35,9 @@ from typing import Any
 
 from broker.catalog.cost import micro_usd_from_usd
 from broker.config import ConfigError, ModelOverride
+from broker.providers import kinds
 from broker.types import Capability, DiscoveredModel, ModelSpec, Pricing
 
-PROVIDER_TYPES = ("openai", "anthropic", "ollama")
 SCHEMA_VERSION = 1
 
 
@@ -117,9 +118,10 @@ def _capabilities(vision: bool, tools: bool, json_mode: bool) -> frozenset[Capab
     return frozenset(c for c, on in flags if on)
 
 
-def _ollama_family(model: str) -> str:
-    """ "llama3.2:3b" -> "llama3.2". Ollama names are case-insensitive."""
-    return model.partition(":")[0].lower()
+def _untagged(provider_type: str, model: str) -> str | None:
+    """ "llama3.2:3b" -> "llama3.2" where the type's ids carry tags (case-insensitive, as Ollama's)."""
+    kind = kinds.find(provider_type)
+    return model.partition(":")[0].lower() if kind is not None and kind.tagged_models else None
 
 
 # --- parsing models.json ---------------------------------------------------------------------
@@ -175,7 +177,7 @@ def parse_entries(document: Any) -> tuple[CatalogEntry, ...]:
             **ints,
         )
         key = (entry.provider_type, entry.model)
-        if entry.provider_type not in PROVIDER_TYPES or not entry.model or key in seen:
+        if kinds.find(entry.provider_type) is None or not entry.model or key in seen:
             raise ValueError(f"models.json {where}: bad or duplicate provider_type/model {key}")
         seen.add(key)
         entries.append(entry)
@@ -197,9 +199,10 @@ class Catalog:
 
     def __init__(self, entries: Iterable[CatalogEntry]) -> None:
         self._entries: dict[tuple[str, str], CatalogEntry] = {(e.provider_type, e.model): e for e in entries}
-        self._by_type: dict[str, frozenset[str]] = {
-            t: frozenset(m for (pt, m) in self._entries if pt == t) for t in PROVIDER_TYPES
-        }
+        by_type: dict[str, set[str]] = {}
+        for pt, m in self._entries:
+            by_type.setdefault(pt, set()).add(m)
+        self._by_type = {t: frozenset(models) for t, models in by_type.items()}
         self._overrides: dict[tuple[str, str], _Override] = {}
 
     @classmethod
@@ -216,8 +219,8 @@ class Catalog:
 
     def lookup(self, provider_type: str, model: str) -> CatalogEntry | None:
         entry = self._entries.get((provider_type, model))
-        if entry is None and provider_type == "ollama":
-            entry = self._entries.get((provider_type, _ollama_family(model)))
+        if entry is None and (family := _untagged(provider_type, model)) is not None:
+            entry = self._entries.get((provider_type, family))
         return entry
 
     # --- config overrides ---------------------------------------------------------------------
@@ -252,8 +255,8 @@ class Catalog:
 
     def _override(self, provider_name: str, provider_type: str, model: str) -> _Override | None:
         found = self._overrides.get((provider_name, model))
-        if found is None and provider_type == "ollama":
-            found = self._overrides.get((provider_name, _ollama_family(model)))
+        if found is None and (family := _untagged(provider_type, model)) is not None:
+            found = self._overrides.get((provider_name, family))
         return found
 
     # --- merged facts -------------------------------------------------------------------------

@@ -1,34 +1,44 @@
-"""Provider types by wire protocol. Each module registers its class with `@register`.
+"""Provider classes by type: the `@register` decorator, `provider_types()` and `create_provider()`.
 
-`provider_types()` imports every protocol module once, so the registry is complete
-whichever module the caller touched first (a test checks none is missing).
+Which types exist, and which module implements each, is declared once in `kinds.py`;
+`provider_types()` imports every declared module, so the set is complete whichever module the
+caller touched first. `@register` refuses a class whose `type` is not declared for its module
+(tests/test_registry.py holds both directions).
+
+Kept free of imports from the daemon at module level: config reads `kinds` (and so runs this
+file) before any provider module may import config.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from broker.config import ProviderConfig
-from broker.providers.base import Provider
+from broker.providers import kinds
+
+if TYPE_CHECKING:
+    from broker.config import ProviderConfig
+    from broker.providers.base import Provider
 
 _TYPES: dict[str, type[Provider]] = {}
-P = TypeVar("P", bound=type[Provider])
-# The protocol modules; each must register exactly the type named like the module.
-PROTOCOL_MODULES = ("openai", "anthropic", "ollama")
-# Shared machinery that is not a protocol: a module in providers/ is one of these, a
-# protocol module, or a protocol's `<name>_wire` mapping (a test holds this).
-SUPPORT_MODULES = ("base", "checks", "sse", "transport")
+P = TypeVar("P", bound="type[Provider]")
+# Shared machinery that is not a protocol: a module in providers/ is one of these, a declared
+# kind's module, or a protocol's `<name>_wire` mapping (a test holds this).
+SUPPORT_MODULES = ("base", "checks", "kinds", "sse", "transport")
 
 
 def register(cls: P) -> P:
+    declared = kinds.find(cls.type)
+    if declared is None or declared.module != cls.__module__:
+        where = f"declared for {declared.module}" if declared else "not declared in broker/providers/kinds.py"
+        raise TypeError(f"{cls.__module__}.{cls.__name__}: provider type {cls.type!r} is {where}")
     _TYPES[cls.type] = cls
     return cls
 
 
 def provider_types() -> dict[str, type[Provider]]:
-    for name in PROTOCOL_MODULES:
-        importlib.import_module(f"broker.providers.{name}")
+    for kind in kinds.KINDS.values():
+        importlib.import_module(kind.module)
     return dict(_TYPES)
 
 

@@ -13,7 +13,6 @@ import base64
 import hashlib
 import json
 import re
-import typing
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from broker.config import ProviderConfig
+from broker.providers import kinds
 from modelbroker.v1 import broker_pb2 as pb
 from tests.conftest import broker_settings, stub
 from tests.fakes.segment import Segmenter, from_env
@@ -849,8 +848,7 @@ def mismatches(case: C.Case, run_: Run) -> list[str]:
 
 
 def provider_types() -> tuple[str, ...]:
-    ann = ProviderConfig.model_fields["type"].annotation
-    return tuple(str(a) for a in typing.get_args(ann))
+    return kinds.names()
 
 
 def open_gaps(gap: C.Gap) -> list[str]:
