@@ -7,17 +7,16 @@ it authenticates the key, admits completions against the limits in broker/limits
 puts the caller in a contextvar for the servicer. Health and reflection pass untouched:
 Kubernetes probes and grpcurl carry no key.
 
-Which models a caller may use is decided on the RESOLVED provider/model (an alias or a bare
-id can point anywhere), so the servicer calls `check_call` before a completion starts and
-`require_permitted` on the target it was given; anything that picks targets (routing,
-SelectModel) should skip those for which `permitted` is false.
+Which models a caller may use is decided once: the gate resolves the caller, whose
+`Permissions` (`permissions()`) the servicer hands to the completion service, which judges
+the RESOLVED provider/model (an alias or a bare id can point anywhere) in one place,
+`CompletionService.candidates`. Listings and SelectModel skip what `permitted` refuses.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import inspect
 import ipaddress
 import re
 import secrets
@@ -26,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import structlog
@@ -34,11 +33,7 @@ import structlog
 from broker import errors, limits
 from broker.config import AuthConfig, Settings, parse_listen
 from broker.redact import redact, register_secret
-from modelbroker.v1 import broker_pb2 as pb
-
-if TYPE_CHECKING:
-    from broker.convert import CompletionCall
-    from broker.registry import Registry
+from broker.types import ALLOW_ALL, Permissions
 
 log = structlog.get_logger("broker.auth")
 
@@ -114,6 +109,19 @@ class Caller:
         ref = f"{provider}/{model}"
         return any(fnmatchcase(ref, glob) for glob in self.allow_models)
 
+    def require(self, provider: str, model: str, *, requested: str = "", hint: str = "") -> None:
+        """ModelNotAllowed, naming this key and what it may use, unless it may use provider/model."""
+        if self.may_use(provider, model):
+            return
+        via = f" (requested as {requested!r})" if requested and requested != f"{provider}/{model}" else ""
+        allowed = ", ".join(self.allow_models or ()) or "no models"
+        raise errors.ModelNotAllowed(
+            f"key {self.name!r} may not use {provider}/{model}{via}; it may use: {allowed}{hint}",
+            provider=provider,
+            model=model,
+            metadata={"caller": self.name},
+        )
+
 
 # Set by the interceptor for the RPC it admits; None when auth is off.
 current_caller: ContextVar[Caller | None] = ContextVar("modelbroker_caller", default=None)
@@ -124,44 +132,18 @@ def caller_name() -> str:
     return caller.name if caller is not None else ""
 
 
-def permitted(provider: str, model: str) -> bool:
+def permissions() -> Permissions:
+    """What the caller of this RPC may use: the gate resolved it (ALLOW_ALL with auth off)."""
     caller = current_caller.get()
-    return caller is None or caller.may_use(provider, model)
+    return caller if caller is not None else ALLOW_ALL
+
+
+def permitted(provider: str, model: str) -> bool:
+    return permissions().may_use(provider, model)
 
 
 def require_permitted(provider: str, model: str, *, requested: str = "", hint: str = "") -> None:
-    caller = current_caller.get()
-    if caller is None or caller.may_use(provider, model):
-        return
-    via = f" (requested as {requested!r})" if requested and requested != f"{provider}/{model}" else ""
-    allowed = ", ".join(caller.allow_models or ()) or "no models"
-    raise errors.ModelNotAllowed(
-        f"key {caller.name!r} may not use {provider}/{model}{via}; it may use: {allowed}{hint}",
-        provider=provider,
-        model=model,
-        metadata={"caller": caller.name},
-    )
-
-
-def check_call(registry: Registry, call: CompletionCall) -> None:
-    """Refuse a completion whose model or fallbacks resolve to any target the caller may not use.
-
-    Every candidate must be allowed, not just one: the completion service may try any of
-    them, and a forbidden provider must never be called on this caller's behalf.
-    """
-    caller = current_caller.get()
-    if caller is None or caller.allow_models is None:
-        return
-    for ref in (call.model, *call.fallback_models):
-        if not ref:
-            continue
-        try:
-            targets = registry.resolve(ref)
-        except errors.ModelNotFound:
-            continue  # the completion service reports unknown models its own way
-        hint = "; name an allowed provider explicitly as provider/model" if len(targets) > 1 else ""
-        for t in targets:
-            require_permitted(t.state.name, t.model, requested=ref, hint=hint)
+    permissions().require(provider, model, requested=requested, hint=hint)
 
 
 def open_listen_warning(settings: Settings, listen: str) -> str | None:
@@ -184,16 +166,6 @@ def open_listen_warning(settings: Settings, listen: str) -> str | None:
         "can spend the configured provider keys. Add auth.keys to the config "
         "(`model-broker keys create` makes one) or listen on 127.0.0.1."
     )
-
-
-def _usage_tokens(message: Any) -> int:
-    if isinstance(message, pb.CompleteResponse):
-        usage = message.usage
-    elif isinstance(message, pb.StreamCompleteResponse) and message.HasField("end"):
-        usage = message.end.usage
-    else:
-        return 0
-    return int(usage.input_tokens) + int(usage.output_tokens)
 
 
 class Gatekeeper:
@@ -298,20 +270,14 @@ class Gatekeeper:
                 await context.abort_with_status(with_request_id(status_for(exc), request_id))
                 raise AssertionError("abort_with_status returned") from exc
 
-        def account(response: Any) -> None:
-            caller = current_caller.get()
-            if caller is not None:
-                caller.limits.record_tokens(_usage_tokens(response))
-
         if handler.unary_unary is not None:
             unary: Callable[[Any, Any], Awaitable[Any]] = handler.unary_unary
 
             async def unary_behavior(request: Any, context: Any) -> Any:
                 release = await enter(context)
                 try:
-                    response = await unary(request, context)
-                    account(response)
-                    return response
+                    # Tokens are charged by the request scope, from Finished.usage (broker/scope.py).
+                    return await unary(request, context)
                 finally:
                     release()
 
@@ -326,12 +292,7 @@ class Gatekeeper:
             async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
                 release = await enter(context)
                 try:
-                    result = streaming(request, context)
-                    if inspect.isawaitable(result):  # the context.write() style
-                        await result
-                        return
-                    async for response in result:
-                        account(response)
+                    async for response in streaming(request, context):
                         yield response
                 finally:
                     # Also on CancelledError (caller gone, deadline): the slot frees at once.

@@ -1,12 +1,26 @@
-"""One completion, end to end in neutral types: candidates -> checks -> provider stream -> cost.
+"""One completion, end to end in neutral types: candidates -> fallback walk -> one target's attempts.
 
-Candidates come from the model reference (an alias may be a fallback group), or from
-selection by requirements, then `fallback_models`. Per candidate: its provider's circuit
-breaker must let it through; a retryable failure before any output is retried with
-backoff (broker/retry.py) or moves on to the next candidate; a caller's own error ends
-the request at once. Time to first token and stalls between chunks are timed per
-provider (only the wait for the upstream, never the caller's reading); thinking, reasoning
-and pings (ProgressEvent) re-arm both timers but are neither content nor forwarded.
+Three steps, each one function:
+
+- `CompletionService.candidates`: the ordered targets. The model reference (an alias may
+  be a fallback group), or selection by requirements, then `fallback_models`; each once.
+  The caller's `Permissions` (resolved once by the auth gate) are judged here and nowhere
+  else: selection skips what they refuse; a named model or fallback they refuse is refused
+  with a status naming the key.
+- `CompletionService.stream`: the fallback walk. Each candidate in turn, skipping one that
+  cannot take the request (capabilities, context window); the first that answers is the
+  answer; if none does, the caller hears the last retryable failure, else that every
+  breaker was open, else the first candidate's reason.
+- `CompletionService._target`: one target's attempts. Each is let through by its
+  provider's circuit breaker and read under one timer (`_Reading`); a retryable failure
+  before any output is retried with backoff (broker/retry.py) or hands over to the next
+  candidate; a caller's own error ends the request at once.
+
+The timer: time to first token and stalls between chunks are timed per provider, only the
+wait for the upstream, never the caller's reading, and by this timer alone (the transport
+sets no read timeout of its own on a completion's body; `read_timeout_seconds` caps both
+limits). Thinking, reasoning and pings (ProgressEvent) re-arm it but are neither content
+nor forwarded.
 
 Streaming is the only path; unary accumulates it, buffered (`stream(buffered=True)`), so
 a unary failure part-way may still retry or fall back with the partial answer thrown
@@ -17,39 +31,43 @@ as several deltas, so every stream message stays far below the gRPC message limi
 upstream value the wire parsers did not foresee (a shape that raises ValueError, TypeError,
 ...) is an UPSTREAM_PROTOCOL_ERROR with the traceback in the log, never INTERNAL.
 
-The first message to a streaming caller (`Started`) is held back until the first content,
+The first output to a streaming caller (`Started`) is held back until the first content,
 so a failure before any content can move on without the caller ever seeing the first
 provider's name. After content has been delivered a failure is an interruption
 (STREAM_INTERRUPTED, with what was delivered): never retried, never spliced with another
-model's output.
+model's output. A failed attempt's cause (the exception under the BrokerError) is logged
+at debug level, `attempt_failed`; callers see only the mapped status.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+import traceback
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import structlog
 
-from broker import auth, errors
+from broker import errors
 from broker.breaker import counts_against_provider
 from broker.catalog import compute_cost
-from broker.config import RoutingConfig
-from broker.convert import CompletionCall
 from broker.registry import ProviderState, Registry, Target
 from broker.retry import RetryPolicy
-from broker.routing import Router
+from broker.routing import LatencyTracker, Router
 from broker.types import (
+    ALLOW_ALL,
     Capability,
-    CompletionRequest,
-    Cost,
+    CompletionCall,
+    CompletionEvent,
     EndEvent,
-    FinishReason,
+    Finished,
+    Output,
+    Permissions,
     ProgressEvent,
+    Started,
     StartEvent,
     TextDeltaEvent,
     TextPart,
@@ -79,23 +97,6 @@ _CAPABILITY_WORDS = {
 }
 
 
-@dataclass(slots=True, frozen=True)
-class Started:
-    request_id: str
-    provider: str
-    model: str
-
-
-@dataclass(slots=True, frozen=True)
-class Finished:
-    finish_reason: FinishReason
-    usage: Usage
-    cost: Cost
-
-
-Output = Started | TextDeltaEvent | ToolCallDeltaEvent | Finished
-
-
 @dataclass(slots=True)
 class Attempt:
     provider: str
@@ -109,7 +110,6 @@ class CallRecord:
 
     attempts: list[Attempt] = field(default_factory=list)
     first_token_at: float | None = None
-    upstream_wait: float = 0.0
 
 
 def check_capabilities(call: CompletionCall, target: Target) -> None:
@@ -164,26 +164,53 @@ def check_fits(call: CompletionCall, target: Target) -> None:
         )
 
 
+@dataclass(slots=True)
+class _Walk:
+    """The fallback walk so far, and what the caller hears if no candidate answers."""
+
+    record: CallRecord
+    answered: bool = False
+    # The first candidate's reason it could not take the request (capabilities, context).
+    unfit: errors.BrokerError | None = None
+    # The last retryable failure; candidates skipped because their breaker was open.
+    last_error: errors.BrokerError | None = None
+    skipped: list[Target] = field(default_factory=list)
+
+    def failure(self) -> errors.BrokerError:
+        if self.last_error is not None:
+            return with_attempts(self.last_error, self.record)
+        if self.skipped:
+            return all_breakers_open(self.skipped)
+        assert self.unfit is not None, "every candidate either ran, was skipped, or failed its checks"
+        return self.unfit
+
+
 class CompletionService:
-    """Candidates -> per candidate: breaker, retries with backoff, TTFT/stall timeouts -> outputs."""
+    """Candidates -> the fallback walk -> per candidate: breaker, retries, the TTFT/stall timer -> outputs."""
 
     def __init__(
         self,
         registry: Registry,
-        routing: RoutingConfig | None = None,
         *,
         on_breaker_change: Callable[[ProviderState], Awaitable[None]] | None = None,
-        rng: random.Random | None = None,
     ) -> None:
         self.registry = registry
-        self.routing = routing or registry.settings.routing
+        self.routing = registry.settings.routing
         self.router = Router(registry)
-        self.retry = RetryPolicy(self.routing.retry, rng=rng)
+        self.retry = RetryPolicy(self.routing.retry)
         # Called when a breaker opens or closes, so health follows at once.
         self.on_breaker_change = on_breaker_change
 
-    def candidates(self, call: CompletionCall) -> list[Target]:
-        """The ordered candidates: the named model (or the selection), then fallbacks; each once."""
+    def candidates(self, call: CompletionCall, permissions: Permissions = ALLOW_ALL) -> list[Target]:
+        """The ordered candidates: the named model (or the selection), then fallbacks; each once.
+
+        The one place a caller's permissions are judged. Selection leaves out, silently,
+        what they refuse (a caller learns nothing of models it may not use). A named model
+        or fallback is refused if ANY target it resolves to is refused, before anything is
+        tried: the walk may reach any of them, and a forbidden provider must never be
+        called on this caller's behalf.
+        """
+        self._require_named(call, permissions)
         req = call.requirements
         if not req.is_empty():
             self.router.validate(req)
@@ -194,7 +221,7 @@ class CompletionService:
                 req,
                 needed=call.needed_capabilities(),
                 min_context=estimated_input_tokens(call),
-                permitted=auth.permitted,
+                permitted=permissions.may_use,
             )
             if not selection.ranked:
                 raise selection.error()
@@ -215,6 +242,18 @@ class CompletionService:
                 unique.append(t)
         return unique
 
+    def _require_named(self, call: CompletionCall, permissions: Permissions) -> None:
+        for ref in (call.model, *call.fallback_models):
+            if not ref:
+                continue
+            try:
+                targets = self.registry.resolve(ref)
+            except errors.ModelNotFound:
+                continue  # reported by the walk, in its order
+            hint = "; name an allowed provider explicitly as provider/model" if len(targets) > 1 else ""
+            for t in targets:
+                permissions.require(t.state.name, t.model, requested=ref, hint=hint)
+
     async def stream(
         self,
         call: CompletionCall,
@@ -223,93 +262,115 @@ class CompletionService:
         deadline: float | None,
         record: CallRecord,
         buffered: bool = False,
-    ) -> AsyncIterator[Output]:
-        """Outputs of the first candidate that succeeds.
+        permissions: Permissions = ALLOW_ALL,
+    ) -> AsyncGenerator[Output, None]:
+        """The fallback walk: the outputs of the first candidate that answers.
 
         `buffered` (unary): nothing reaches the caller until the end, so a failure part-way
         through may still retry or fall back, the partial output discarded, never spliced.
+        `permissions`: what the caller may use, as the auth gate resolved it (see `candidates`).
         """
-        targets = self.candidates(call)
-        check_error: errors.BrokerError | None = None
-        last_error: errors.BrokerError | None = None
-        skipped: list[Target] = []
+        targets = self.candidates(call, permissions)
+        walk = _Walk(record)
         for i, target in enumerate(targets):
-            s = target.state
-            more = i < len(targets) - 1
             try:
                 check_capabilities(call, target)
                 check_fits(call, target)
             except errors.BrokerError as exc:
                 # A fallback that cannot take this request is skipped; the caller hears
                 # about the first candidate's reason if none can.
-                check_error = check_error or exc
-                record.attempts.append(Attempt(s.name, target.model, exc.reason))
+                walk.unfit = walk.unfit or exc
+                record.attempts.append(Attempt(target.state.name, target.model, exc.reason))
                 continue
-            tries = 0
-            while True:
-                if not s.breaker.acquire():
-                    record.attempts.append(Attempt(s.name, target.model, "BREAKER_OPEN"))
-                    skipped.append(target)
-                    break
-                tries += 1
-                if tries == 1:
-                    s.retry_budget.record_request()
-                attempt = Attempt(s.name, target.model)
-                record.attempts.append(attempt)
-                delivered = Delivered()
-                held = Held(self.registry.settings.server.max_message_bytes) if buffered else None
-                try:
-                    # aclosing: leaving early (the caller gone, a held answer too large)
-                    # closes the attempt, and with it the upstream request, at once.
-                    async with aclosing(self._attempt(call, target, request_id, deadline, record)) as outs:
-                        async for out in outs:
-                            if held is not None:
-                                held.add(out)
-                            else:
-                                delivered.add(out)
-                                yield out
-                except errors.BrokerError as exc:
-                    exc.with_target(s.name, target.model)
-                    attempt.error = exc.reason
-                    await self._outcome(s, exc)
-                    if delivered.chunks:
-                        raise interrupted(exc, delivered, call) from exc
-                    if not exc.retryable:
-                        with_attempts(exc, record)
-                        raise
-                    last_error = exc
-                    wait = self.retry.delay(exc, tries, deadline=deadline, fallback_waiting=more)
-                    if wait is None or not s.retry_budget.try_spend():
-                        if more:
-                            log.info(
-                                "fallback", request_id=request_id, failed=target.spec.id, reason=exc.reason
-                            )
-                        break
-                    log.info(
-                        "retry",
-                        request_id=request_id,
-                        target=target.spec.id,
-                        reason=exc.reason,
-                        attempt=tries + 1,
-                        delay_ms=round(wait * 1000, 1),
-                    )
-                    await asyncio.sleep(wait)
-                    continue
-                except BaseException:
-                    # Cancelled (or closed by the consumer): says nothing about the provider.
-                    s.breaker.release()
+            more = i < len(targets) - 1
+            # aclosing: leaving early (the caller gone, a held answer too large) closes the
+            # attempt, and with it the upstream request, at once.
+            async with aclosing(
+                self._target(call, target, walk, request_id, deadline, buffered, more)
+            ) as outs:
+                async for out in outs:
+                    yield out
+            if walk.answered:
+                return
+        raise walk.failure()
+
+    async def _target(
+        self,
+        call: CompletionCall,
+        target: Target,
+        walk: _Walk,
+        request_id: str,
+        deadline: float | None,
+        buffered: bool,
+        more: bool,
+    ) -> AsyncGenerator[Output, None]:
+        """One target's attempts, until it answers (`walk.answered`) or the walk moves on.
+
+        Each attempt must pass the provider's breaker and is read under the TTFT/stall timer;
+        after a retryable failure with nothing delivered, a retry follows the backoff while
+        the policy and the provider's retry budget allow (`more`: a fallback is waiting).
+        Raises what ends the whole call: an interruption, or a failure no retry can help.
+        """
+        s = target.state
+        tries = 0
+        while True:
+            if not s.breaker.acquire():
+                walk.record.attempts.append(Attempt(s.name, target.model, "BREAKER_OPEN"))
+                walk.skipped.append(target)
+                return
+            tries += 1
+            if tries == 1:
+                s.retry_budget.record_request()
+            attempt = Attempt(s.name, target.model)
+            walk.record.attempts.append(attempt)
+            delivered = Delivered()
+            held = Held(self.registry.settings.server.max_message_bytes) if buffered else None
+            try:
+                async with _Reading(
+                    call, target, request_id, deadline, walk.record, self.router.latency
+                ) as up:
+                    while (out := await up.next()) is not None:
+                        if held is None:
+                            delivered.add(out)
+                            yield out
+                        else:
+                            held.add(out)
+            except errors.BrokerError as exc:
+                exc.with_target(s.name, target.model)
+                attempt.error = exc.reason
+                _log_cause(exc, request_id)
+                await self._outcome(s, exc)
+                if delivered.chunks:
+                    raise interrupted(exc, delivered, call) from exc
+                if not exc.retryable:
+                    with_attempts(exc, walk.record)
                     raise
+                walk.last_error = failed = exc
+                wait = self.retry.delay(exc, tries, deadline=deadline, fallback_waiting=more)
+            except BaseException:
+                # Cancelled (or closed by the consumer): says nothing about the provider.
+                s.breaker.release()
+                raise
+            else:
                 await self._outcome(s, None)
                 if held is not None:
                     for out in held.outputs():
                         yield out
+                walk.answered = True
                 return
-        if last_error is not None:
-            raise with_attempts(last_error, record)
-        if skipped:
-            raise all_breakers_open(skipped)
-        assert check_error is not None, "every candidate either ran, was skipped, or failed its checks"
-        raise check_error
+            if wait is None or not s.retry_budget.try_spend():
+                if more:
+                    log.info("fallback", request_id=request_id, failed=target.spec.id, reason=failed.reason)
+                return
+            log.info(
+                "retry",
+                request_id=request_id,
+                target=target.spec.id,
+                reason=failed.reason,
+                attempt=tries + 1,
+                delay_ms=round(wait * 1000, 1),
+            )
+            await asyncio.sleep(wait)
 
     async def _outcome(self, s: ProviderState, exc: errors.BrokerError | None) -> None:
         """Feed the provider's breaker; health follows when it opens or closes."""
@@ -335,121 +396,203 @@ class CompletionService:
         if changed and self.on_breaker_change is not None:
             await self.on_breaker_change(s)
 
-    async def _attempt(
+
+def _log_cause(exc: errors.BrokerError, request_id: str) -> None:
+    """A failed attempt's cause (the aiohttp, OS or parser exception under it), for the log
+    only: the caller's status carries the BrokerError's own message and nothing of this.
+
+    Rendered here and redacted before it is logged, whatever the log set-up: a cause's text
+    can hold what no message would (aiohttp names a proxy URL with its credentials)."""
+    cause = exc.__cause__
+    if cause is None or not log.is_enabled_for(logging.DEBUG):
+        return
+    trace = "".join(traceback.format_exception(cause))
+    log.debug(
+        "attempt_failed",
+        request_id=request_id,
+        provider=exc.provider,
+        model=exc.model,
+        reason=exc.reason,
+        error=exc.message,
+        exception=errors.bound_redacted(trace, errors.MAX_LOG_EXCEPTION_CHARS),
+    )
+
+
+class _Reading:
+    """One attempt's upstream stream, read an event at a time under the one timer and turned
+    into outputs: Started before the first content, deltas (split past MAX_DELTA_CHARS),
+    Finished with usage (estimated when the upstream reported none) and cost.
+
+    `async with` opens it (the provider's request, the timer) and closes both, whatever the
+    reason (closing the upstream HTTP request at once). `next()` is one coroutine call per
+    output rather than one more async-generator layer per chunk.
+    """
+
+    __slots__ = (
+        "call",
+        "events",
+        "finished",
+        "generated_chars",
+        "latency",
+        "pending",
+        "progress_at",
+        "progressed",
+        "record",
+        "request_id",
+        "stall",
+        "started",
+        "t0",
+        "target",
+        "timer",
+        "ttft",
+    )
+
+    def __init__(
         self,
         call: CompletionCall,
         target: Target,
         request_id: str,
         deadline: float | None,
         record: CallRecord,
-    ) -> AsyncGenerator[Output, None]:
+        latency: LatencyTracker,
+    ) -> None:
         spec, cfg = target.spec, target.state.config
-        t0 = time.monotonic()
-        request = CompletionRequest(
-            model=target.model,
-            messages=call.messages,
-            tools=call.tools,
-            tool_choice=call.tool_choice,
-            params=call.params,
+        self.call, self.target, self.request_id = call, target, request_id
+        self.record, self.latency = record, latency
+        self.t0 = time.monotonic()
+        request = call.upstream(
+            target.model,
             # Not the model's maximum (64,000 for claude-sonnet-4-5): the provider's configured
             # default, or the protocol's own rule, capped by the model's max output.
             default_max_tokens=cfg.default_max_tokens,
             max_output_tokens=spec.max_output_tokens,
             reasoning_model=spec.reasoning,
-            # The caller's remaining deadline bounds every phase of the upstream request.
-            timeout=None if deadline is None else max(deadline - t0, 0.001),
+            # The caller's remaining deadline bounds the pool wait and the connect.
+            timeout=None if deadline is None else max(deadline - self.t0, 0.001),
+            caller_times_reads=True,  # this timer, not the HTTP read timeout
         )
-        started = False
+        self.events = target.provider.stream(request)
+        self.timer: _WaitTimer | None = None
+        # The two limits; read_timeout_seconds (the longest wait for the upstream) caps both.
+        self.ttft = min(cfg.ttft_timeout_seconds, cfg.read_timeout_seconds)
+        self.stall = min(cfg.stall_timeout_seconds, cfg.read_timeout_seconds)
+        self.started = False
+        self.finished = False
+        # Outputs of the last event not returned yet, last first (Started comes before the
+        # first content; an oversize delta is several).
+        self.pending: list[Output] = []
         # Before the first content the TTFT limit runs from the last sign of progress
         # (thinking, reasoning, a ping), at first the request itself: a model thinking
         # aloud for minutes is working, one silent for ttft_timeout_seconds is not.
-        progress_at = t0
-        progressed = False
-        generated_chars = 0  # text, tool calls and hidden reasoning, for a usage estimate
-        timer = _WaitTimer()
+        self.progress_at = self.t0
+        self.progressed = False
+        self.generated_chars = 0  # text, tool calls and hidden reasoning, for a usage estimate
+
+    async def __aenter__(self) -> _Reading:
+        self.timer = _WaitTimer()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
         try:
-            async with aclosing(target.provider.stream(request)) as events:
-                while True:
-                    # Only the wait for the upstream is timed, never the caller reading slowly.
-                    if started:
-                        timer.start_wait(cfg.stall_timeout_seconds)
-                    else:
-                        timer.start_wait(cfg.ttft_timeout_seconds - (time.monotonic() - progress_at))
-                    try:
-                        ev = await anext(events)
-                    except StopAsyncIteration:
-                        break
-                    except _UNREADABLE:
-                        # A bug in reading this upstream's bytes, not the caller's: the
-                        # traceback goes to the log, the caller gets a stable reason.
-                        log.exception(
-                            "upstream_unreadable", request_id=request_id, provider=target.state.name
-                        )
-                        raise errors.UpstreamProtocolError(
-                            f"{target.state.name}: the upstream's answer could not be read "
-                            "(see the broker's log for this request id)",
-                            provider=target.state.name,
-                            model=target.model,
-                        ) from None
-                    except asyncio.CancelledError:
-                        if not timer.expired():
-                            raise
-                        if started:
-                            what = f"stream stalled (no chunk for {cfg.stall_timeout_seconds:g}s)"
-                        elif progressed:
-                            what = (
-                                f"no first token within {cfg.ttft_timeout_seconds:g}s "
-                                "of the last progress (thinking, reasoning or ping)"
-                            )
-                        else:
-                            what = f"no first token within {cfg.ttft_timeout_seconds:g}s"
-                        raise errors.UpstreamTimeout(
-                            f"{target.state.name}: {what}", provider=target.state.name, model=target.model
-                        ) from None
-                    finally:
-                        timer.end_wait()
-                    if isinstance(ev, StartEvent):
-                        continue
-                    if isinstance(ev, ProgressEvent):
-                        # Re-arms the timers (the next wait starts now); not content, so no
-                        # Started (a fallback is still possible) and nothing for the caller.
-                        generated_chars += ev.chars
-                        if not started:
-                            progress_at = time.monotonic()
-                            progressed = True
-                        continue
-                    if not started:
-                        started = True
-                        now = time.monotonic()
-                        record.first_token_at = now
-                        self.router.latency.observe(spec.id, now - t0)
-                        yield Started(request_id=request_id, provider=target.state.name, model=target.model)
-                    if isinstance(ev, EndEvent):
-                        usage = ev.usage
-                        if not ev.usage_reported:
-                            # Zeros would pass for counts (and bill nothing): estimate, labelled so.
-                            usage = estimated_usage(call, generated_chars)
-                        cost = compute_cost(spec.pricing, usage, local=target.state.local)
-                        yield Finished(ev.finish_reason, usage, cost)
-                        return
-                    if isinstance(ev, TextDeltaEvent):
-                        generated_chars += len(ev.text)
-                        if len(ev.text) > MAX_DELTA_CHARS:
-                            for piece in split_text(ev):
-                                yield piece
-                            continue
-                    else:
-                        generated_chars += len(ev.name) + len(ev.arguments_delta)
-                        if len(ev.arguments_delta) > MAX_DELTA_CHARS:
-                            for part in split_tool_call(ev):
-                                yield part
-                            continue
-                    yield ev
+            await self.events.aclose()
         finally:
-            timer.close()
-        raise errors.UpstreamProtocolError(
-            f"{target.state.name}: the stream ended without a final message", provider=target.state.name
+            if self.timer is not None:
+                self.timer.close()
+
+    async def next(self) -> Output | None:
+        """The next output; None after Finished. Raises BrokerErrors, the timeouts included."""
+        if self.pending:
+            return self.pending.pop()
+        if self.finished:
+            return None
+        timer = self.timer
+        assert timer is not None, "read inside `async with`"
+        while True:
+            # Only the wait for the upstream is timed, never the caller reading slowly.
+            if self.started:
+                timer.start_wait(self.stall)
+            else:
+                timer.start_wait(self.ttft - (time.monotonic() - self.progress_at))
+            try:
+                ev = await anext(self.events)
+            except StopAsyncIteration:
+                name = self.target.state.name
+                raise errors.UpstreamProtocolError(
+                    f"{name}: the stream ended without a final message", provider=name
+                ) from None
+            except _UNREADABLE as exc:
+                raise self._unreadable() from exc
+            except asyncio.CancelledError:
+                if not timer.expired():
+                    raise
+                raise self._timed_out() from None  # the cause is our own timer
+            finally:
+                timer.end_wait()
+            if self.started and type(ev) is TextDeltaEvent and len(ev.text) <= MAX_DELTA_CHARS:
+                self.generated_chars += len(ev.text)  # the common case, first
+                return ev
+            out = self._outputs(ev)
+            if out is not None:
+                return out
+
+    def _outputs(self, ev: CompletionEvent) -> Output | None:
+        """The first output of an event (the rest go to `pending`); None for one that is not content."""
+        if isinstance(ev, StartEvent):
+            return None
+        if isinstance(ev, ProgressEvent):
+            # Re-arms the timer (the next wait starts now); not content, so no Started (a
+            # fallback is still possible) and nothing for the caller.
+            self.generated_chars += ev.chars
+            if not self.started:
+                self.progress_at = time.monotonic()
+                self.progressed = True
+            return None
+        outs: list[Output]
+        if isinstance(ev, EndEvent):
+            self.finished = True
+            usage = ev.usage
+            if not ev.usage_reported:
+                # Zeros would pass for counts (and bill nothing): estimate, labelled so.
+                usage = estimated_usage(self.call, self.generated_chars)
+            cost = compute_cost(self.target.spec.pricing, usage, local=self.target.state.local)
+            outs = [Finished(ev.finish_reason, usage, cost)]
+        elif isinstance(ev, TextDeltaEvent):
+            self.generated_chars += len(ev.text)
+            outs = list(split_text(ev)) if len(ev.text) > MAX_DELTA_CHARS else [ev]
+        else:
+            self.generated_chars += len(ev.name) + len(ev.arguments_delta)
+            outs = list(split_tool_call(ev)) if len(ev.arguments_delta) > MAX_DELTA_CHARS else [ev]
+        if not self.started:
+            self.started = True
+            now = time.monotonic()
+            self.record.first_token_at = now
+            self.latency.observe(self.target.spec.id, now - self.t0)
+            outs.insert(0, Started(self.request_id, self.target.state.name, self.target.model))
+        outs.reverse()
+        first = outs.pop()
+        self.pending = outs
+        return first
+
+    def _unreadable(self) -> errors.UpstreamProtocolError:
+        # A bug in reading this upstream's bytes, not the caller's: the traceback goes to
+        # the log, the caller gets a stable reason.
+        name = self.target.state.name
+        log.exception("upstream_unreadable", request_id=self.request_id, provider=name)
+        return errors.UpstreamProtocolError(
+            f"{name}: the upstream's answer could not be read (see the broker's log for this request id)",
+            provider=name,
+            model=self.target.model,
         )
+
+    def _timed_out(self) -> errors.UpstreamTimeout:
+        name, model = self.target.state.name, self.target.model
+        if self.started:
+            return errors.stream_stalled(name, self.stall, model=model)
+        if self.progressed:
+            what = f"no first token within {self.ttft:g}s of the last progress (thinking, reasoning or ping)"
+        else:
+            what = f"no first token within {self.ttft:g}s"
+        return errors.UpstreamTimeout(f"{name}: {what}", provider=name, model=model)
 
 
 class _WaitTimer:

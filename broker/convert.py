@@ -1,4 +1,4 @@
-"""Proto <-> neutral types, validating on the way in.
+"""Proto <-> neutral types (broker/types.py), validating on the way in; only the servicer uses it.
 
 Every problem in a request becomes one field violation with the proto field path
 (`messages[2].content[0].image.media_type`), and all of them are reported at once, so a
@@ -17,14 +17,15 @@ import hashlib
 import math
 import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import struct_pb2
 
 from broker import errors
 from broker.types import (
     Capability,
+    CompletionCall,
     ContentPart,
     Cost,
     FinishReason,
@@ -32,16 +33,24 @@ from broker.types import (
     ImagePart,
     Message,
     ModelSpec,
+    Output,
+    Requirements,
     ResponseFormat,
     Role,
+    Started,
+    TextDeltaEvent,
     TextPart,
     Tool,
     ToolCall,
+    ToolCallDeltaEvent,
     ToolChoice,
     ToolChoiceMode,
     Usage,
 )
 from modelbroker.v1 import broker_pb2 as pb
+
+if TYPE_CHECKING:
+    from broker.completion import Accumulated
 
 IMAGE_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 # fullmatch, never `$`: "f\n" would match `^...$` (`$` also matches before a final newline).
@@ -117,43 +126,6 @@ _PREFERENCES = {
     pb.PREFERENCE_CHEAPEST: "cheapest",
     pb.PREFERENCE_FASTEST: "fastest",
 }
-
-
-@dataclass(slots=True)
-class Requirements:
-    capabilities: frozenset[Capability] = frozenset()
-    min_context_window: int = 0
-    max_input_price_micro_usd_per_mtok: int | None = None
-    max_output_price_micro_usd_per_mtok: int | None = None
-    allow_providers: tuple[str, ...] = ()
-    exclude_providers: tuple[str, ...] = ()
-    preference: str = "priority"
-
-    def is_empty(self) -> bool:
-        return self == Requirements()
-
-
-@dataclass(slots=True)
-class CompletionCall:
-    """A validated completion request, before a model is resolved."""
-
-    model: str
-    messages: list[Message]
-    tools: list[Tool] = field(default_factory=list)
-    tool_choice: ToolChoice = field(default_factory=ToolChoice)
-    params: GenerationParams = field(default_factory=GenerationParams)
-    requirements: Requirements = field(default_factory=Requirements)
-    fallback_models: list[str] = field(default_factory=list)
-
-    def needed_capabilities(self) -> set[Capability]:
-        needed: set[Capability] = set()
-        if any(m.has_image() for m in self.messages):
-            needed.add(Capability.VISION)
-        if self.tools:
-            needed.add(Capability.TOOLS)
-        if self.params.response_format is ResponseFormat.JSON:
-            needed.add(Capability.JSON_MODE)
-        return needed
 
 
 def completion_from_proto(
@@ -664,3 +636,48 @@ def model_to_proto(spec: ModelSpec) -> pb.ModelInfo:
             )
         )
     return info
+
+
+# --- completion outputs -> proto (the servicer's last step) -----------------------------------
+
+
+def complete_response(acc: Accumulated) -> pb.CompleteResponse:
+    """A unary answer from the accumulated stream."""
+    assert acc.started is not None and acc.finished is not None
+    message = pb.Message(role=pb.ROLE_ASSISTANT)
+    text = "".join(acc.text)
+    if text:
+        message.content.add(text=text)
+    for tc in acc.calls():
+        message.tool_calls.add(id=tc.id, name=tc.name, arguments=tc.arguments)
+    return pb.CompleteResponse(
+        request_id=acc.started.request_id,
+        model=acc.started.model,
+        provider=acc.started.provider,
+        message=message,
+        finish_reason=FINISH_TO_PB[acc.finished.finish_reason],
+        usage=usage_to_proto(acc.finished.usage),
+        cost=cost_to_proto(acc.finished.cost),
+    )
+
+
+def stream_message(out: Output) -> pb.StreamCompleteResponse:
+    """One stream message from one completion output."""
+    msg = pb.StreamCompleteResponse
+    if isinstance(out, TextDeltaEvent):
+        return msg(text_delta=pb.TextDelta(text=out.text))
+    if isinstance(out, ToolCallDeltaEvent):
+        return msg(
+            tool_call_delta=pb.ToolCallDelta(
+                index=out.index, id=out.id, name=out.name, arguments_delta=out.arguments_delta
+            )
+        )
+    if isinstance(out, Started):
+        return msg(start=pb.StreamStart(request_id=out.request_id, model=out.model, provider=out.provider))
+    return msg(
+        end=pb.StreamEnd(
+            finish_reason=FINISH_TO_PB[out.finish_reason],
+            usage=usage_to_proto(out.usage),
+            cost=cost_to_proto(out.cost),
+        )
+    )

@@ -3,7 +3,10 @@
 Providers raise these with the upstream's message kept (and keys redacted); routing reads
 `retryable` to decide whether another attempt or a fallback may follow; the servicer calls
 `to_grpc_status` and nothing else decides a status code. Reasons are stable strings that
-callers may switch on (ErrorInfo.reason, domain "modelbroker").
+callers may switch on (ErrorInfo.reason, domain "modelbroker"). A wording two raisers share
+is written once here (`stream_stalled`). Raised for a lower exception, one keeps it as its
+cause (`raise ... from exc`) where that says more than the message: the cause goes to the
+log (completion's `attempt_failed`, at debug), never into a status.
 """
 
 from __future__ import annotations
@@ -287,6 +290,14 @@ class UpstreamTimeout(BrokerError):
     retryable = True
 
 
+def stream_stalled(provider: str, seconds: float, *, model: str = "") -> UpstreamTimeout:
+    """The one wording of a stream that went silent after it started, whoever timed it (the
+    completion service's stall timer; a provider used on its own, its HTTP read timeout)."""
+    return UpstreamTimeout(
+        f"{provider}: stream stalled (no data for {seconds:g}s)", provider=provider, model=model
+    )
+
+
 class BrokerPoolFull(BrokerError):
     """The broker's own connection pool to a provider stayed full: the upstream was never asked.
 
@@ -337,11 +348,6 @@ class ShuttingDown(BrokerError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "SHUTTING_DOWN"
-
-
-class NotImplementedYet(BrokerError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "UNIMPLEMENTED"
 
 
 _CODE_VALUES = {sc: sc.value[0] for sc in grpc.StatusCode}

@@ -8,7 +8,8 @@ serving (breaker not open, active check not failing). Ranking by preference:
   cheapest  input + output price per Mtok, then priority;
   fastest   observed time to first token (EWMA), unobserved last, then priority.
 The same checks filter named candidates when a request gives both a model and
-requirements.
+requirements. A caller's permissions are not judged here: `select(permitted=)` takes the
+predicate the completion service (or SelectModel) was given.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from dataclasses import dataclass
 
 from broker import errors
 from broker.breaker import BreakerState
-from broker.convert import Requirements
 from broker.registry import Registry, Target
-from broker.types import Capability
+from broker.types import Capability, Requirements
 
 _MISSING = {
     Capability.VISION: "no vision",
@@ -124,14 +124,15 @@ class Router:
             universe = [t for t in universe if permitted(t.state.name, t.model)]
         return self._sort(universe, req, needed, min_context)
 
-    def filter(
-        self, targets: Sequence[Target], req: Requirements, *, needed: Iterable[Capability] = ()
-    ) -> Selection:
-        """Named candidates that meet the requirements, in their given order (the caller chose it)."""
+    def filter(self, targets: Sequence[Target], req: Requirements) -> Selection:
+        """Named candidates that meet the requirements, in their given order (the caller chose it).
+
+        What the request itself needs is not judged here: each candidate's capabilities and
+        context window are checked when its turn comes (completion.check_capabilities, check_fits)."""
         ranked: list[Target] = []
         excluded: list[Excluded] = []
         for t in targets:
-            reasons = self.reasons(t, req, set(needed), 0)
+            reasons = self.reasons(t, req, set(), 0)
             if reasons:
                 excluded.append(Excluded(t.spec.id, "; ".join(reasons)))
             else:

@@ -34,14 +34,15 @@ from grpc_reflection.v1alpha import reflection
 from broker import auth, convert, errors, guard
 from broker.breaker import BreakerState
 from broker.coalesce import coalesced
-from broker.completion import Accumulated, CallRecord, CompletionService, Finished, Output, Started
+from broker.completion import Accumulated, CompletionService
 from broker.config import Settings, parse_listen
 from broker.health import HealthMonitor
 from broker.metrics import BrokerMetrics, MeteredHealthServicer, MetricsServer
 from broker.redact import redact
 from broker.registry import Registry
+from broker.scope import RequestScope, Scopes
 from broker.tls import server_credentials
-from broker.types import TextDeltaEvent, ToolCallDeltaEvent
+from broker.types import Output
 from modelbroker.v1 import broker_pb2 as pb
 from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -59,17 +60,11 @@ _BREAKER_TO_PB = {
 CUT_SECONDS = 1.0
 
 
-def _status_name(exc: BaseException | None) -> str:
-    if exc is None:
-        return "OK"
-    if isinstance(exc, errors.BrokerError):
-        return str(exc.code.name)
-    if isinstance(exc, asyncio.CancelledError):
-        return "CANCELLED"
-    return "INTERNAL"
-
-
 class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
+    """Thin: each RPC is convert -> service -> convert. Request bookkeeping (id, drain,
+    in-flight, timing, log line, metrics, token charging) is the scope's (broker/scope.py);
+    every exception becomes a status in one place, `_abort`, which broker/guard.py calls."""
+
     def __init__(
         self,
         settings: Settings,
@@ -82,189 +77,15 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
         self.health = health
         # A breaker that opens or closes re-publishes that provider's health at once.
         self.completions = CompletionService(registry, on_breaker_change=health.publish)
-        # Completion RPCs running now (drain and tests watch it return to 0); once
-        # `draining`, new ones are refused with SHUTTING_DOWN while these finish.
-        self.in_flight = 0
-        self.draining = False
-        # Set when the grace period ended with completions still running: each is cancelled
-        # (`_runs`) and ends with UNAVAILABLE / SHUTTING_DOWN instead of a bare cancellation.
-        self.cutting = False
-        self.grace_seconds = settings.server.shutdown_grace_seconds
-        self._runs: set[asyncio.Task[Any]] = set()
-        self._idle = asyncio.Event()
         self.metrics = metrics or BrokerMetrics(process=False)
+        self.scopes = Scopes(self.metrics, settings.server.shutdown_grace_seconds)
 
-    # --- completions -----------------------------------------------------------------------------
-
-    async def _run(
-        self, request: pb.CompleteRequest | pb.StreamCompleteRequest, context: Context, kind: str
-    ) -> AsyncIterator[Output]:
-        """The shared body of both completion RPCs: validate, stream, log one line."""
-        t0 = time.monotonic()
-        # Set by the interceptor (trailers included); the body has it too (StreamStart /
-        # CompleteResponse.request_id). A servicer mounted without the interceptor makes its own.
-        request_id = auth.current_request_id.get()
-        if not request_id:
-            request_id = auth.request_id_for(context.invocation_metadata())
-            auth.current_request_id.set(request_id)
-            context.set_trailing_metadata(((auth.REQUEST_ID_HEADER, request_id),))
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else t0 + remaining
-        record = CallRecord()
-        finished: Finished | None = None
-        failure: BaseException | None = None
-        # Time spent awaiting the completion pipeline (provider + upstream) for its next
-        # event; the rest of the request is the broker's own overhead (metrics). None: the
-        # request never got that far. Two clock reads per event, nothing else per chunk.
-        upstream_wait: float | None = None
-        waiting_since: float | None = None
-        inflight = self.metrics.inflight.get(kind)
-        if inflight is not None:
-            inflight.inc()
-        self.in_flight += 1
-        # The task running this body (the handler's, or coalesced()'s reader for streams):
-        # what `cut` cancels when the grace period ends.
-        task = asyncio.current_task()
-        if task is not None:
-            self._runs.add(task)
-        try:
-            if self.draining:
-                raise errors.ShuttingDown("the broker is shutting down: send this request to another replica")
-            call = convert.completion_from_proto(
-                request, max_message_bytes=self.settings.server.max_message_bytes
-            )
-            auth.check_call(self.registry, call)  # allow_models, on the resolved targets
-            upstream_wait = 0.0
-            waiting_since = time.monotonic()
-            # Unary buffers: a failure part-way may still retry, as nothing reached the caller.
-            buffered = kind == "Complete"
-            async for out in self.completions.stream(
-                call, request_id, deadline=deadline, record=record, buffered=buffered
-            ):
-                upstream_wait += time.monotonic() - waiting_since
-                waiting_since = None
-                if isinstance(out, Started):
-                    # Whatever picked the target, nothing it says reaches a caller not allowed it.
-                    auth.require_permitted(out.provider, out.model, requested=call.model)
-                if isinstance(out, Finished):
-                    finished = out
-                yield out
-                waiting_since = time.monotonic()
-        except asyncio.CancelledError as exc:
-            if not self.cutting:
-                failure = exc
-                raise
-            # Ours, at the end of the grace period: the upstream is closed by now (the
-            # cancellation ran through the provider); the caller gets a status that says why.
-            if task is not None:
-                task.uncancel()
-            failure = self._cut_error()
-            raise failure from None
-        except BaseException as exc:
-            # GeneratorExit while cutting: coalesced()'s reader was cancelled between two reads.
-            failure = self._cut_error() if self.cutting and isinstance(exc, GeneratorExit) else exc
-            raise
-        finally:
-            end = time.monotonic()
-            if waiting_since is not None and upstream_wait is not None:
-                upstream_wait += end - waiting_since
-            if inflight is not None:
-                inflight.dec()
-            self.in_flight -= 1
-            if task is not None:
-                self._runs.discard(task)
-            if self.in_flight == 0:
-                self._idle.set()
-            self._log_request(kind, request_id, request.model, record, finished, failure, t0)
-            self._observe(kind, record, finished, failure, end - t0, t0, upstream_wait)
-
-    def _log_request(
-        self,
-        kind: str,
-        request_id: str,
-        model: str,
-        record: CallRecord,
-        finished: Finished | None,
-        failure: BaseException | None,
-        t0: float,
-    ) -> None:
-        last = record.attempts[-1] if record.attempts else None
-        fields: dict[str, Any] = {
-            "rpc": kind,
-            "request_id": request_id,
-            "caller": auth.caller_name(),
-            "model": last.model if last else model,
-            "requested_model": model,
-            "provider": last.provider if last else "",
-            "attempts": len(record.attempts),
-            "status": _status_name(failure),
-            "duration_ms": round((time.monotonic() - t0) * 1000, 2),
-        }
-        if record.first_token_at is not None:
-            fields["ttft_ms"] = round((record.first_token_at - t0) * 1000, 2)
-        if finished is not None:
-            fields["tokens_in"] = finished.usage.input_tokens
-            fields["tokens_out"] = finished.usage.output_tokens
-            if finished.usage.estimated:
-                fields["usage_estimated"] = True
-            fields["cost_micro_usd"] = finished.cost.total_micro_usd if finished.cost.known else None
-        if isinstance(failure, errors.BrokerError):
-            fields["reason"] = failure.reason
-            fields["error"] = failure.message
-        log.info("request", **fields)
-
-    def _observe(
-        self,
-        kind: str,
-        record: CallRecord,
-        finished: Finished | None,
-        failure: BaseException | None,
-        duration: float,
-        t0: float,
-        upstream_wait: float | None,
-    ) -> None:
-        """Metrics for one finished completion RPC (labels from the resolved target only)."""
-        last = record.attempts[-1] if record.attempts else None
-        cost = finished.cost.total_micro_usd if finished is not None and finished.cost.known else None
-        self.metrics.observe(
-            kind,
-            model=last.model if last else "",
-            provider=last.provider if last else "",
-            status=_status_name(failure),
-            duration=duration,
-            ttft=None if record.first_token_at is None else record.first_token_at - t0,
-            upstream_wait=upstream_wait if last else None,
-            tokens_in=finished.usage.input_tokens if finished is not None else 0,
-            tokens_out=finished.usage.output_tokens if finished is not None else 0,
-            cost_micro_usd=cost,
-        )
-
-    # --- drain --------------------------------------------------------------------------------
-
-    def _cut_error(self) -> errors.ShuttingDown:
-        return errors.ShuttingDown(
-            f"the broker shut down before this call finished (its {self.grace_seconds:g}s drain "
-            "grace period ended): send it again, another replica takes it"
-        )
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait at most `timeout` seconds for the running completions to end; True if none is left."""
-        if self.in_flight == 0:
-            return True
-        self._idle.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        return self.in_flight == 0
-
-    def cut(self) -> int:
-        """End every completion still running with UNAVAILABLE / SHUTTING_DOWN; how many there were."""
-        self.cutting = True
-        runs = list(self._runs)
-        for t in runs:
-            t.cancel()
-        return len(runs)
+    @property
+    def in_flight(self) -> int:
+        return self.scopes.in_flight
 
     async def _abort(self, context: Context, exc: BaseException) -> None:
+        """The one mapping of an RPC's exception to its status (with the request id); raises."""
         if isinstance(exc, errors.BrokerError):
             await context.abort_with_status(auth.with_request_id(auth.status_for(exc)))
         log.exception("internal_error", error=repr(exc))
@@ -276,98 +97,66 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
             )
         )
 
+    # --- completions -----------------------------------------------------------------------------
+
+    def _outputs(
+        self, request: pb.CompleteRequest | pb.StreamCompleteRequest, scope: RequestScope
+    ) -> AsyncIterator[Output]:
+        call = convert.completion_from_proto(
+            request, max_message_bytes=self.settings.server.max_message_bytes
+        )
+        # Unary buffers: a failure part-way may still retry, as nothing reached the caller.
+        outputs = self.completions.stream(
+            call,
+            scope.request_id,
+            deadline=scope.deadline,
+            record=scope.record,
+            buffered=scope.kind == "Complete",
+            permissions=auth.permissions(),  # the gate's, judged once in candidates()
+        )
+        return scope.relay(outputs)
+
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         acc = Accumulated()
-        try:
-            async for out in self._run(request, context, "Complete"):
+        async with self.scopes.open("Complete", context, request.model) as scope:
+            async for out in self._outputs(request, scope):
                 acc.add(out)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await self._abort(context, exc)
-        assert acc.started is not None and acc.finished is not None
-        message = pb.Message(role=pb.ROLE_ASSISTANT)
-        text = "".join(acc.text)
-        if text:
-            message.content.add(text=text)
-        for tc in acc.calls():
-            message.tool_calls.add(id=tc.id, name=tc.name, arguments=tc.arguments)
-        return pb.CompleteResponse(
-            request_id=acc.started.request_id,
-            model=acc.started.model,
-            provider=acc.started.provider,
-            message=message,
-            finish_reason=convert.FINISH_TO_PB[acc.finished.finish_reason],
-            usage=convert.usage_to_proto(acc.finished.usage),
-            cost=convert.cost_to_proto(acc.finished.cost),
-        )
+        return convert.complete_response(acc)
 
     async def StreamComplete(
         self, request: pb.StreamCompleteRequest, context: Context
     ) -> AsyncIterator[pb.StreamCompleteResponse]:
-        msg = pb.StreamCompleteResponse
         deltas = 0  # content messages sent
-        ended = False
         try:
-            # coalesced(): deltas that queue up while the caller is still reading the last
-            # message go out as one; a caller that keeps up gets every delta on its own.
-            async for out in coalesced(self._run(request, context, "StreamComplete")):
-                if isinstance(out, TextDeltaEvent):
-                    deltas += 1
-                    yield msg(text_delta=pb.TextDelta(text=out.text))
-                elif isinstance(out, ToolCallDeltaEvent):
-                    deltas += 1
-                    yield msg(
-                        tool_call_delta=pb.ToolCallDelta(
-                            index=out.index, id=out.id, name=out.name, arguments_delta=out.arguments_delta
-                        )
-                    )
-                elif isinstance(out, Started):
-                    yield msg(
-                        start=pb.StreamStart(
-                            request_id=out.request_id, model=out.model, provider=out.provider
-                        )
-                    )
-                else:
-                    ended = True
-                    yield msg(
-                        end=pb.StreamEnd(
-                            finish_reason=convert.FINISH_TO_PB[out.finish_reason],
-                            usage=convert.usage_to_proto(out.usage),
-                            cost=convert.cost_to_proto(out.cost),
-                        )
-                    )
-                if self.cutting and not ended:
-                    raise self._cut_error()
-            if self.cutting and not ended:
-                # A cut can end the relay early without an error (its reader cancelled
-                # between two reads): the caller still learns why.
-                raise self._cut_error()
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            if isinstance(exc, errors.ShuttingDown) and deltas:
+            async with self.scopes.open("StreamComplete", context, request.model) as scope:
+                # coalesced(): deltas that queue up while the caller is still reading the last
+                # message go out as one; a caller that keeps up gets every delta on its own.
+                async for out in coalesced(self._outputs(request, scope)):
+                    message = convert.stream_message(out)
+                    if message.WhichOneof("event") in ("text_delta", "tool_call_delta"):
+                        deltas += 1
+                    yield message
+                if scope.finished is None and self.scopes.cutting:
+                    # A cut can end the relay early without an error (its reader cancelled
+                    # between two reads): the caller still learns why.
+                    raise self.scopes.cut_error()
+        except errors.ShuttingDown as exc:
+            if deltas:
                 exc.metadata.update(interrupted="true", delivered_chunks=str(deltas))
-            await self._abort(context, exc)
+            raise
 
     # --- models and providers -------------------------------------------------------------------
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
-        try:
-            query = convert.list_models_query(request, self.registry.by_name)
-        except errors.BrokerError as exc:
-            await self._abort(context, exc)
+        query = convert.list_models_query(request, self.registry.by_name)
         specs = self.registry.list_models(query.provider, query.capabilities)
         specs = [s for s in specs if auth.permitted(s.provider, s.name)]  # a caller sees only its models
         return convert.list_models_page(specs, query)
 
     async def GetModel(self, request: pb.GetModelRequest, context: Context) -> pb.GetModelResponse:
-        try:
-            ref = convert.model_ref_from_proto(request.model)
-            target = self.registry.resolve(ref)[0]
-            auth.require_permitted(target.state.name, target.model, requested=ref)
-        except errors.BrokerError as exc:
-            await self._abort(context, exc)
+        ref = convert.model_ref_from_proto(request.model)
+        target = self.registry.resolve(ref)[0]
+        auth.require_permitted(target.state.name, target.model, requested=ref)
         return pb.GetModelResponse(model=convert.model_to_proto(target.spec))
 
     async def ListProviders(
@@ -396,19 +185,16 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
 
     async def SelectModel(self, request: pb.SelectModelRequest, context: Context) -> pb.SelectModelResponse:
         """The model a completion with these requirements would use, the ranked rest, and why others did not qualify."""
-        try:
-            v: list[tuple[str, str]] = []
-            req = convert.requirements_from_proto(request.requirements, "requirements", v)
-            if v:
-                raise errors.InvalidRequest(v)
-            router = self.completions.router
-            router.validate(req)
-            selection = router.select(req, permitted=auth.permitted)
-            ranked = selection.ranked
-            if not ranked:
-                raise selection.error()
-        except errors.BrokerError as exc:
-            await self._abort(context, exc)
+        v: list[tuple[str, str]] = []
+        req = convert.requirements_from_proto(request.requirements, "requirements", v)
+        if v:
+            raise errors.InvalidRequest(v)
+        router = self.completions.router
+        router.validate(req)
+        selection = router.select(req, permitted=auth.permitted)
+        ranked = selection.ranked
+        if not ranked:
+            raise selection.error()
         return convert.select_model_response(
             ranked[0].spec, [t.spec for t in ranked[1:]], [(e.model_id, e.reason) for e in selection.excluded]
         )
@@ -540,13 +326,13 @@ class BrokerServer:
         await self.health.enter_graceful_shutdown()
         # Completions refused from here with SHUTTING_DOWN (a clean, retryable status), and
         # by grpc itself once stop() runs; the Watch streams have ended (health.py).
-        self.servicer.draining = True
-        self.servicer.grace_seconds = grace
+        self.servicer.scopes.draining = True
+        self.servicer.scopes.grace_seconds = grace
         # grpc refuses new RPCs at once; its own cut (a bare status) comes only after ours.
         stopping = asyncio.create_task(self.server.stop(grace + CUT_SECONDS))
         try:
-            if not await self.servicer.wait_idle(grace):
-                cut = self.servicer.cut()
+            if not await self.servicer.scopes.wait_idle(grace):
+                cut = self.servicer.scopes.cut()
                 log.warning("drain_cut", in_flight=cut, grace_seconds=grace, reason="SHUTTING_DOWN")
         finally:
             await stopping

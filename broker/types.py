@@ -1,7 +1,11 @@
 """Provider-neutral types: what sits between the gRPC API and the wire protocols.
 
-The servicer converts proto <-> these; providers convert these <-> one vendor's JSON.
-Nothing here knows any provider's wire format, and nothing in providers/ sees a proto.
+The servicer converts proto <-> these (broker/convert.py); providers convert these <-> one
+vendor's JSON. Nothing here knows any provider's wire format or a proto, and nothing in
+providers/ sees a proto. Every domain type of a completion lives here: the caller's
+`CompletionCall` (with its `Requirements`), the per-target `CompletionRequest` a provider
+sees (built from a call by `CompletionCall.upstream`), the provider's stream events, the
+completion's outputs (`Started`, deltas, `Finished`) and the model facts.
 Dataclasses with slots: one request creates many events, so they stay cheap.
 """
 
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 class Role(enum.StrEnum):
@@ -110,14 +114,85 @@ class GenerationParams:
 
 
 @dataclass(slots=True)
-class CompletionRequest:
-    """One completion as a provider sees it: the model is the provider's own id."""
+class Requirements:
+    """What a model must offer to be selected (or to serve a named model): empty, anything goes."""
+
+    capabilities: frozenset[Capability] = frozenset()
+    min_context_window: int = 0
+    max_input_price_micro_usd_per_mtok: int | None = None
+    max_output_price_micro_usd_per_mtok: int | None = None
+    allow_providers: tuple[str, ...] = ()
+    exclude_providers: tuple[str, ...] = ()
+    preference: str = "priority"  # "priority", "cheapest" or "fastest"
+
+    def is_empty(self) -> bool:
+        return self == Requirements()
+
+
+@dataclass(slots=True)
+class Prompt:
+    """What a completion asks for, whoever asks: the model, the conversation, tools, parameters.
+
+    Both a caller's `CompletionCall` and the per-target `CompletionRequest` are one; `model`
+    is a model reference in the first and the provider's own model id in the second."""
 
     model: str
     messages: list[Message]
     tools: list[Tool] = field(default_factory=list)
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     params: GenerationParams = field(default_factory=GenerationParams)
+
+    def needed_capabilities(self) -> set[Capability]:
+        """The capabilities this request needs of any model that serves it."""
+        needed: set[Capability] = set()
+        if any(m.has_image() for m in self.messages):
+            needed.add(Capability.VISION)
+        if self.tools:
+            needed.add(Capability.TOOLS)
+        if self.params.response_format is ResponseFormat.JSON:
+            needed.add(Capability.JSON_MODE)
+        return needed
+
+
+@dataclass(slots=True)
+class CompletionCall(Prompt):
+    """A validated completion request from a caller, before a model is resolved.
+
+    `model` is what the caller named: `provider/model`, a bare model id, an alias, or empty
+    with `requirements` to select one; `fallback_models` are tried in order after it."""
+
+    requirements: Requirements = field(default_factory=Requirements)
+    fallback_models: list[str] = field(default_factory=list)
+
+    def upstream(
+        self,
+        model: str,
+        *,
+        default_max_tokens: int | None,
+        max_output_tokens: int | None,
+        reasoning_model: bool | None,
+        timeout: float | None,
+        caller_times_reads: bool = False,
+    ) -> CompletionRequest:
+        """This call as one provider is asked it: `model` is that provider's own id."""
+        return CompletionRequest(
+            model=model,
+            messages=self.messages,
+            tools=self.tools,
+            tool_choice=self.tool_choice,
+            params=self.params,
+            default_max_tokens=default_max_tokens,
+            max_output_tokens=max_output_tokens,
+            reasoning_model=reasoning_model,
+            timeout=timeout,
+            caller_times_reads=caller_times_reads,
+        )
+
+
+@dataclass(slots=True)
+class CompletionRequest(Prompt):
+    """One completion as a provider sees it: the model is the provider's own id."""
+
     # The provider's configured output limit for a request that sets none (ProviderConfig
     # default_max_tokens); None: the protocol's own rule (Anthropic, which requires a limit,
     # sends 4096; the others send none). Capped by max_output_tokens, see output_limit().
@@ -126,8 +201,14 @@ class CompletionRequest:
     max_output_tokens: int | None = None
     # A reasoning model (o-series, gpt-5 family, per the catalogue); None: not in the catalogue.
     reasoning_model: bool | None = None
-    # Seconds the caller will still wait, or None; bounds the upstream timeout.
+    # Seconds the caller will still wait, or None; bounds the pool wait, the connect and
+    # (unless caller_times_reads) each read.
     timeout: float | None = None
+    # True when whoever reads the stream times each wait for the next event itself (the
+    # completion service's time-to-first-token and stall timer): the HTTP reads then have no
+    # timeout of their own, so one timer and one message cover a silent upstream. False (a
+    # provider used on its own): read_timeout_seconds bounds each network read.
+    caller_times_reads: bool = False
 
     def output_limit(self, protocol_default: int | None) -> int | None:
         """The output limit to send: the caller's own, else the configured default, else the
@@ -210,6 +291,30 @@ class EndEvent:
 CompletionEvent = StartEvent | TextDeltaEvent | ToolCallDeltaEvent | ProgressEvent | EndEvent
 
 
+# --- a completion's outputs: what the completion service yields to the servicer ----------
+
+
+@dataclass(slots=True, frozen=True)
+class Started:
+    """The first output, sent with the first content: who is answering."""
+
+    request_id: str
+    provider: str
+    model: str
+
+
+@dataclass(slots=True, frozen=True)
+class Finished:
+    """The last output: why the answer ended, what it used and cost."""
+
+    finish_reason: FinishReason
+    usage: Usage
+    cost: Cost
+
+
+Output = Started | TextDeltaEvent | ToolCallDeltaEvent | Finished
+
+
 # --- model facts --------------------------------------------------------------------------
 
 
@@ -254,3 +359,26 @@ class DiscoveredModel:
     context_window: int | None = None
     # The most output tokens the model can produce (Anthropic's listing: `max_tokens`).
     max_output_tokens: int | None = None
+
+
+class Permissions(Protocol):
+    """What a caller may use, as the auth gate resolved it once per RPC (broker/auth.py):
+    `may_use` filters what selection picks; `require` refuses a named model with a status
+    that names the key and its allow-list."""
+
+    def may_use(self, provider: str, model: str) -> bool: ...
+
+    def require(self, provider: str, model: str, *, requested: str = "", hint: str = "") -> None: ...
+
+
+class AllowAll:
+    """Permissions when caller auth is off."""
+
+    def may_use(self, provider: str, model: str) -> bool:
+        return True
+
+    def require(self, provider: str, model: str, *, requested: str = "", hint: str = "") -> None:
+        return None
+
+
+ALLOW_ALL = AllowAll()

@@ -359,3 +359,28 @@ async def test_a_redirect_is_returned_not_followed(started: list[Transport | Fak
 def test_a_displayed_url_never_carries_credentials() -> None:
     assert display_url("http://user:s3cret@proxy.local:3128/path?q=1") == "http://proxy.local:3128"
     assert display_url("https://api.example.com/v1") == "https://api.example.com"
+
+
+async def test_untimed_reads_leave_the_wait_to_the_caller(
+    started: list[Transport | FakeHTTPServer],
+) -> None:
+    """timed_reads=False (a completion's body, timed by the completion service): no read
+    timeout of the transport's own, however short read_timeout is; closing still drops it."""
+
+    async def stall(req: Request, resp: FakeResponse) -> None:
+        await resp.start_stream()
+        await resp.write("data: first\n\n")
+        await asyncio.sleep(30)
+
+    server = await serve(stall, started)
+    t = await up(server.url, started, read_timeout=0.1)
+    got = b""
+    async with t.request("POST", "x", b"{}", timed_reads=False) as resp:
+        chunks = resp.chunks()
+        got += await anext(chunks)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(chunks), 0.5)  # well past read_timeout: still waiting
+        await chunks.aclose()
+    assert got == b"data: first\n\n"
+    await asyncio.wait_for(server.disconnects.get(), 2)
+    assert t.in_use == 0

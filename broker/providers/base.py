@@ -134,9 +134,18 @@ class Provider(abc.ABC):
         """
         model = model or (request.model if request else "")
         deadline = request.timeout if request is not None else None
+        # A completion read by the completion service is timed there (time to first token,
+        # stalls: one timer, one message); the transport's read timeout is for everything else.
+        timed_reads = request is None or not request.caller_times_reads
         try:
             async with self.transport.request(
-                method, path, _json_bytes(json), deadline=deadline, read_timeout=read_timeout, gated=gated
+                method,
+                path,
+                _json_bytes(json),
+                deadline=deadline,
+                read_timeout=read_timeout,
+                timed_reads=timed_reads,
+                gated=gated,
             ) as resp:
                 if resp.status >= 300:
                     raise await self._status_error(resp, model)

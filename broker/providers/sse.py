@@ -65,6 +65,20 @@ class _Pending:
             raise LineTooLong(self.limit)
         return line
 
+    def split(self, chunk: bytes) -> list[bytes]:
+        """The LF-terminated lines `chunk` completes (the first joined with what was pending);
+        what follows the last LF is kept for the next chunk."""
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            self.add(chunk)
+            return []
+        first = chunk.find(b"\n")
+        lines = [self.take(chunk[:first])]
+        if first != last:
+            lines += chunk[first + 1 : last].split(b"\n")
+        self.add(chunk[last + 1 :])
+        return lines
+
 
 class LineDecoder:
     """NDJSON and other LF-terminated lines (a trailing CR is dropped); bytes out."""
@@ -73,16 +87,7 @@ class LineDecoder:
         self._pending = _Pending(max_line)
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        last = chunk.rfind(b"\n")
-        if last < 0:
-            self._pending.add(chunk)
-            return []
-        first = chunk.find(b"\n")
-        lines = [self._pending.take(chunk[:first])]
-        if first != last:
-            lines += chunk[first + 1 : last].split(b"\n")
-        self._pending.add(chunk[last + 1 :])
-        return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+        return [line[:-1] if line.endswith(b"\r") else line for line in self._pending.split(chunk)]
 
     def tail(self) -> bytes:
         """What is left after the last line end (at the end of the body)."""
@@ -109,17 +114,8 @@ class SSEDecoder:
             # starting the next, which is then skipped.
             self._skip_lf = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        last = chunk.rfind(b"\n")
-        if last < 0:
-            self._pending.add(chunk)
-            return []
-        first = chunk.find(b"\n")
-        lines = [self._pending.take(chunk[:first])]
-        if first != last:
-            lines += chunk[first + 1 : last].split(b"\n")
-        self._pending.add(chunk[last + 1 :])
         out: list[tuple[str, bytes]] = []
-        for line in lines:
+        for line in self._pending.split(chunk):
             if not line:
                 if self._data:
                     out.append((self._event or "message", b"\n".join(self._data)))

@@ -19,6 +19,9 @@ daemon opens an HTTP connection. What it guarantees:
   tunnelling for https upstreams is aiohttp's). A proxy's credentials never appear in a
   message: proxies are named by scheme, host and port only.
 - Redirects are never followed (a redirect could carry the provider key to another host).
+- Timeouts: the pool wait and the connect always; each read by `read_timeout`, except a
+  completion's body read by the completion service (`timed_reads=False`), whose own timer
+  (time to first token, stalls) is then the only one.
 - Bounded reads: `Accept-Encoding: identity` on every request; an upstream that compresses
   anyway is inflated a bounded piece at a time and cut off at `max_decompressed_bytes`
   (a gzip bomb costs at most that). aiohttp's C parser de-chunks the body and rejects
@@ -300,26 +303,30 @@ class Transport:
         *,
         deadline: float | None = None,
         read_timeout: float | None = None,
+        timed_reads: bool = True,
         gated: bool = True,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send a request and yield its response (any status); closed on exit, whatever the reason.
 
         `deadline` is the seconds the caller will still wait: it bounds the pool wait, the
         connect and each read. `read_timeout` overrides the provider's for this call.
-        `gated=False` (health, discovery) skips the slot gate and uses the reserve.
+        `timed_reads=False`: no read timeout at all, the caller times each wait itself (the
+        completion service's time-to-first-token and stall timer); the pool wait and the
+        connect stay bounded. `gated=False` (health, discovery) skips the slot gate and uses
+        the reserve.
         """
         if self._session is None:
             raise RuntimeError(f"provider {self.name} used before start()")
-        read = read_timeout if read_timeout is not None else self.read_timeout
+        read: float | None = None
+        if timed_reads:
+            read = read_timeout if read_timeout is not None else self.read_timeout
         connect = self.connect_timeout
         pool_wait = self.pool_timeout
         if deadline is not None:
             remaining = max(deadline, 0.001)
-            read, connect, pool_wait = (
-                min(read, remaining),
-                min(connect, remaining),
-                min(pool_wait, remaining),
-            )
+            connect, pool_wait = min(connect, remaining), min(pool_wait, remaining)
+            if read is not None:
+                read = min(read, remaining)
         if gated:
             await self._acquire(pool_wait)
         try:
@@ -428,8 +435,9 @@ class Transport:
                 provider=self.name,
             ) from exc
         except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-            what = f"stream stalled (no data for {read:g}s)" if mid else f"no response within {read:g}s"
-            raise errors.UpstreamTimeout(where + what, provider=self.name) from exc
+            if mid:
+                raise errors.stream_stalled(self.name, read) from exc
+            raise errors.UpstreamTimeout(f"{where}no response within {read:g}s", provider=self.name) from exc
         except aiohttp.ClientConnectorError as exc:
             raise errors.UpstreamUnavailable(
                 f"{where}cannot reach {self.base_url.rstrip('/')}: connection failed ({_os_reason(exc)})",

@@ -5,14 +5,25 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
+import structlog
 
 from modelbroker.v1 import broker_pb2 as pb
 from tests.conftest import OPENAI_TEST_KEY, broker_settings
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Fault, Reply
-from tests.reliability.conftest import FAST_ROUTING, openai_provider, settled, stream, stub, unary, user
+from tests.reliability.conftest import (
+    FAST_ROUTING,
+    openai_provider,
+    refused_url,
+    settled,
+    stream,
+    stub,
+    unary,
+    user,
+)
 
 
 @pytest.fixture
@@ -135,3 +146,26 @@ async def test_after_the_first_token_a_stream_is_never_spliced(broker, fakes) ->
     assert out.metadata["provider"] == "openai" and out.metadata["cause"] == "UPSTREAM_UNAVAILABLE"
     assert (out.metadata["delivered_chunks"], out.metadata["delivered_text_chars"]) == ("2", "8")
     assert await settled(server, before) == []
+
+
+async def test_a_failed_attempts_cause_is_logged_never_sent(daemon, channel_to) -> None:
+    """The exception under an upstream failure goes to the log (debug, redacted), and the
+    caller's status says what the BrokerError says, nothing of the cause."""
+    settings = broker_settings(
+        [openai_provider("gone", refused_url())],
+        routing=FAST_ROUTING,
+    )
+    _, target = await daemon(settings)
+    s = stub(channel_to(target))
+    with structlog.testing.capture_logs() as logs:
+        err = None
+        try:
+            await s.Complete(pb.CompleteRequest(model="gone/gpt-4o-mini", messages=[user("hi")]), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            err = exc
+    assert err is not None and err.code() == grpc.StatusCode.UNAVAILABLE
+    failed = [e for e in logs if e["event"] == "attempt_failed"]
+    assert failed and all(e["log_level"] == "debug" for e in failed), logs
+    assert failed[0]["reason"] == "UPSTREAM_UNAVAILABLE" and failed[0]["provider"] == "gone"
+    assert "Traceback" in failed[0]["exception"] and "Error" in failed[0]["exception"]
+    assert "Traceback" not in (err.details() or "") and "aiohttp" not in (err.details() or "")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
 import pytest
 
 from modelbroker.v1 import broker_pb2 as pb
 from tests.conftest import OPENAI_TEST_KEY, broker_settings
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.fakes.script import Reply
+from tests.fakes.script import Fault, Reply
 from tests.reliability.conftest import FAST_ROUTING, openai_provider, stream, stub, unary, until, user
 
 
@@ -68,3 +70,37 @@ async def test_stall_limits_are_per_provider(broker, fakes) -> None:
     other.reply = Reply(text_chunks=["a", "b"], chunk_delay=0.6)
     out = await stream(broker, pb.StreamCompleteRequest(model="other/gpt-4o-mini", messages=[user("hi")]))
     assert out.status == "OK" and out.text == "ab"
+
+
+async def _stream_details(s: Any, model: str) -> tuple[str, str, int]:
+    """(status, message, text deltas) of a StreamComplete that is expected to fail."""
+    deltas = 0
+    try:
+        async for m in s.StreamComplete(
+            pb.StreamCompleteRequest(model=model, messages=[user("hi")]), timeout=10
+        ):
+            deltas += m.HasField("text_delta")
+    except grpc.aio.AioRpcError as err:
+        return err.code().name, err.details() or "", deltas
+    raise AssertionError("the stream was expected to fail")
+
+
+async def test_a_stall_has_one_timer_and_one_message(daemon, channel_to) -> None:
+    """Mid-stream silence is timed by the completion's timer alone, with one wording: its own
+    limit (stall_timeout_seconds), or read_timeout_seconds when that is shorter."""
+    async with FakeOpenAI(api_key=OPENAI_TEST_KEY) as up:
+        settings = broker_settings(
+            [
+                openai_provider("stall", up.url, stall_timeout_seconds=0.3),
+                openai_provider("reads", up.url, read_timeout_seconds=0.4),  # stall: 60 s
+            ],
+            routing=FAST_ROUTING,
+        )
+        _, target = await daemon(settings)
+        s = stub(channel_to(target))
+        for model, limit in (("stall/gpt-4o-mini", "0.3"), ("reads/gpt-4o-mini", "0.4")):
+            up.faults[:] = [Fault("stall_mid_stream", after_chunks=1, seconds=5)]
+            code, details, deltas = await _stream_details(s, model)
+            assert (code, deltas) == ("UNAVAILABLE", 1), details
+            provider = model.split("/")[0]
+            assert f"{provider}: stream stalled (no data for {limit}s)" in details, details

@@ -1,0 +1,225 @@
+"""One request's scope: everything the broker does around a completion RPC but not for it.
+
+The servicer opens a `RequestScope` for each Complete / StreamComplete (`Scopes.open`) and
+does only convert -> service -> convert inside it. The scope owns:
+
+- the request id (set by the auth interceptor before the handler runs; a servicer mounted
+  without it makes its own), the caller's deadline, the call's `CallRecord`;
+- drain: refusing new completions once `draining` (SHUTTING_DOWN), the in-flight count,
+  and cutting what still runs when the grace period ends (each cut call ends with
+  UNAVAILABLE / SHUTTING_DOWN, not a bare cancellation);
+- on exit, whatever the outcome: the one request log line, the metrics, and the caller's
+  token bucket charged from `Finished.usage` (estimated usage included).
+
+Error mapping is not here: every RPC's exceptions go to a status in one place, the guarded
+handlers of broker/guard.py calling `ModelBrokerServicer.abort`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from broker import auth, errors
+from broker.completion import CallRecord
+from broker.metrics import BrokerMetrics
+from broker.types import Finished, Output
+
+log = structlog.get_logger("broker.server")
+
+
+def status_name(exc: BaseException | None) -> str:
+    if exc is None:
+        return "OK"
+    if isinstance(exc, errors.BrokerError):
+        return str(exc.code.name)
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    return "INTERNAL"
+
+
+@dataclass
+class RequestScope:
+    kind: str  # "Complete" or "StreamComplete"
+    request_id: str
+    requested_model: str
+    t0: float
+    deadline: float | None  # monotonic
+    record: CallRecord = field(default_factory=CallRecord)
+    finished: Finished | None = None
+    failure: BaseException | None = None
+
+    # Time spent awaiting the completion pipeline (provider + upstream) for its next output;
+    # the rest is the broker's own overhead (metrics). None: the call never got that far.
+    upstream_wait: float | None = None
+
+    async def relay(self, outputs: AsyncIterator[Output]) -> AsyncIterator[Output]:
+        """The completion's outputs, timed (two clock reads per output, nothing else per chunk)."""
+        self.upstream_wait = 0.0
+        since: float | None = time.monotonic()
+        try:
+            async for out in outputs:
+                self.upstream_wait += time.monotonic() - (since or 0.0)
+                since = None
+                if isinstance(out, Finished):
+                    self.finished = out
+                yield out
+                since = time.monotonic()
+        finally:
+            if since is not None:
+                self.upstream_wait += time.monotonic() - since
+
+
+class Scopes:
+    """The completions running now, drain, and the per-request bookkeeping."""
+
+    def __init__(self, metrics: BrokerMetrics, grace_seconds: float) -> None:
+        self.metrics = metrics
+        self.grace_seconds = grace_seconds
+        # Completion RPCs running now (drain and tests watch it return to 0); once
+        # `draining`, new ones are refused with SHUTTING_DOWN while these finish.
+        self.in_flight = 0
+        self.draining = False
+        # Set when the grace period ended with completions still running: each is cancelled
+        # (`_runs`) and ends with UNAVAILABLE / SHUTTING_DOWN instead of a bare cancellation.
+        self.cutting = False
+        self._runs: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def open(self, kind: str, context: Any, requested_model: str) -> AsyncIterator[RequestScope]:
+        t0 = time.monotonic()
+        request_id = auth.current_request_id.get()
+        if not request_id:
+            request_id = auth.request_id_for(context.invocation_metadata())
+            auth.current_request_id.set(request_id)
+            context.set_trailing_metadata(((auth.REQUEST_ID_HEADER, request_id),))
+        remaining = context.time_remaining()
+        scope = RequestScope(
+            kind, request_id, requested_model, t0, None if remaining is None else t0 + remaining
+        )
+        inflight = self.metrics.inflight.get(kind)
+        if inflight is not None:
+            inflight.inc()
+        self.in_flight += 1
+        # The task running the call (the handler's, or coalesced()'s reader for streams):
+        # what `cut` cancels when the grace period ends.
+        task = asyncio.current_task()
+        if task is not None:
+            self._runs.add(task)
+        try:
+            if self.draining:
+                raise errors.ShuttingDown("the broker is shutting down: send this request to another replica")
+            yield scope
+        except asyncio.CancelledError as exc:
+            if not self.cutting:
+                scope.failure = exc
+                raise
+            # Ours, at the end of the grace period: the upstream is closed by now (the
+            # cancellation ran through the provider); the caller gets a status that says why.
+            if task is not None:
+                task.uncancel()
+            scope.failure = self.cut_error()
+            raise scope.failure from None
+        except BaseException as exc:
+            # GeneratorExit while cutting: coalesced()'s reader was cancelled between two reads.
+            scope.failure = self.cut_error() if self.cutting and isinstance(exc, GeneratorExit) else exc
+            raise
+        finally:
+            if inflight is not None:
+                inflight.dec()
+            self.in_flight -= 1
+            if task is not None:
+                self._runs.discard(task)
+            if self.in_flight == 0:
+                self._idle.set()
+            self._charge(scope)
+            self._log(scope)
+            self._observe(scope, time.monotonic() - t0)
+
+    # --- drain -----------------------------------------------------------------------------------
+
+    def cut_error(self) -> errors.ShuttingDown:
+        return errors.ShuttingDown(
+            f"the broker shut down before this call finished (its {self.grace_seconds:g}s drain "
+            "grace period ended): send it again, another replica takes it"
+        )
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait at most `timeout` seconds for the running completions to end; True if none is left."""
+        if self.in_flight == 0:
+            return True
+        self._idle.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        return self.in_flight == 0
+
+    def cut(self) -> int:
+        """End every completion still running with UNAVAILABLE / SHUTTING_DOWN; how many there were."""
+        self.cutting = True
+        runs = list(self._runs)
+        for t in runs:
+            t.cancel()
+        return len(runs)
+
+    # --- on exit ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _charge(scope: RequestScope) -> None:
+        """The caller's tokens-per-minute bucket, from what the call reported (or estimated)."""
+        caller = auth.current_caller.get()
+        if caller is not None and scope.finished is not None:
+            usage = scope.finished.usage
+            caller.limits.record_tokens(usage.input_tokens + usage.output_tokens)
+
+    @staticmethod
+    def _log(scope: RequestScope) -> None:
+        last = scope.record.attempts[-1] if scope.record.attempts else None
+        fields: dict[str, Any] = {
+            "rpc": scope.kind,
+            "request_id": scope.request_id,
+            "caller": auth.caller_name(),
+            "model": last.model if last else scope.requested_model,
+            "requested_model": scope.requested_model,
+            "provider": last.provider if last else "",
+            "attempts": len(scope.record.attempts),
+            "status": status_name(scope.failure),
+            "duration_ms": round((time.monotonic() - scope.t0) * 1000, 2),
+        }
+        if scope.record.first_token_at is not None:
+            fields["ttft_ms"] = round((scope.record.first_token_at - scope.t0) * 1000, 2)
+        finished = scope.finished
+        if finished is not None:
+            fields["tokens_in"] = finished.usage.input_tokens
+            fields["tokens_out"] = finished.usage.output_tokens
+            if finished.usage.estimated:
+                fields["usage_estimated"] = True
+            fields["cost_micro_usd"] = finished.cost.total_micro_usd if finished.cost.known else None
+        if isinstance(scope.failure, errors.BrokerError):
+            fields["reason"] = scope.failure.reason
+            fields["error"] = scope.failure.message
+        log.info("request", **fields)
+
+    def _observe(self, scope: RequestScope, duration: float) -> None:
+        """Metrics for one finished completion RPC (labels from the resolved target only)."""
+        last = scope.record.attempts[-1] if scope.record.attempts else None
+        finished = scope.finished
+        cost = finished.cost.total_micro_usd if finished is not None and finished.cost.known else None
+        self.metrics.observe(
+            scope.kind,
+            model=last.model if last else "",
+            provider=last.provider if last else "",
+            status=status_name(scope.failure),
+            duration=duration,
+            ttft=None if scope.record.first_token_at is None else scope.record.first_token_at - scope.t0,
+            upstream_wait=scope.upstream_wait if last else None,
+            tokens_in=finished.usage.input_tokens if finished is not None else 0,
+            tokens_out=finished.usage.output_tokens if finished is not None else 0,
+            cost_micro_usd=cost,
+        )
