@@ -38,6 +38,7 @@ from broker.types import (
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.script import Fault, Reply, ToolCallScript, weather_tool_reply
 from tests.httpclient import HTTP
+from tests.providers import started
 
 MODEL = "claude-sonnet-4-5"
 # Not shaped like a well-known key, so only the provider's own registration can redact it.
@@ -67,10 +68,8 @@ def make_provider(fake: FakeAnthropic, *, api_key: str = KEY, read_timeout: floa
 
 @pytest.fixture
 async def provider(fake: FakeAnthropic) -> AsyncIterator[AnthropicProvider]:
-    p = make_provider(fake)
-    await p.start()
-    yield p
-    await p.close()
+    async with started(make_provider(fake)) as p:
+        yield p
 
 
 def user(*parts: str | ImagePart) -> Message:

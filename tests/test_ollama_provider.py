@@ -36,6 +36,7 @@ from broker.types import (
 from tests.fakes.ollama_upstream import FakeOllama
 from tests.fakes.script import Fault, Reply, ToolCallScript, weather_tool_reply
 from tests.httpclient import HTTP
+from tests.providers import collect, collect_until_error, started
 
 PNG = b"\x89PNG\r\n\x1a\n fake image bytes"
 WEATHER = Tool(
@@ -64,26 +65,12 @@ def make_provider(url: str, *, read_timeout: float = 0.5) -> OllamaProvider:
 
 @pytest.fixture
 async def provider(fake):
-    p = make_provider(fake.url)
-    await p.start()
-    yield p
-    await p.close()
+    async with started(make_provider(fake.url)) as p:
+        yield p
 
 
 def ask(text: str = "Hi", model: str = "llama3.2", **kw) -> CompletionRequest:
     return CompletionRequest(model=model, messages=[Message(Role.USER, [TextPart(text)])], **kw)
-
-
-async def collect(provider: OllamaProvider, request: CompletionRequest) -> list[CompletionEvent]:
-    return [e async for e in provider.stream(request)]
-
-
-async def collect_until_error(provider, request) -> tuple[list[CompletionEvent], errors.BrokerError]:
-    events: list[CompletionEvent] = []
-    with pytest.raises(errors.BrokerError) as info:
-        async for e in provider.stream(request):
-            events.append(e)
-    return events, info.value
 
 
 def text_of(events: list[CompletionEvent]) -> str:

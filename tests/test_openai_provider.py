@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -45,6 +44,7 @@ from tests.fakes.http import FakeHTTPServer, Request, Response
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Fault, Reply, ToolCallScript, weather_tool_reply
 from tests.httpclient import HTTP
+from tests.providers import collect, collect_until_error, started
 
 KEY = "sk-test-0123456789abcdef"
 MODEL = "gpt-4o-mini"
@@ -67,20 +67,6 @@ def hello(model: str = MODEL) -> CompletionRequest:
     return CompletionRequest(model=model, messages=[Message(Role.USER, [TextPart("Hi")])])
 
 
-async def collect(provider: OpenAIProvider, request: CompletionRequest) -> list[CompletionEvent]:
-    return [ev async for ev in provider.stream(request)]
-
-
-async def failing(
-    provider: OpenAIProvider, request: CompletionRequest
-) -> tuple[list[Any], errors.BrokerError]:
-    events: list[Any] = []
-    with pytest.raises(errors.BrokerError) as info:
-        async for ev in provider.stream(request):
-            events.append(ev)
-    return events, info.value
-
-
 def texts(events: list[CompletionEvent]) -> list[str]:
     return [e.text for e in events if isinstance(e, TextDeltaEvent)]
 
@@ -93,10 +79,8 @@ async def fake():
 
 @pytest.fixture
 async def provider(fake: FakeOpenAI):
-    p = make_provider(fake.url)
-    await p.start()
-    yield p
-    await p.close()
+    async with started(make_provider(fake.url)) as p:
+        yield p
 
 
 # --- request mapping ---------------------------------------------------------------------------
@@ -419,7 +403,7 @@ async def test_fault_maps_to_broker_error(
     p = make_provider(fake.url, read_timeout=0.3)
     await p.start()
     try:
-        events, err = await failing(p, hello())
+        events, err = await collect_until_error(p, hello())
     finally:
         await p.close()
 
@@ -441,19 +425,19 @@ async def test_bad_request_keeps_upstream_message_and_param(
     fake: FakeOpenAI, provider: OpenAIProvider
 ) -> None:
     fake.faults.append(Fault("status", status=400))
-    _, err = await failing(provider, hello())
+    _, err = await collect_until_error(provider, hello())
     assert "Invalid value for 'temperature'" in err.message
     assert err.metadata == {"param": "temperature"}
 
 
 async def test_gateway_html_error_keeps_a_short_snippet(fake: FakeOpenAI, provider: OpenAIProvider) -> None:
     fake.faults.append(Fault("status", status=502))
-    _, err = await failing(provider, hello())
+    _, err = await collect_until_error(provider, hello())
     assert "502 Bad Gateway" in err.message and len(err.message) < 300
 
 
 async def test_unknown_model_is_not_found(provider: OpenAIProvider) -> None:
-    _, err = await failing(provider, hello("gpt-5-nope"))
+    _, err = await collect_until_error(provider, hello("gpt-5-nope"))
     assert isinstance(err, errors.ModelNotFound)
     assert "gpt-5-nope" in err.message and err.model == "gpt-5-nope"
 
@@ -464,7 +448,7 @@ async def test_key_echoed_in_401_is_redacted() -> None:
         p = make_provider(fake.url, api_key=wrong)
         await p.start()
         try:
-            _, err = await failing(p, hello())
+            _, err = await collect_until_error(p, hello())
         finally:
             await p.close()
     assert isinstance(err, errors.UpstreamAuthFailed)
@@ -483,7 +467,7 @@ async def test_rate_limit_carries_retry_after(
     fake: FakeOpenAI, provider: OpenAIProvider, headers: dict[str, str], seconds: float
 ) -> None:
     fake.faults.append(Fault("status", status=429, headers={"x-ratelimit-limit-requests": "3", **headers}))
-    _, err = await failing(provider, hello())
+    _, err = await collect_until_error(provider, hello())
     assert isinstance(err, errors.UpstreamRateLimited)
     assert err.retry_after == seconds
 
@@ -498,7 +482,7 @@ async def test_non_event_stream_200_is_a_protocol_error() -> None:
         p = make_provider(server.url + "/v1")
         await p.start()
         try:
-            events, err = await failing(p, hello())
+            events, err = await collect_until_error(p, hello())
         finally:
             await p.close()
     assert isinstance(err, errors.UpstreamProtocolError) and events == []

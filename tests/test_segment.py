@@ -24,11 +24,9 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from modelbroker.v1 import broker_pb2 as pb
-from tests.conftest import broker_settings, stub
+from tests.conftest import broker_settings, reason_of, stub
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.http import FakeHTTPServer, Request, Response, capture_response, sse
 from tests.fakes.ollama_upstream import FakeOllama
@@ -361,18 +359,6 @@ class BadChunks:
         await resp.write_raw(self.bad + chunk(openai_event({}, "stop")) + chunk(b"data: [DONE]\n\n"))
         await resp.write_raw(b"0\r\n\r\n")
         await resp.close()
-
-
-def reason_of(err: grpc.aio.AioRpcError) -> str:
-    st = rpc_status.from_call(err)
-    if st is None:
-        return ""
-    for d in st.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            return str(info.reason)
-    return ""
 
 
 @pytest.mark.parametrize("after_content", [False, True], ids=["before-content", "after-content"])

@@ -399,72 +399,73 @@ class Transport:
         """
         read = self.read_timeout if read is None else read
         connect = self.connect_timeout if connect is None else connect
-        where = f"{self.name}: "
         mid = stage == "body"
+        base = self.base_url.rstrip("/")
+
+        def failed(kind: type[errors.BrokerError], what: str) -> errors.BrokerError:
+            return kind(f"{self.name}: {what}", provider=self.name)
+
         try:
             yield
         except errors.BrokerError:
             raise
         except _BrokenFraming as exc:
-            raise errors.UpstreamProtocolError(
-                f"{where}the upstream sent invalid HTTP ({_short(exc)})", provider=self.name
+            raise failed(
+                errors.UpstreamProtocolError, f"the upstream sent invalid HTTP ({_short(exc)})"
             ) from exc
         except aiohttp.ClientHttpProxyError as exc:
-            raise errors.UpstreamUnavailable(
-                f"{where}the proxy {self._proxy_name()} refused the request: HTTP {exc.status} {exc.message}",
-                provider=self.name,
+            raise failed(
+                errors.UpstreamUnavailable,
+                f"the proxy {self._proxy_name()} refused the request: HTTP {exc.status} {exc.message}",
             ) from exc
         except aiohttp.ClientProxyConnectionError as exc:
-            raise errors.UpstreamUnavailable(
-                f"{where}cannot reach the proxy {self._proxy_name()}: {_os_reason(exc)}", provider=self.name
+            raise failed(
+                errors.UpstreamUnavailable, f"cannot reach the proxy {self._proxy_name()}: {_os_reason(exc)}"
             ) from exc
         except aiohttp.ClientConnectorCertificateError as exc:
-            raise errors.UpstreamUnavailable(
-                f"{where}TLS certificate verification failed for {display_url(self.base_url)}: "
-                f"{exc.certificate_error}",
-                provider=self.name,
+            raise failed(
+                errors.UpstreamUnavailable,
+                f"TLS certificate verification failed for {display_url(self.base_url)}: {exc.certificate_error}",
             ) from exc
         except (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            raise errors.UpstreamUnavailable(
-                f"{where}TLS handshake with {display_url(self.base_url)} failed: {_os_reason(exc)}",
-                provider=self.name,
+            raise failed(
+                errors.UpstreamUnavailable,
+                f"TLS handshake with {display_url(self.base_url)} failed: {_os_reason(exc)}",
             ) from exc
         except aiohttp.ConnectionTimeoutError as exc:
-            raise errors.UpstreamTimeout(
-                f"{where}cannot reach {self.base_url.rstrip('/')}: no connection within {connect:g}s",
-                provider=self.name,
+            raise failed(
+                errors.UpstreamTimeout, f"cannot reach {base}: no connection within {connect:g}s"
             ) from exc
         except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
             if mid:
                 raise errors.stream_stalled(self.name, read) from exc
-            raise errors.UpstreamTimeout(f"{where}no response within {read:g}s", provider=self.name) from exc
+            raise failed(errors.UpstreamTimeout, f"no response within {read:g}s") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise errors.UpstreamUnavailable(
-                f"{where}cannot reach {self.base_url.rstrip('/')}: connection failed ({_os_reason(exc)})",
-                provider=self.name,
+            raise failed(
+                errors.UpstreamUnavailable, f"cannot reach {base}: connection failed ({_os_reason(exc)})"
             ) from exc
         except aiohttp.ClientPayloadError as exc:
             # "Response payload is not completed": the connection ended inside the body.
-            raise errors.UpstreamUnavailable(
-                f"{where}connection lost {'mid-stream' if mid else 'inside the answer'} ({_payload_reason(exc)})",
-                provider=self.name,
+            raise failed(
+                errors.UpstreamUnavailable,
+                f"connection lost {'mid-stream' if mid else 'inside the answer'} ({_payload_reason(exc)})",
             ) from exc
         except aiohttp.ServerDisconnectedError as exc:
             what = (
                 "connection lost mid-stream" if mid else "the server closed the connection before answering"
             )
-            raise errors.UpstreamUnavailable(f"{where}{what}", provider=self.name) from exc
+            raise failed(errors.UpstreamUnavailable, what) from exc
         except aiohttp.ClientResponseError as exc:
             # aiohttp's parser refusing the status line, headers or chunk framing (oversize,
             # malformed, a negative or non-hex chunk size).
             detail = exc.__cause__ if exc.__cause__ is not None else exc.message
-            raise errors.UpstreamProtocolError(
-                f"{where}the upstream sent invalid HTTP ({_short(getattr(detail, 'message', detail))})",
-                provider=self.name,
+            raise failed(
+                errors.UpstreamProtocolError,
+                f"the upstream sent invalid HTTP ({_short(getattr(detail, 'message', detail))})",
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
-            what = "connection lost mid-stream" if mid else f"cannot reach {self.base_url.rstrip('/')}"
-            raise errors.UpstreamUnavailable(f"{where}{what}: {_os_reason(exc)}", provider=self.name) from exc
+            what = "connection lost mid-stream" if mid else f"cannot reach {base}"
+            raise failed(errors.UpstreamUnavailable, f"{what}: {_os_reason(exc)}") from exc
 
     def _proxy_name(self) -> str:
         if self.proxy is None:

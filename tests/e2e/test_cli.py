@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import sys
 from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Reply
-
-CLI = [sys.executable, "-m", "broker.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.procs import CLI, env_without, free_port, kill, start_serve
 
 
 async def run(*args: str, timeout: float = 30) -> tuple[int, str, str]:
@@ -34,36 +24,33 @@ async def run(*args: str, timeout: float = 30) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+async def answers_health(target: str) -> bool:
+    """Up to ~10 s for the daemon to come up: True once `health` (liveness) exits 0."""
+    for _ in range(100):
+        code, _, _ = await run("health", "--target", target, "--timeout", "0.5")
+        if code == 0:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[FakeOpenAI, str, asyncio.subprocess.Process]]:
     async with FakeOpenAI(models=["gpt-4o-mini", "llama3.2"]) as fake:
         fake.reply = Reply(text_chunks=["Bon", "jour", " !"], input_tokens=9, output_tokens=3)
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
+        env = env_without("OPENAI_", "ANTHROPIC_", "OLLAMA_")
         env.update(OPENAI_BASE_URL=fake.url, MODEL_BROKER_CONFIG="")
-        proc = await asyncio.create_subprocess_exec(
-            *CLI,
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        proc = await start_serve(
+            None, f"127.0.0.1:{port}", env=env, stdin=None, stdout=asyncio.subprocess.PIPE
         )
         target = f"127.0.0.1:{port}"
         try:
-            for _ in range(100):  # up to ~10 s for the daemon to come up
-                code, _, _ = await run("health", "--target", target, "--timeout", "0.5")
-                if code == 0:
-                    break
-                await asyncio.sleep(0.1)
-            else:
+            if not await answers_health(target):
                 raise AssertionError("daemon did not come up")
             yield fake, target, proc
         finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            await kill(proc)
 
 
 async def test_complete_streams_and_reports_usage(served) -> None:
@@ -141,22 +128,10 @@ async def test_sigterm_stops_cleanly_with_json_logs(served) -> None:
 
 async def test_no_providers_warns_and_is_not_ready() -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
-    proc = await asyncio.create_subprocess_exec(
-        *CLI,
-        "serve",
-        "--listen",
-        f"127.0.0.1:{port}",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    env = env_without("OPENAI_", "ANTHROPIC_", "OLLAMA_")
+    proc = await start_serve(None, f"127.0.0.1:{port}", env=env, stdin=None, stdout=asyncio.subprocess.PIPE)
     try:
-        for _ in range(100):
-            code, _, _ = await run("health", "--target", f"127.0.0.1:{port}", "--timeout", "0.5")
-            if code == 0:
-                break
-            await asyncio.sleep(0.1)
+        await answers_health(f"127.0.0.1:{port}")
         code, out, _ = await run(
             "health", "--target", f"127.0.0.1:{port}", "--service", "modelbroker.v1.ModelBroker"
         )
@@ -187,3 +162,25 @@ async def test_complete_with_a_tool_prints_the_call(served) -> None:
         "complete", "--target", target, "--model", "openai/gpt-4o-mini", "--tool", "{", "x"
     )
     assert code == 2 and "--tool: not JSON" in err
+
+
+async def test_embed_prints_dimensions_and_first_values(served) -> None:
+    _, target, _ = served
+    model = "openai/text-embedding-3-small"
+    code, out, err = await run(
+        "embed", "--target", target, "--model", model, "--dimensions", "8", "a cat", "a dog"
+    )
+    assert code == 0, err
+    lines = out.splitlines()
+    assert (
+        len(lines) == 2
+        and lines[0].startswith("[0] 'a cat': 8 dimensions [")
+        and lines[1].startswith("[1] 'a dog'")
+    )
+    assert "[openai/text-embedding-3-small] tokens in=4" in err
+    code, out, err = await run("embed", "--target", target, "--model", model, "--json", "hello")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert len(doc["embeddings"][0]["values"]) == 1536 and doc["usage"]["input_tokens"] == 1
+    code, _, err = await run("embed", "--target", target, "--model", "openai/gpt-4o-mini", "x")
+    assert code == 1 and "CAPABILITY_MISSING" in err

@@ -11,11 +11,9 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from modelbroker.v1 import broker_pb2 as pb
-from tests.conftest import broker_settings, stub
+from tests.conftest import broker_settings, required_error_info, stub
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.ollama_upstream import FakeModel, FakeOllama
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -102,14 +100,7 @@ def shape(msgs: list[pb.StreamCompleteResponse]) -> list[str]:
 
 
 def reason_of(err: grpc.aio.AioRpcError) -> str:
-    st = rpc_status.from_call(err)
-    assert st is not None
-    for d in st.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            return str(info.reason)
-    raise AssertionError("no ErrorInfo")
+    return str(required_error_info(err).reason)
 
 
 def last_body(fake: Any) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,6 +28,7 @@ from tests.conftest import OPENAI_TEST_KEY
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Reply
 from tests.httpclient import HTTP
+from tests.procs import env_without, start_serve, terminate, write_config
 
 MAX_CALLS = 40  # P(all on one of two workers) = 2**-39
 
@@ -66,9 +65,7 @@ class Group:
             raise AssertionError(f"no {what} within {timeout}s; output: {self.events} {self.other}") from None
 
     async def stop(self) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(self.proc.wait(), 40)
+        code = await terminate(self.proc, 40)
         await self.reader
         return code
 
@@ -91,18 +88,14 @@ async def start_group(
         "health": {"interval_seconds": 0.5, "timeout_seconds": 1},
         "server": {"shutdown_grace_seconds": 10},
     }
-    path = tmp_path / "broker.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PROMETHEUS_"))}
+    path = write_config(config, tmp_path)
+    env = env_without("OPENAI_", "PROMETHEUS_")
     if not own_metrics_dir:
         # Samples go under tmp_path, not a /tmp directory a killed parent could leave behind.
         prom = tmp_path / "prom"
         prom.mkdir(exist_ok=True)
         env["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker.cli", "serve", "--config", str(path), "--listen", "127.0.0.1:0",
-        *extra, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, env=env,
-    )  # fmt: skip
+    proc = await start_serve(path, "127.0.0.1:0", *extra, stdin=None, env=env)
     return Group(proc)
 
 

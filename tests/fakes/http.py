@@ -179,14 +179,7 @@ class FakeHTTPServer:
     async def stop(self) -> None:
         """Stop listening and drop every connection, as a crashed upstream would."""
         if self._server is not None:
-            self._server.close()
-            tasks = list(self._tasks)
-            for t in tasks:
-                t.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=2)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+            await stop_serving(self._server, self._tasks)
             self._server = None
 
     async def __aenter__(self) -> FakeHTTPServer:
@@ -203,7 +196,7 @@ class FakeHTTPServer:
         set_nodelay(writer)
         try:
             while True:
-                req = await _read_request(reader)
+                req = await read_request(reader)
                 if req is None:
                     return
                 self.requests.append(req)
@@ -240,6 +233,18 @@ class FakeHTTPServer:
                 writer.close()
 
 
+async def stop_serving(server: asyncio.Server, connections: set[asyncio.Task[Any]]) -> None:
+    """Stop listening and cancel every connection task (waiting up to 2 s for each step)."""
+    server.close()
+    tasks = list(connections)
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=2)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(server.wait_closed(), 2)
+
+
 async def _watch_eof(reader: asyncio.StreamReader) -> None:
     # A request body was read whole; further bytes would be a pipelined request (the broker's
     # clients do not pipeline), so EOF here means the client closed the connection.
@@ -250,10 +255,12 @@ async def _watch_eof(reader: asyncio.StreamReader) -> None:
         await asyncio.sleep(3600)
 
 
-async def _read_request(reader: asyncio.StreamReader) -> Request | None:
+async def read_request(reader: asyncio.StreamReader) -> Request | None:
+    """The next request on a connection, its body read whole (Content-Length or chunked, chunk
+    extensions and the empty trailer section passed over); None at EOF or an unreadable head."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, ConnectionError):
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
         return None
     lines = head.decode("latin-1").split("\r\n")
     method, target, _ = lines[0].split(" ", 2)
@@ -268,7 +275,7 @@ async def _read_request(reader: asyncio.StreamReader) -> Request | None:
     elif headers.get("transfer-encoding", "").lower() == "chunked":
         parts = []
         while True:
-            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
             if size == 0:
                 await reader.readuntil(b"\r\n")
                 break

@@ -12,9 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,13 +19,12 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from modelbroker.v1 import broker_pb2 as pb
-from tests.conftest import broker_settings, stub
+from tests.conftest import broker_settings, required_error_info, stub
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fuzz.hostile import (
     Hostile,
@@ -39,17 +35,12 @@ from tests.fuzz.hostile import (
     openai_chunk,
     provider_config,
 )
+from tests.procs import env_without, free_port, start_serve, stop, wait_ready, write_config
 
 MiB = 1024 * 1024
 # Peak RSS growth allowed for one unary call held at the 8 MiB cap: the answer itself a few
 # times over (held text, the joined string, the proto, its serialization) plus parsing.
 RSS_GROWTH_LIMIT = 160 * MiB
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -60,14 +51,17 @@ def _status_kib(pid: int, field: str) -> int:
 
 
 def _reason(err: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
-    st = rpc_status.from_call(err)
-    assert st is not None, (err.code(), err.details())
-    for d in st.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            return str(info.reason), dict(info.metadata)
-    raise AssertionError("no ErrorInfo")
+    info = required_error_info(err)
+    return str(info.reason), dict(info.metadata)
+
+
+async def _upstream_closed(up: Hostile) -> None:
+    """The one upstream request was closed by the daemon (within 5 s), not left generating."""
+    for _ in range(50):
+        if up.hangups:
+            break
+        await asyncio.sleep(0.1)
+    assert up.hangups == up.served == 1
 
 
 def user(text: str) -> pb.Message:
@@ -84,49 +78,22 @@ async def endless(request, tmp_path) -> AsyncIterator[tuple[Hostile, str, int]]:
             "health": {"interval_seconds": 30, "timeout_seconds": 2},
             "routing": {"retry": {"max_attempts": 1}},
         }
-        path = tmp_path / "broker.yaml"
-        path.write_text(yaml.safe_dump(config))
-        port = _free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "OLLAMA_"))}
+        port = free_port()
+        env = env_without("OPENAI_", "ANTHROPIC_", "OLLAMA_")
         env["MODEL_BROKER_CONFIG"] = ""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "broker.cli",
-            "serve",
-            "--config",
-            str(path),
-            "--listen",
+        proc = await start_serve(
+            write_config(config, tmp_path),
             f"127.0.0.1:{port}",
             env=env,
-            stdout=asyncio.subprocess.DEVNULL,
+            stdin=None,
             stderr=asyncio.subprocess.DEVNULL,
         )
         target = f"127.0.0.1:{port}"
         try:
-            async with grpc.aio.insecure_channel(target) as ch:
-                health = health_pb2_grpc.HealthStub(ch)
-                for _ in range(150):
-                    try:
-                        answer = await health.Check(
-                            health_pb2.HealthCheckRequest(service="modelbroker.v1.ModelBroker"), timeout=0.5
-                        )
-                        if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                            break
-                    except grpc.aio.AioRpcError:
-                        pass
-                    await asyncio.sleep(0.1)
-                else:
-                    raise AssertionError("the daemon did not become ready")
+            await wait_ready(target)
             yield up, target, proc.pid
         finally:
-            if proc.returncode is None:
-                proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            await stop(proc, 10)
 
 
 async def test_unary_against_an_endless_upstream_is_bounded(endless) -> None:
@@ -149,11 +116,7 @@ async def test_unary_against_an_endless_upstream_is_bounded(endless) -> None:
         print(f"{up.kind}: {elapsed:.2f}s, RSS {base / MiB:.0f} MiB before, peak {peak / MiB:.0f} MiB")
         assert peak - base < RSS_GROWTH_LIMIT, (base, peak)
         # The upstream was closed, not left generating.
-        for _ in range(50):
-            if up.hangups:
-                break
-            await asyncio.sleep(0.1)
-        assert up.hangups == up.served == 1
+        await _upstream_closed(up)
         # And the daemon still serves.
         health = health_pb2_grpc.HealthStub(ch)
         answer = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
@@ -177,11 +140,7 @@ async def test_a_slow_reader_of_an_endless_stream_is_bounded(endless) -> None:
         call.cancel()
         peak = _status_kib(pid, "VmHWM")
         assert peak - base < RSS_GROWTH_LIMIT, (base, peak)
-        for _ in range(50):
-            if up.hangups:
-                break
-            await asyncio.sleep(0.1)
-        assert up.hangups == up.served == 1
+        await _upstream_closed(up)
 
 
 # --- oversize deltas: split, not failed -----------------------------------------------------------

@@ -12,11 +12,9 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from modelbroker.v1 import broker_pb2 as pb
-from tests.conftest import broker_settings, stub
+from tests.conftest import broker_settings, required_error_info, stub
 from tests.fuzz.hostile import (
     Hostile,
     Raw,
@@ -244,14 +242,7 @@ async def broker(daemon, channel_to) -> AsyncIterator[tuple[dict[str, Hostile], 
 
 
 def _reason(err: grpc.aio.AioRpcError) -> str:
-    st = rpc_status.from_call(err)
-    assert st is not None, (err.code(), err.details())
-    for d in st.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            return str(info.reason)
-    raise AssertionError("no ErrorInfo")
+    return str(required_error_info(err).reason)
 
 
 @pytest.mark.parametrize(("case", "kind", "body", "after_content"), CASES, ids=[c[0] for c in CASES])

@@ -28,9 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -39,18 +36,18 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from modelbroker.v1 import broker_pb2 as pb
 from modelbroker.v1 import broker_pb2_grpc as pb_grpc
+from tests.conftest import FAST_ROUTING, reason_of
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.http import Request, Response
 from tests.fakes.ollama_upstream import FakeOllama
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Reply
+from tests.procs import ServeDaemon, env_without, start_serve, write_config
+from tests.procs import stop as stop_process
 
 OPENAI_KEY = "sk-test-hostile-openai-7d41c09a"
 ANTHROPIC_KEY = "sk-ant-test-hostile-52b8e1"
@@ -63,15 +60,7 @@ MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-5", "ollama": "
 CHAT_PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", "ollama": "/api/chat"}
 
 # Fast retries and no breaker: the documented status of one call, not the breaker's.
-ROUTING: dict[str, Any] = {
-    "retry": {
-        "max_attempts": 2,
-        "initial_backoff_seconds": 0.01,
-        "max_backoff_seconds": 0.05,
-        "budget_min_retries_per_second": 100,
-    },
-    "breaker": {"consecutive_failures": 1000, "min_requests": 1000},
-}
+ROUTING = FAST_ROUTING
 
 
 # --- the hostile upstream ------------------------------------------------------------------------
@@ -186,45 +175,24 @@ def _vm(pid: int, key: str) -> float | None:
     return None
 
 
-class Daemon:
+class Daemon(ServeDaemon):
     """`python -m broker.cli serve` in a subprocess: JSON log lines collected, RSS sampled."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.events: list[dict[str, Any]] = []
-        self.other: list[str] = []
-        self.port = 0
-        self.serving = asyncio.Event()
+        super().__init__(proc)
         self.start_rss = 0.0
         self.max_rss = 0.0
         self.peak_rss = 0.0
-        self._reader = asyncio.create_task(self._read())
         self._sampler: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, config: dict[str, Any], tmp_path: Path) -> Daemon:
-        path = tmp_path / "broker.yaml"
-        path.write_text(yaml.safe_dump(config))
         env = {
             k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("OPENAI_", "ANTHROPIC_", "OLLAMA_", "MODEL_BROKER_"))
-            and k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+            for k, v in env_without("OPENAI_", "ANTHROPIC_", "OLLAMA_", "MODEL_BROKER_").items()
+            if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
         }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "broker.cli",
-            "serve",
-            "--config",
-            str(path),
-            "--listen",
-            "127.0.0.1:0",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
+        proc = await start_serve(write_config(config, tmp_path), env=env)
         daemon = cls(proc)
         waiter = asyncio.create_task(daemon.serving.wait())
         exited = asyncio.create_task(proc.wait())
@@ -242,19 +210,6 @@ class Daemon:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                self.other.append(raw.decode(errors="replace").rstrip())
-                continue
-            self.events.append(event)
-            if event.get("event") == "serving":
-                self.port = int(event["listen"].rsplit(":", 1)[1])
-                self.serving.set()
-
     async def _sample(self) -> None:
         while True:
             rss = _vm(self.proc.pid, "VmRSS")
@@ -267,9 +222,6 @@ class Daemon:
         lines = [json.dumps(e) for e in self.events[-n:]] + self.other[-n:]
         return "\n".join(lines) or "(no output)"
 
-    def logged(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == name]
-
     async def stop(self) -> float | None:
         """SIGTERM; seconds to exit (None: it had to be killed after EXIT_BOUND). Reads peak RSS first."""
         if self._sampler is not None:
@@ -278,14 +230,7 @@ class Daemon:
         took: float | None = 0.0
         if self.proc.returncode is None:
             t0 = time.monotonic()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), EXIT_BOUND)
-                took = time.monotonic() - t0
-            except TimeoutError:
-                took = None
-                self.proc.kill()
-                await self.proc.wait()
+            took = time.monotonic() - t0 if await stop_process(self.proc, EXIT_BOUND) else None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._reader), 2)
         self._reader.cancel()
@@ -358,18 +303,6 @@ class Outcome:
         return f"{self.code} {self.reason}".strip()
 
 
-def _reason(err: grpc.aio.AioRpcError) -> str:
-    st = rpc_status.from_call(err)
-    if st is None:
-        return ""
-    for d in st.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            return str(info.reason)
-    return ""
-
-
 async def call(
     s: pb_grpc.ModelBrokerStub, model: str, deadline: float, on_text: Callable[[], None] | None = None
 ) -> Outcome:
@@ -387,7 +320,7 @@ async def call(
             elif m.HasField("end"):
                 out.end = m.end
     except grpc.aio.AioRpcError as err:
-        out.code, out.reason, out.details = err.code().name, _reason(err), err.details() or ""
+        out.code, out.reason, out.details = err.code().name, reason_of(err), err.details() or ""
     out.seconds = time.monotonic() - t0
     return out
 

@@ -24,19 +24,10 @@ from grpc_status import rpc_status
 from broker.server import BrokerServer
 from modelbroker.v1 import broker_pb2 as pb
 from modelbroker.v1 import broker_pb2_grpc as pb_grpc
+from tests.conftest import (
+    FAST_ROUTING as FAST_ROUTING,  # re-exported: the reliability tests import it from here
+)
 from tests.conftest import OPENAI_TEST_KEY
-
-# Retries fast enough for a test and a breaker that stays out of the way unless a test
-# turns it on: each test states the routing it relies on.
-FAST_ROUTING: dict[str, Any] = {
-    "retry": {
-        "max_attempts": 2,
-        "initial_backoff_seconds": 0.01,
-        "max_backoff_seconds": 0.05,
-        "budget_min_retries_per_second": 100,
-    },
-    "breaker": {"consecutive_failures": 1000, "min_requests": 1000},
-}
 
 
 def openai_provider(name: str, url: str, **kw: Any) -> dict[str, Any]:

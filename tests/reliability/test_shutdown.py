@@ -8,23 +8,19 @@ finishes normally within `shutdown_grace_seconds`, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelbroker.v1 import broker_pb2 as pb
 from tests.conftest import OPENAI_TEST_KEY
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Reply
+from tests.procs import ServeDaemon, start_serve, write_config
 from tests.reliability.conftest import openai_provider, stub, until, user
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -33,42 +29,7 @@ WORDS = [f"w{i} " for i in range(12)]
 GRACE = 20.0
 
 
-class Daemon:
-    """`python -m broker.cli serve` in a subprocess, its JSON log lines collected as they come."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.events: list[dict[str, Any]] = []
-        self.serving = asyncio.Event()
-        self.port = 0
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                continue  # a warning line, not a log event
-            self.events.append(event)
-            if event.get("event") == "serving":
-                self.port = int(event["listen"].rsplit(":", 1)[1])
-                self.serving.set()
-
-    async def output_closed(self) -> None:
-        """Every line the process wrote has been read (its stderr reached EOF)."""
-        await asyncio.wait_for(asyncio.shield(self._reader), 5)
-
-    def logged(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == name]
-
-    async def close(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+Daemon = ServeDaemon
 
 
 @pytest.fixture
@@ -85,21 +46,7 @@ async def serve(upstream: FakeOpenAI, tmp_path: Path) -> AsyncIterator[Daemon]:
         "health": {"interval_seconds": 0.5},
         "server": {"shutdown_grace_seconds": GRACE},
     }
-    path = tmp_path / "broker.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "broker.cli",
-        "serve",
-        "--config",
-        str(path),
-        "--listen",
-        "127.0.0.1:0",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_serve(write_config(config, tmp_path))
     daemon = Daemon(proc)
     try:
         await asyncio.wait_for(daemon.serving.wait(), 30)

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
-import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,25 +26,18 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from modelbroker.v1 import broker_pb2 as pb
-from tests.conftest import OPENAI_TEST_KEY
+from tests.conftest import OPENAI_TEST_KEY, error_info
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Reply
+from tests.procs import ServeDaemon, free_port, start_serve, write_config
 from tests.reliability.conftest import openai_provider, stub, user
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class HangingUpstream:
@@ -83,66 +73,21 @@ class HangingUpstream:
             w.transport.abort()
 
 
-class Daemon:
-    """`python -m broker.cli serve` with every stderr line kept (JSON events parsed)."""
+class Daemon(ServeDaemon):
+    """`python -m broker.cli serve` with every stderr line kept (JSON events parsed, timed)."""
+
+    stamp = True
 
     def __init__(self, proc: asyncio.subprocess.Process, t0: float) -> None:
-        self.proc = proc
+        super().__init__(proc)
         self.t0 = t0
-        self.lines: list[str] = []
-        self.events: list[dict[str, Any]] = []
-        self.serving = asyncio.Event()
-        self.port = 0
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            event["_t"] = time.monotonic()
-            self.events.append(event)
-            if event.get("event") == "serving":
-                self.port = int(event["listen"].rsplit(":", 1)[1])
-                self.serving.set()
-
-    def logged(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == name]
-
-    async def output_closed(self) -> None:
-        await asyncio.wait_for(asyncio.shield(self._reader), 5)
-
-    async def close(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
 
 
 @contextlib.asynccontextmanager
 async def serve(config: dict[str, Any], tmp_path: Path, listen: str = "127.0.0.1:0") -> AsyncIterator[Daemon]:
-    path = tmp_path / "broker.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_config(config, tmp_path)
     t0 = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "broker.cli",
-        "serve",
-        "--config",
-        str(path),
-        "--listen",
-        listen,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_serve(path, listen)
     daemon = Daemon(proc, t0)
     try:
         yield daemon
@@ -151,13 +96,7 @@ async def serve(config: dict[str, Any], tmp_path: Path, listen: str = "127.0.0.1
 
 
 def status_of(err: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo | None, dict[str, str]]:
-    info = None
-    st = rpc_status.from_call(err)
-    if st is not None:
-        for d in st.details:
-            if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                d.Unpack(info)
+    info = error_info(err)
     trailers = {k: v for k, v in (err.trailing_metadata() or ()) if isinstance(v, str)}
     return info, trailers
 
@@ -334,13 +273,7 @@ async def test_sigterm_to_a_workers_parent_while_its_workers_start_exits_0(tmp_p
     signals blocked and take them once their handlers are in, so each drains (exit 0)."""
     async with FakeOpenAI(api_key=OPENAI_TEST_KEY) as up:
         config = {"providers": [openai_provider("openai", up.url)], "server": {"shutdown_grace_seconds": 2}}
-        path = tmp_path / "broker.yaml"
-        path.write_text(yaml.safe_dump(config))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "broker.cli", "serve", "--config", str(path), "--listen", "127.0.0.1:0",
-            "--workers", "2",
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        proc = await start_serve(write_config(config, tmp_path), "127.0.0.1:0", "--workers", "2")
         daemon = Daemon(proc, time.monotonic())
         try:
             # The parent's `serving` comes right after it spawned the workers, long before

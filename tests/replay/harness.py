@@ -27,7 +27,7 @@ from grpc_status import rpc_status
 
 from broker.providers import kinds
 from modelbroker.v1 import broker_pb2 as pb
-from tests.conftest import broker_settings, stub
+from tests.conftest import FAST_ROUTING, broker_settings, stub
 from tests.fakes.segment import Segmenter, from_env
 from tests.replay import cases as C
 from tests.replay.server import ReplayServer, Seen, Wire, json_wire, recorded_wire
@@ -36,15 +36,7 @@ RECORDINGS = Path(__file__).parents[2].parent / "shared" / "recordings"
 PROVIDER = "replay"
 KEY = "sk-replay-test-9d1f0c2a"
 # Retries fast and few, a breaker out of the way, health checks out of the way.
-ROUTING: dict[str, Any] = {
-    "retry": {
-        "max_attempts": 2,
-        "initial_backoff_seconds": 0.01,
-        "max_backoff_seconds": 0.05,
-        "budget_min_retries_per_second": 100,
-    },
-    "breaker": {"consecutive_failures": 1000, "min_requests": 1000},
-}
+ROUTING = FAST_ROUTING
 HEALTH = {"interval_seconds": 30, "timeout_seconds": 2}
 RPC_TIMEOUT = 20.0
 

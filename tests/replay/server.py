@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.fakes.http import Request, read_request, stop_serving
 from tests.fakes.segment import Segmenter, set_nodelay, write_segmented
 
 # Re-framed by this server (RFC 9110 7.6.1 hop-by-hop fields, plus the body's own framing).
@@ -44,18 +45,8 @@ HOP_BY_HOP = frozenset(
 _SSE_EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
 
 
-@dataclass
-class Seen:
-    """One request as the server received it."""
-
-    method: str
-    path: str  # without the query string
-    query: str
-    headers: dict[str, str]  # lower-cased names
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
+# One request as the server received it.
+Seen = Request
 
 
 @dataclass
@@ -193,14 +184,7 @@ class ReplayServer:
     async def __aexit__(self, *exc: object) -> None:
         if self._server is None:
             return
-        self._server.close()
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._server.wait_closed(), 2)
+        await stop_serving(self._server, self._tasks)
         self._server = None
 
     async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -209,7 +193,7 @@ class ReplayServer:
         self._tasks.add(task)
         set_nodelay(writer)
         try:
-            while (req := await _read_request(reader)) is not None:
+            while (req := await read_request(reader)) is not None:
                 self.requests.append(req)
                 if not await self._send(self.answer(req), reader, writer):
                     return
@@ -241,29 +225,3 @@ class ReplayServer:
                 self.cut_short += 1
                 return False
         return True
-
-
-async def _read_request(reader: asyncio.StreamReader) -> Seen | None:
-    try:
-        raw = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-        return None
-    lines = raw.decode("latin-1").split("\r\n")
-    method, target, _ = lines[0].split(" ", 2)
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    body = b""
-    if "content-length" in headers:
-        body = await reader.readexactly(int(headers["content-length"]))
-    elif headers.get("transfer-encoding", "").lower() == "chunked":
-        pieces = []
-        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16):
-            pieces.append(await reader.readexactly(size))
-            await reader.readexactly(2)
-        await reader.readuntil(b"\r\n")  # the (empty) trailer section
-        body = b"".join(pieces)
-    path, _, query = target.partition("?")
-    return Seen(method=method, path=path, query=query, headers=headers, body=body)
