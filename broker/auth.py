@@ -40,7 +40,10 @@ log = structlog.get_logger("broker.auth")
 SERVICE_PREFIX = "/modelbroker.v1.ModelBroker/"
 # Only completions count against rates and stream limits: listings are cheap and callers
 # often list before they complete, which would otherwise halve their request rate.
-COMPLETION_METHODS = frozenset({SERVICE_PREFIX + "Complete", SERVICE_PREFIX + "StreamComplete"})
+# Embed spends upstream tokens like a completion, so it counts the same way.
+COMPLETION_METHODS = frozenset(
+    {SERVICE_PREFIX + "Complete", SERVICE_PREFIX + "StreamComplete", SERVICE_PREFIX + "Embed"}
+)
 KEY_PREFIX = "mb_"  # broker/redact.py masks mb_ keys of 16+ characters wherever they appear
 REQUEST_ID_HEADER = "x-request-id"
 # A caller's x-request-id is used when it is 1-128 of these characters (fullmatch: no

@@ -1,4 +1,4 @@
-"""`model-broker`: serve | complete | models | providers | health | config check | config show | keys create | keys hash."""
+"""`model-broker`: serve | complete | embed | models | providers | health | config check | config show | keys create | keys hash."""
 
 from __future__ import annotations
 
@@ -277,6 +277,49 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    import json
+
+    from modelbroker.client import BrokerClient, BrokerError
+
+    texts = [sys.stdin.read() if t == "-" else t for t in args.text]
+    kw: dict[str, Any] = {"timeout": args.timeout, "fallback_models": args.fallback}
+    if args.dimensions is not None:
+        kw["dimensions"] = args.dimensions
+    with BrokerClient(
+        args.target, api_key=args.api_key or os.environ.get("MODEL_BROKER_API_KEY"), **_tls_kwargs(args)
+    ) as client:
+        try:
+            out = client.embed(args.model, texts, **kw)
+        except BrokerError as err:
+            return _fail(err)
+    if args.json:
+        doc = {
+            "model": out.model,
+            "provider": out.provider,
+            "request_id": out.request_id,
+            "embeddings": [{"index": i, "values": v} for i, v in enumerate(out.vectors)],
+            "usage": {"input_tokens": out.usage.input_tokens, "estimated": out.usage.estimated},
+            "cost": {"known": out.cost.known, "total_micro_usd": out.cost.total_micro_usd},
+        }
+        print(json.dumps(doc))
+        return 0
+    for i, (text, vec) in enumerate(zip(texts, out.vectors, strict=True)):
+        head = ", ".join(f"{x:.4f}" for x in vec[:5])
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        print(f"[{i}] {shown!r}: {len(vec)} dimensions [{head}{', ...' if len(vec) > 5 else ''}]")
+    price = (
+        f"${out.cost.total_micro_usd / 1e6:.6f} ({out.cost.total_micro_usd} micro-USD)"
+        if out.cost.known
+        else "unknown"
+    )
+    est = " (estimated)" if out.usage.estimated else ""
+    print(
+        f"[{out.provider}/{out.model}] tokens in={out.usage.input_tokens}{est} cost={price}", file=sys.stderr
+    )
+    return 0
+
+
 def _summary(provider: str, model: str, finish: str, usage: object, cost: object) -> None:
     from modelbroker.client import Cost, Usage
 
@@ -465,6 +508,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("prompt", help="the user message ('-' reads stdin)")
     p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser(
+        "embed", help="embed texts: dimensions and the first values of each vector (or --json)"
+    )
+    client_args(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--dimensions", type=int, help="vector size to ask for (models that can shorten)")
+    p.add_argument("--fallback", action="append", default=[], help="fallback model (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    p.add_argument("text", nargs="+", help="texts to embed ('-' reads stdin)")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("models", help="list models with context, prices and capabilities")
     client_args(p)

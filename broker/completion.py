@@ -114,6 +114,13 @@ class CallRecord:
 
 def check_capabilities(call: CompletionCall, target: Target) -> None:
     spec = target.spec
+    if spec.kind == "embedding":
+        raise errors.CapabilityMissing(
+            f"model {spec.id} is an embedding model: use the Embed RPC, not a completion",
+            provider=target.state.name,
+            model=target.model,
+            metadata={"kind": "embedding"},
+        )
     if not spec.capabilities_known:
         return  # unknown is not "lacks": let the upstream decide
     missing = call.needed_capabilities() - spec.capabilities

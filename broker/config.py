@@ -92,6 +92,12 @@ class ProviderConfig(_Strict):
     # openai type: the output-limit field. auto: max_completion_tokens for reasoning models
     # (o-series, gpt-5 family: catalogue flag, else the id), max_tokens otherwise.
     max_tokens_field: Literal["auto", "max_tokens", "max_completion_tokens"] = "auto"
+    # Embed: at most this many inputs per upstream call (a bigger batch is split, the parts
+    # sent concurrently and reassembled in order). Unset: openai 2048 (the API's limit),
+    # ollama 512.
+    embed_batch_size: int | None = Field(default=None, ge=1, le=2048)
+    # Embed: at most this many parts of one split batch in flight at once.
+    embed_concurrency: int = Field(default=4, ge=1, le=64)
 
     @field_validator("name")
     @classmethod

@@ -28,6 +28,8 @@ from broker.types import (
     CompletionCall,
     ContentPart,
     Cost,
+    EmbedCall,
+    Embedded,
     FinishReason,
     GenerationParams,
     ImagePart,
@@ -79,6 +81,9 @@ MAX_TOKEN_FIGURE = 2**53  # requirements.min_context_window and price ceilings
 MAX_PROVIDER_NAMES = 64  # requirements.allow_providers / exclude_providers
 MAX_PROVIDER_CHARS = 128
 MAX_CAPABILITIES = 16
+MAX_EMBED_INPUTS = 2048  # EmbedRequest.inputs (OpenAI's own per-call limit)
+MAX_EMBED_INPUT_BYTES = 1024 * 1024  # one input, UTF-8
+MAX_EMBED_DIMENSIONS = 65536
 # ListModels: models per page by default and at most; a page also stops before MAX_PAGE_BYTES.
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 1000
@@ -176,6 +181,78 @@ def completion_from_proto(
         requirements=requirements,
         fallback_models=[f.strip() for f in req.fallback_models],
     )
+
+
+def embed_from_proto(req: pb.EmbedRequest, *, max_message_bytes: int) -> EmbedCall:
+    """An EmbedRequest checked and bounded: a model, 1-2048 non-empty inputs of at most 1 MiB
+    each and `max_message_bytes` together, dimensions 1-65536 when set."""
+    v: list[tuple[str, str]] = []
+    if not req.model.strip():
+        v.append(("model", "required: name an embedding model (ListModels with kind MODEL_KIND_EMBEDDING)"))
+    else:
+        _model_ref(req.model, "model", v)
+    n = len(req.inputs)
+    if n == 0:
+        v.append(("inputs", "at least one input is required"))
+    elif n > MAX_EMBED_INPUTS:
+        v.append(("inputs", f"at most {MAX_EMBED_INPUTS} inputs, got {n}"))
+    total = 0
+    for i, text in enumerate(req.inputs[:MAX_EMBED_INPUTS]):
+        size = len(text.encode("utf-8", "surrogatepass"))
+        total += size
+        if not text.strip():
+            v.append((f"inputs[{i}]", "must not be empty"))
+        elif size > MAX_EMBED_INPUT_BYTES:
+            v.append((f"inputs[{i}]", f"at most {MAX_EMBED_INPUT_BYTES} bytes, got {size}"))
+    if total > max_message_bytes:
+        v.append(
+            ("inputs", f"{total} bytes together, over the server's {max_message_bytes}-byte message limit")
+        )
+    if req.HasField("dimensions") and not 1 <= req.dimensions <= MAX_EMBED_DIMENSIONS:
+        v.append(("dimensions", f"must be 1 to {MAX_EMBED_DIMENSIONS}, got {req.dimensions}"))
+    if len(req.fallback_models) > MAX_FALLBACK_MODELS:
+        v.append(
+            (
+                "fallback_models",
+                f"at most {MAX_FALLBACK_MODELS} fallback models, got {len(req.fallback_models)}",
+            )
+        )
+    for i, fb in enumerate(req.fallback_models[:MAX_FALLBACK_MODELS]):
+        if not fb.strip():
+            v.append((f"fallback_models[{i}]", "must not be empty"))
+        else:
+            _model_ref(fb, f"fallback_models[{i}]", v)
+    if v:
+        raise errors.InvalidRequest(v)
+    return EmbedCall(
+        model=req.model.strip(),
+        inputs=tuple(req.inputs),
+        dimensions=req.dimensions if req.HasField("dimensions") else None,
+        fallback_models=tuple(f.strip() for f in req.fallback_models),
+    )
+
+
+def embed_response(out: Embedded, *, max_bytes: int) -> pb.EmbedResponse:
+    """The Embed answer: one Embedding per input, in input order; RESPONSE_TOO_LARGE past `max_bytes`."""
+    resp = pb.EmbedResponse(
+        request_id=out.request_id,
+        model=out.model,
+        provider=out.provider,
+        usage=usage_to_proto(out.usage),
+        cost=cost_to_proto(out.cost),
+    )
+    size = sum(len(vec) for vec in out.vectors) * 4 + 16 * len(out.vectors)
+    if size > max_bytes:
+        raise errors.ResponseTooLarge(
+            f"{len(out.vectors)} vectors of {len(out.vectors[0]) if out.vectors else 0} dimensions are "
+            f"about {size} bytes, over the server's {max_bytes}-byte message limit: send fewer inputs "
+            "per call or ask for fewer dimensions",
+            provider=out.provider,
+            model=out.model,
+        )
+    for i, vec in enumerate(out.vectors):
+        resp.embeddings.add(index=i, values=vec)
+    return resp
 
 
 def _model_ref(ref: str, path: str, v: list[tuple[str, str]]) -> None:
@@ -502,12 +579,18 @@ class ModelsQuery:
     capabilities: frozenset[Capability]
     page_size: int
     offset: int
+    kind: str = ""  # "chat" or "embedding"; "" all
 
     @property
     def fingerprint(self) -> str:
         """Ties a page token to its filter: a token sent with another filter is refused."""
         caps = ",".join(sorted(c.value for c in self.capabilities))
-        return hashlib.sha256(f"{self.provider}\0{caps}".encode()).hexdigest()[:12]
+        kind = f"\0{self.kind}" if self.kind else ""
+        return hashlib.sha256(f"{self.provider}\0{caps}{kind}".encode()).hexdigest()[:12]
+
+    def admits(self, spec: ModelSpec) -> bool:
+        """The kind filter (unknown counts as chat, as ModelInfo documents)."""
+        return not self.kind or (spec.kind or "chat") == self.kind
 
 
 def list_models_query(req: pb.ListModelsRequest, providers: Collection[str]) -> ModelsQuery:
@@ -520,7 +603,10 @@ def list_models_query(req: pb.ListModelsRequest, providers: Collection[str]) -> 
     if req.page_size < 0:
         v.append(("page_size", f"must not be negative, got {req.page_size}"))
     page_size = min(req.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    query = ModelsQuery(req.provider, caps.capabilities, max(page_size, 1), 0)
+    kind = KIND_FROM_PB.get(req.kind)
+    if kind is None:
+        v.append(("kind", f"unknown model kind {req.kind}"))
+    query = ModelsQuery(req.provider, caps.capabilities, max(page_size, 1), 0, kind or "")
     if req.page_token:
         offset = _page_offset(req.page_token, query.fingerprint)
         if offset is None:
@@ -531,7 +617,7 @@ def list_models_query(req: pb.ListModelsRequest, providers: Collection[str]) -> 
                 )
             )
         else:
-            query = ModelsQuery(query.provider, query.capabilities, query.page_size, offset)
+            query = ModelsQuery(query.provider, query.capabilities, query.page_size, offset, query.kind)
     if v:
         raise errors.InvalidRequest(v)
     return query
@@ -592,6 +678,14 @@ def select_model_response(
     return out
 
 
+KIND_FROM_PB = {
+    pb.MODEL_KIND_UNSPECIFIED: "",
+    pb.MODEL_KIND_CHAT: "chat",
+    pb.MODEL_KIND_EMBEDDING: "embedding",
+}
+KIND_TO_PB = {"chat": pb.MODEL_KIND_CHAT, "embedding": pb.MODEL_KIND_EMBEDDING}
+
+
 # --- neutral -> proto ------------------------------------------------------------------------
 
 
@@ -625,6 +719,8 @@ def model_to_proto(spec: ModelSpec) -> pb.ModelInfo:
         max_output_tokens=spec.max_output_tokens or 0,
         source=spec.source,
         discovered=spec.discovered,
+        kind=KIND_TO_PB.get(spec.kind, pb.MODEL_KIND_UNSPECIFIED),
+        dimensions=spec.dimensions or 0,
     )
     if spec.pricing is not None:
         info.pricing.CopyFrom(

@@ -40,7 +40,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 MAX_MODELS = 256
 OTHER = "_other"
-RPCS = ("Complete", "StreamComplete")
+RPCS = ("Complete", "StreamComplete", "Embed")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 # Completions run from tens of milliseconds (a cached local model) to minutes (long outputs).

@@ -1,6 +1,6 @@
 """One request's scope: everything the broker does around a completion RPC but not for it.
 
-The servicer opens a `RequestScope` for each Complete / StreamComplete (`Scopes.open`) and
+The servicer opens a `RequestScope` for each Complete / StreamComplete / Embed (`Scopes.open`) and
 does only convert -> service -> convert inside it. The scope owns:
 
 - the request id (set by the auth interceptor before the handler runs; a servicer mounted
@@ -46,7 +46,7 @@ def status_name(exc: BaseException | None) -> str:
 
 @dataclass
 class RequestScope:
-    kind: str  # "Complete" or "StreamComplete"
+    kind: str  # "Complete", "StreamComplete" or "Embed" (which sets `finished` from its usage)
     request_id: str
     requested_model: str
     t0: float

@@ -36,13 +36,14 @@ from broker.breaker import BreakerState
 from broker.coalesce import coalesced
 from broker.completion import Accumulated, CompletionService
 from broker.config import Settings, parse_listen
+from broker.embedding import EmbeddingService
 from broker.health import HealthMonitor
 from broker.metrics import BrokerMetrics, MeteredHealthServicer, MetricsServer
 from broker.redact import redact
 from broker.registry import Registry
 from broker.scope import RequestScope, Scopes
 from broker.tls import server_credentials
-from broker.types import Output
+from broker.types import Finished, FinishReason, Output
 from modelbroker.v1 import broker_pb2 as pb
 from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -77,6 +78,7 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
         self.health = health
         # A breaker that opens or closes re-publishes that provider's health at once.
         self.completions = CompletionService(registry, on_breaker_change=health.publish)
+        self.embeddings = EmbeddingService(self.completions)
         self.metrics = metrics or BrokerMetrics(process=False)
         self.scopes = Scopes(self.metrics, settings.server.shutdown_grace_seconds)
 
@@ -145,11 +147,24 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
                 exc.metadata.update(interrupted="true", delivered_chunks=str(deltas))
             raise
 
+    # --- embeddings -------------------------------------------------------------------------------
+
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        max_bytes = self.settings.server.max_message_bytes
+        async with self.scopes.open("Embed", context, request.model) as scope:
+            call = convert.embed_from_proto(request, max_message_bytes=max_bytes)
+            out = await self.embeddings.embed(
+                call, scope.request_id, record=scope.record, permissions=auth.permissions()
+            )
+            # The scope's log line, metrics and token charging read the usage from here.
+            scope.finished = Finished(FinishReason.STOP, out.usage, out.cost)
+            return convert.embed_response(out, max_bytes=max_bytes)
+
     # --- models and providers -------------------------------------------------------------------
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         query = convert.list_models_query(request, self.registry.by_name)
-        specs = self.registry.list_models(query.provider, query.capabilities)
+        specs = [s for s in self.registry.list_models(query.provider, query.capabilities) if query.admits(s)]
         specs = [s for s in specs if auth.permitted(s.provider, s.name)]  # a caller sees only its models
         return convert.list_models_page(specs, query)
 

@@ -315,6 +315,50 @@ class Finished:
 Output = Started | TextDeltaEvent | ToolCallDeltaEvent | Finished
 
 
+# --- embeddings ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class EmbedCall:
+    """An Embed RPC, checked and bounded (broker/convert.py)."""
+
+    model: str
+    inputs: tuple[str, ...]
+    dimensions: int | None = None
+    fallback_models: tuple[str, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class EmbedRequest:
+    """What a provider is asked: one resolved model, the whole batch (the provider splits it)."""
+
+    model: str
+    inputs: tuple[str, ...]
+    dimensions: int | None = None
+    timeout: float | None = None  # seconds left of the caller's deadline
+
+
+@dataclass(slots=True, frozen=True)
+class EmbedResult:
+    """One vector per input, in input order; `input_tokens` as the upstream reported it."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    input_tokens: int = 0
+    usage_reported: bool = True
+
+
+@dataclass(slots=True, frozen=True)
+class Embedded:
+    """The answer of the embedding service to the servicer."""
+
+    request_id: str
+    provider: str
+    model: str
+    vectors: tuple[tuple[float, ...], ...]
+    usage: Usage
+    cost: Cost
+
+
 # --- model facts --------------------------------------------------------------------------
 
 
@@ -344,6 +388,10 @@ class ModelSpec:
     reasoning: bool | None = None
     source: str = "discovered"
     discovered: bool = False
+    # "chat", "embedding", or "" (unknown: the catalogue has no entry); `dimensions` is an
+    # embedding model's native vector size.
+    kind: str = ""
+    dimensions: int | None = None
 
     @property
     def id(self) -> str:

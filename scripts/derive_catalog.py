@@ -29,7 +29,9 @@ models.json schema (version 1):
       "deprecation_date": "YYYY-MM-DD" | null,             # as the source states it
       "source": "litellm model_prices_and_context_window.json v1.80.0 key <original key>",
       "note": str | null,           # why facts came from a key other than the model's own
-      "date": "YYYY-MM-DD"          # when the facts were taken
+      "date": "YYYY-MM-DD",         # when the facts were taken
+      "kind": "chat" | "embedding", # which RPC serves it (StreamComplete/Complete or Embed)
+      "dimensions": int | null      # an embedding model's native vector size (LiteLLM output_vector_size)
     }
 
 Field choices (why):
@@ -134,6 +136,48 @@ OLLAMA = {
     "phi4": "azure_ai/Phi-4",
 }
 
+# Embedding models. OpenAI: model id == source key (mode "embedding"). Ollama: the source has
+# none of these, so the facts are the library page's (name -> context, dimensions); local, free.
+OPENAI_EMBEDDING = ["text-embedding-3-large", "text-embedding-3-small", "text-embedding-ada-002"]
+OLLAMA_EMBEDDING = {
+    "all-minilm": (512, 384),
+    "mxbai-embed-large": (512, 1024),
+    "nomic-embed-text": (8192, 768),
+}
+
+
+def _embedding_entry(provider_type: str, model: str, raw: dict[str, Any] | None) -> dict[str, Any]:
+    if raw is not None:
+        context, dims = _opt_int(raw.get("max_input_tokens")), _opt_int(raw.get("output_vector_size"))
+        prices = (micro_usd_per_mtok(raw.get("input_cost_per_token")), 0)
+        source, note = SOURCE_PREFIX + model, None
+    else:
+        context, dims = OLLAMA_EMBEDDING[model]
+        prices = (0, 0)
+        source, note = (
+            "ollama.com/library/" + model,
+            "not in the source: context and dimensions from the library page; price 0 (local)",
+        )
+    return {
+        "provider_type": provider_type,
+        "model": model,
+        "context_window": context,
+        "max_output_tokens": None,
+        "vision": False,
+        "tools": False,
+        "json_mode": False,
+        "reasoning": False,
+        "input_micro_usd_per_mtok": prices[0],
+        "output_micro_usd_per_mtok": prices[1],
+        "cached_input_micro_usd_per_mtok": None,
+        "cache_write_input_micro_usd_per_mtok": None,
+        "deprecation_date": None,
+        "source": source,
+        "note": note,
+        "kind": "embedding",
+        "dimensions": dims,
+    }
+
 
 def micro_usd_per_mtok(per_token: Any) -> int | None:
     """USD per token (exact Decimal from the JSON text) -> integer micro-USD per Mtok, half-up."""
@@ -197,6 +241,8 @@ def _entry(provider_type: str, model: str, key: str, raw: dict[str, Any]) -> dic
         "deprecation_date": raw.get("deprecation_date"),
         "source": SOURCE_PREFIX + key,
         "note": note,
+        "kind": "chat",
+        "dimensions": None,
     }
 
 
@@ -220,6 +266,18 @@ def derive(source: dict[str, Any], date: str) -> dict[str, Any]:
             problems.append(f"{provider_type}/{model}: source key {key!r} is no {provider_type} chat entry")
             continue
         models.append(_entry(provider_type, model, key, raw) | {"date": date})
+    for model in OPENAI_EMBEDDING:
+        raw = source.get(model)
+        if (
+            not isinstance(raw, dict)
+            or raw.get("litellm_provider") != "openai"
+            or raw.get("mode") != "embedding"
+        ):
+            problems.append(f"openai/{model}: source key {model!r} is no openai embedding entry")
+            continue
+        models.append(_embedding_entry("openai", model, raw) | {"date": date})
+    for model in OLLAMA_EMBEDDING:
+        models.append(_embedding_entry("ollama", model, None) | {"date": date})
     if problems:
         raise SystemExit("cannot derive the catalogue:\n  " + "\n  ".join(problems))
     models.sort(key=lambda e: (e["provider_type"], e["model"]))

@@ -49,7 +49,11 @@ def test_every_entry_has_source_and_date(catalog: Catalog) -> None:
     counts = {t: sum(e.provider_type == t for e in entries) for t in ("openai", "anthropic", "ollama")}
     assert all(n > 0 for n in counts.values()), counts
     for e in entries:
-        assert e.source.startswith("litellm model_prices_and_context_window.json v1.80.0 key "), e
+        if e.kind == "embedding" and e.provider_type == "ollama":
+            # Not in the LiteLLM source: the library page's facts (scripts/derive_catalog.py).
+            assert e.source == f"ollama.com/library/{e.model}", e
+        else:
+            assert e.source.startswith("litellm model_prices_and_context_window.json v1.80.0 key "), e
         assert e.date == "2026-11-25", e
         if e.provider_type == "ollama":
             assert (e.input_micro_usd_per_mtok, e.output_micro_usd_per_mtok) == (0, 0), e
@@ -321,3 +325,24 @@ def test_usd_converts_exactly(usd: float | Decimal, micro: int) -> None:
 def test_negative_price_is_rejected() -> None:
     with pytest.raises(ValueError):
         micro_usd_from_usd(-1.0)
+
+
+def test_embedding_models_with_dimensions_and_prices(catalog: Catalog) -> None:
+    got = {
+        (e.provider_type, e.model): (e.dimensions, e.input_micro_usd_per_mtok, e.output_micro_usd_per_mtok)
+        for e in catalog.entries()
+        if e.kind == "embedding"
+    }
+    assert got == {
+        ("openai", "text-embedding-3-small"): (1536, 20_000, 0),
+        ("openai", "text-embedding-3-large"): (3072, 130_000, 0),
+        ("openai", "text-embedding-ada-002"): (1536, 100_000, 0),
+        ("ollama", "nomic-embed-text"): (768, 0, 0),
+        ("ollama", "mxbai-embed-large"): (1024, 0, 0),
+        ("ollama", "all-minilm"): (384, 0, 0),
+    }
+    assert all(
+        e.kind == "chat" and e.dimensions is None
+        for e in catalog.entries()
+        if (e.provider_type, e.model) not in got
+    )

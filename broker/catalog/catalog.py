@@ -62,6 +62,8 @@ class CatalogEntry:
     source: str
     note: str | None
     date: str
+    kind: str = "chat"  # "chat" or "embedding"
+    dimensions: int | None = None
 
     @property
     def capabilities(self) -> frozenset[Capability]:
@@ -174,8 +176,12 @@ def parse_entries(document: Any) -> tuple[CatalogEntry, ...]:
             source=_field(raw, "source", str, where),
             note=_field(raw, "note", str, where, nullable=True),
             date=_field(raw, "date", str, where),
+            kind=_field(raw, "kind", str, where) if "kind" in raw else "chat",
+            dimensions=_field(raw, "dimensions", int, where, nullable=True),
             **ints,
         )
+        if entry.kind not in ("chat", "embedding"):
+            raise ValueError(f"models.json {where}: 'kind' must be chat or embedding, got {entry.kind!r}")
         key = (entry.provider_type, entry.model)
         if kinds.find(entry.provider_type) is None or not entry.model or key in seen:
             raise ValueError(f"models.json {where}: bad or duplicate provider_type/model {key}")
@@ -284,12 +290,14 @@ class Catalog:
         caps_known = False
         context = max_out = None
         reasoning: bool | None = None
+        kind, dimensions = "", None
         prices: list[int | None] = [None, None, None, None]  # input, output, cached input, cache write
         if entry is not None:
             source = "catalogue"
             caps, caps_known = entry.capabilities, True
             context, max_out = entry.context_window, entry.max_output_tokens
             reasoning = entry.reasoning
+            kind, dimensions = entry.kind, entry.dimensions
             if vendor_endpoint:
                 prices = [
                     entry.input_micro_usd_per_mtok,
@@ -342,4 +350,6 @@ class Catalog:
             reasoning=reasoning,
             source=source,
             discovered=discovered is not None,
+            kind=kind,
+            dimensions=dimensions,
         )

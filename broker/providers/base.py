@@ -37,9 +37,19 @@ from broker.providers.transport import (
     register_proxy_secrets,
 )
 from broker.redact import redact, register_secret
-from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, EndEvent
+from broker.types import (
+    CompletionEvent,
+    CompletionRequest,
+    DiscoveredModel,
+    EmbedRequest,
+    EmbedResult,
+    EndEvent,
+)
 
 MAX_ERROR_BODY = 64 * 1024
+# One embeddings answer (a part of a split batch) is read up to this size: 2048 vectors of
+# 3072 floats as JSON text is about 120 MiB.
+MAX_EMBED_BODY = 160 * 1024 * 1024
 F = TypeVar("F")
 
 
@@ -112,6 +122,82 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def parse_error(self, status: int, body: bytes) -> UpstreamErrorInfo:
         """Read this protocol's error body (never raises)."""
+
+    # --- embeddings ----------------------------------------------------------------------------
+
+    # The most inputs one upstream embeddings call takes (config `embed_batch_size` overrides).
+    embed_batch_default: ClassVar[int] = 2048
+
+    async def embed_part(self, model: str, inputs: tuple[str, ...], dimensions: int | None) -> EmbedResult:
+        """One upstream embeddings call for at most `embed_batch_size` inputs; a type with
+        no embeddings endpoint keeps this default."""
+        raise errors.CapabilityMissing(
+            f"{self.name}: provider type {self.type!r} has no embeddings endpoint; "
+            "use an openai or ollama provider for Embed",
+            provider=self.name,
+            model=model,
+            metadata={"provider_type": self.type},
+        )
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """The whole batch: split into parts of `embed_batch_size`, sent concurrently (at most
+        `embed_concurrency` at once) and reassembled in input order. A part that fails fails
+        the call, its message naming the part's input range; the other parts are cancelled,
+        and cancelling the call cancels (closes) every part."""
+        size = self.config.embed_batch_size or self.embed_batch_default
+        inputs = request.inputs
+        bounds = [(i, min(i + size, len(inputs))) for i in range(0, len(inputs), size)]
+        if len(bounds) <= 1:
+            return await self._embed_checked(request, 0, len(inputs))
+        gate = asyncio.Semaphore(self.config.embed_concurrency)
+        results: list[EmbedResult | None] = [None] * len(bounds)
+
+        async def part(k: int, start: int, end: int) -> None:
+            async with gate:
+                try:
+                    results[k] = await self._embed_checked(request, start, end)
+                except errors.BrokerError as exc:
+                    exc.message = f"inputs[{start}:{end}] (part {k + 1} of {len(bounds)}): {exc.message}"
+                    exc.args = (exc.message,)
+                    exc.metadata.setdefault("failed_inputs", f"{start}:{end}")
+                    raise
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for k, (start, end) in enumerate(bounds):
+                    tg.create_task(part(k, start, end), name=f"{self.name}-embed-{start}")
+        except BaseExceptionGroup as group:
+            # The first part's failure is the call's (the others were cancelled because of it).
+            first = group.exceptions[0]
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+        vectors: list[tuple[float, ...]] = []
+        tokens, reported = 0, True
+        for r in results:
+            assert r is not None
+            vectors.extend(r.vectors)
+            tokens += r.input_tokens
+            reported = reported and r.usage_reported
+        return EmbedResult(tuple(vectors), tokens, reported)
+
+    async def _embed_checked(self, request: EmbedRequest, start: int, end: int) -> EmbedResult:
+        chunk = request.inputs[start:end]
+        result = await self.embed_part(request.model, chunk, request.dimensions)
+        if len(result.vectors) != len(chunk):
+            raise errors.UpstreamProtocolError(
+                f"{self.name}: asked for {len(chunk)} embeddings, got {len(result.vectors)}",
+                provider=self.name,
+                model=request.model,
+            )
+        return result
+
+    async def post_embed(self, path: str, body: Any, *, model: str) -> Any:
+        """POST an embeddings call through the completion pool (gated like completions) and
+        read its whole JSON answer, bounded."""
+        async with self.open("POST", path, json=body, model=model) as resp:
+            data = await resp.read(MAX_EMBED_BODY)
+        return decode_json(data, provider=self.name, what=f"POST {path}")
 
     # --- shared HTTP mechanics ---------------------------------------------------------------
 

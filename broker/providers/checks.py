@@ -55,6 +55,25 @@ def index(value: Any, *, field: str, limit: int, provider: str, model: str) -> i
     raise protocol_error(provider, model, f"{field} is {_show(value)}, not an index below {limit}")
 
 
+# An embedding's length: the largest models have 4096-8192 dimensions.
+MAX_DIMENSIONS = 65536
+
+
+def vector(value: Any, *, field: str, provider: str, model: str) -> tuple[float, ...]:
+    """An embedding: a non-empty list of finite numbers, at most MAX_DIMENSIONS long."""
+    if not isinstance(value, list) or not value or len(value) > MAX_DIMENSIONS:
+        raise protocol_error(provider, model, f"{field} is {_show(value)}, not an embedding vector")
+    for x in value:
+        if (
+            isinstance(x, bool)
+            or not isinstance(x, int | float)
+            or x != x
+            or x in (float("inf"), float("-inf"))
+        ):
+            raise protocol_error(provider, model, f"{field} holds {_show(x)}, not a finite number")
+    return tuple(float(x) for x in value)
+
+
 def text(value: Any, *, field: str, limit: int, provider: str, model: str) -> str:
     """A short string the broker relays (an id, a name): at most `limit` characters, and
     encodable as UTF-8 (no lone surrogates, which a JSON `\\ud800` escape can produce)."""

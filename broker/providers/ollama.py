@@ -21,14 +21,16 @@ from broker.providers.ollama_wire import (
     ChatStreamParser,
     ListedModel,
     build_body,
+    build_embed_body,
     is_missing_model,
+    parse_embed,
     parse_error_body,
     parse_show,
     parse_tags,
 )
 from broker.providers.sse import LineDecoder
 from broker.redact import redact
-from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
+from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, EmbedResult, StartEvent
 
 log = structlog.get_logger("broker.providers.ollama")
 
@@ -43,6 +45,12 @@ DRAIN_SECONDS = 0.5
 @register
 class OllamaProvider(Provider):
     type = "ollama"
+    # /api/embed runs a call's inputs concurrently on one server: keep a call moderate.
+    embed_batch_default = 512
+
+    async def embed_part(self, model: str, inputs: tuple[str, ...], dimensions: int | None) -> EmbedResult:
+        doc = await self.post_embed("api/embed", build_embed_body(model, inputs, dimensions), model=model)
+        return parse_embed(doc, len(inputs), provider=self.name, model=model)
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionEvent, None]:
         body = build_body(request)  # InvalidRequest before any I/O

@@ -26,6 +26,7 @@ from broker.types import (
     CompletionEvent,
     CompletionRequest,
     DiscoveredModel,
+    EmbedResult,
     EndEvent,
     FinishReason,
     ImagePart,
@@ -421,3 +422,30 @@ def _strings(value: Any) -> tuple[str, ...] | None:
 
 def _positive(value: Any) -> int | None:
     return checks.listed_tokens(value)
+
+
+# --- embeddings: POST /api/embed (PROTOCOLS-2026.md 7.2) -------------------------------------
+
+
+def build_embed_body(model: str, inputs: tuple[str, ...], dimensions: int | None) -> Json:
+    body: Json = {"model": model, "input": list(inputs)}
+    if dimensions is not None:
+        body["dimensions"] = dimensions
+    return body
+
+
+def parse_embed(doc: Any, expected: int, *, provider: str, model: str) -> EmbedResult:
+    """`{"embeddings":[[...],...],"prompt_eval_count":n}`: vectors in input order, tokens summed."""
+    vectors = doc.get("embeddings") if isinstance(doc, dict) else None
+    if not isinstance(vectors, list):
+        raise checks.protocol_error(provider, model, "the /api/embed answer has no embeddings list")
+    if len(vectors) != expected:
+        raise checks.protocol_error(provider, model, f"asked for {expected} embeddings, got {len(vectors)}")
+    out = tuple(
+        checks.vector(v, field=f"embeddings[{i}]", provider=provider, model=model)
+        for i, v in enumerate(vectors)
+    )
+    assert isinstance(doc, dict)
+    count = doc.get("prompt_eval_count")
+    tokens = checks.count(count, field="prompt_eval_count", provider=provider, model=model)
+    return EmbedResult(out, tokens, count is not None)

@@ -21,14 +21,16 @@ from broker.providers.base import Provider, UpstreamErrorInfo
 from broker.providers.openai_wire import (
     ChunkParser,
     build_body,
+    build_embed_body,
     error_from_payload,
+    parse_embeddings,
     parse_models,
 )
 from broker.providers.openai_wire import parse_error as parse_error_body
 from broker.providers.sse import SSEDecoder
 from broker.providers.transport import UpstreamResponse
 from broker.redact import redact
-from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
+from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, EmbedResult, StartEvent
 
 DONE = b"[DONE]"
 # After [DONE] only the chunked-body terminator should follow, at once. Reading it puts the
@@ -79,6 +81,10 @@ class OpenAIProvider(Provider):
             async with contextlib.aclosing(events):
                 async for event in events:
                     yield event
+
+    async def embed_part(self, model: str, inputs: tuple[str, ...], dimensions: int | None) -> EmbedResult:
+        doc = await self.post_embed("embeddings", build_embed_body(model, inputs, dimensions), model=model)
+        return parse_embeddings(doc, len(inputs), provider=self.name, model=model)
 
     async def list_models(self) -> list[DiscoveredModel]:
         return parse_models(await self.get_json("models"), provider=self.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 from typing import Any
 
@@ -22,6 +23,7 @@ from broker.types import (
     CompletionEvent,
     CompletionRequest,
     DiscoveredModel,
+    EmbedResult,
     EndEvent,
     FinishReason,
     ImagePart,
@@ -443,3 +445,63 @@ def _str(v: Any) -> str:
 def _snip(text: str) -> str:
     text = redact(text)
     return text if len(text) <= _SNIPPET else text[:_SNIPPET] + "..."
+
+
+# --- embeddings: POST /v1/embeddings (PROTOCOLS-2026.md 7.1) ---------------------------------
+
+
+def build_embed_body(model: str, inputs: tuple[str, ...], dimensions: int | None) -> dict[str, Any]:
+    """An array of strings, always (never a bare string), vectors as JSON floats."""
+    body: dict[str, Any] = {"model": model, "input": list(inputs), "encoding_format": "float"}
+    if dimensions is not None:
+        body["dimensions"] = dimensions
+    return body
+
+
+def mean_pooled(rows: list[Any], *, field: str, provider: str, model: str) -> tuple[float, ...]:
+    """Per-token vectors (llama-cpp-python's server for a model without pooling, e.g. Gemma 3
+    270M, answers one vector per token) -> their mean, L2-normalised as servers that pool do."""
+    tokens = [
+        checks.vector(r, field=f"{field}[{t}]", provider=provider, model=model) for t, r in enumerate(rows)
+    ]
+    dims = len(tokens[0])
+    if any(len(t) != dims for t in tokens):
+        raise checks.protocol_error(provider, model, f"{field}: per-token vectors of different lengths")
+    mean = [sum(t[d] for t in tokens) / len(tokens) for d in range(dims)]
+    norm = math.sqrt(sum(x * x for x in mean)) or 1.0
+    return tuple(x / norm for x in mean)
+
+
+def parse_embeddings(doc: Any, expected: int, *, provider: str, model: str) -> EmbedResult:
+    """`{"data":[{"index":i,"embedding":[...]}...],"usage":{"prompt_tokens":n}}`, put in index order."""
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise checks.protocol_error(provider, model, "the embeddings answer has no data list")
+    vectors: list[tuple[float, ...] | None] = [None] * expected
+    for k, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise checks.protocol_error(provider, model, f"data[{k}] is not an object")
+        i = checks.index(
+            item.get("index", k), field=f"data[{k}].index", limit=expected, provider=provider, model=model
+        )
+        if vectors[i] is not None:
+            raise checks.protocol_error(provider, model, f"data[{k}].index {i} appears twice")
+        raw = item.get("embedding")
+        where = f"data[{k}].embedding"
+        if isinstance(raw, list) and raw and isinstance(raw[0], list):
+            vectors[i] = mean_pooled(raw, field=where, provider=provider, model=model)
+        else:
+            vectors[i] = checks.vector(raw, field=where, provider=provider, model=model)
+    missing = [i for i, v in enumerate(vectors) if v is None]
+    if missing:
+        raise checks.protocol_error(
+            provider, model, f"asked for {expected} embeddings, got {expected - len(missing)}"
+        )
+    usage = doc.get("usage")
+    reported = isinstance(usage, dict) and usage.get("prompt_tokens") is not None
+    tokens = (
+        checks.count(usage.get("prompt_tokens"), field="prompt_tokens", provider=provider, model=model)
+        if reported and isinstance(usage, dict)
+        else 0
+    )
+    return EmbedResult(tuple(v for v in vectors if v is not None), tokens, reported)

@@ -70,6 +70,7 @@ async def test_reflection_lists_and_describes_and_the_service_can_be_called(daem
         found = await asyncio.to_thread(describe_and_call, target)
     assert found["methods"] == [
         "Complete",
+        "Embed",
         "GetModel",
         "ListModels",
         "ListProviders",

@@ -101,6 +101,9 @@ class FakeOllama:
         self.broken_show: set[str] = set()  # models whose /api/show answers 500
         self.version_fault: Fault | None = None  # how /api/version fails; None: it answers
         self.version = "0.12.6"
+        # /api/embed: every call's input count in arrival order; native sizes by model.
+        self.embed_sizes: list[int] = []
+        self.embed_dimensions = {"nomic-embed-text": 768, "mxbai-embed-large": 1024, "all-minilm": 384}
         self.server: FakeHTTPServer = _CrashableServer(self._handle, port=port)
 
     @property
@@ -140,6 +143,8 @@ class FakeOllama:
         route = (req.method, req.path)
         if route == ("POST", "/api/chat"):
             await self._chat(req, resp)
+        elif route == ("POST", "/api/embed"):
+            await self._embed(req, resp)
         elif route == ("GET", "/api/tags"):
             await _send_json(resp, 200, {"models": [self._tag(m) for m in self.models]})
         elif route == ("POST", "/api/show"):
@@ -153,6 +158,37 @@ class FakeOllama:
             await resp.send(200, "Ollama is running", content_type="text/plain; charset=utf-8")
         else:
             await resp.send(404, "404 page not found", content_type="text/plain")
+
+    async def _embed(self, req: Request, resp: Response) -> None:
+        """POST /api/embed as PROTOCOLS-2026.md 7.2 (a token is a whitespace-separated word here)."""
+        from tests.fakes.openai_upstream import fake_vector
+
+        body = req.json() or {}
+        name = str(body.get("model") or "")
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        self.embed_sizes.append(len(inputs) if isinstance(inputs, list) else 0)
+        m = self._model(name)
+        if m is None:
+            await _send_json(resp, 404, {"error": f"model '{name}' not found"})
+            return
+        if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+            await _send_json(resp, 400, {"error": "invalid input type"})
+            return
+        native = self.embed_dimensions.get(m.name, 768)
+        dims = min(int(body.get("dimensions") or native), native)
+        await _send_json(
+            resp,
+            200,
+            {
+                "model": name,
+                "embeddings": [fake_vector(t, dims) for t in inputs],
+                "total_duration": 14143917,
+                "load_duration": 1019500,
+                "prompt_eval_count": sum(len(t.split()) for t in inputs),
+            },
+        )
 
     def _tag(self, m: FakeModel) -> dict[str, Any]:
         return {

@@ -14,7 +14,9 @@ empty delta, the usage chunk with `"choices":[]`, then `data: [DONE]`. Every chu
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import math
 import secrets
 import time
 from collections.abc import Iterable
@@ -26,6 +28,19 @@ from tests.fakes.script import Fault, Reply
 
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4o")
 CHAT_PATH = "/v1/chat/completions"
+EMBED_PATH = "/v1/embeddings"
+# Native vector sizes of the embedding models the fake serves (PROTOCOLS-2026.md 7.1).
+EMBED_DIMENSIONS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+# The error texts of /v1/embeddings (PROTOCOLS-2026.md 7.1), each a 400 invalid_request_error.
+EMBED_EMPTY = (
+    "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference."
+)
+EMBED_TOO_MANY = "Invalid 'input': array too long. Expected an array with maximum length 2048, but got an array with length {n} instead."
+EMBED_TOO_LONG = "Invalid 'input[{i}]': maximum input length is 8192 tokens."
 
 # status -> (message, type, param, code), as OpenAI answers them.
 _ERRORS: dict[int, tuple[str, str, str | None, str | None]] = {
@@ -114,6 +129,14 @@ def error_body(status: int, message: str | None = None, error_type: str | None =
     return {"error": {"message": message or msg, "type": etype, "param": param, "code": code}}
 
 
+def fake_vector(text: str, dims: int) -> list[float]:
+    """A deterministic unit vector for a text (so tests can check which input got which vector)."""
+    seed = hashlib.sha256(text.encode()).digest()
+    raw = [((seed[i % 32] + i * 37) % 251) / 125.0 - 1.0 for i in range(dims)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [round(x / norm, 6) for x in raw]
+
+
 def mask_key(key: str) -> str:
     """How OpenAI echoes a wrong key: "sk-wrong-key" -> "sk-wro*****key"."""
     return f"{key[:6]}*****{key[-3:]}" if len(key) > 9 else "*****"
@@ -173,6 +196,12 @@ class FakeOpenAI:
         # llama-cpp-python's server: no usage chunk despite include_usage, and no finish_reason.
         self.send_usage = True
         self.send_finish_reason = True
+        # Embeddings: seconds to wait before answering (cancellation tests), and every call's
+        # input count in arrival order (batch-splitting tests); peak concurrent calls.
+        self.embed_delay = 0.0
+        self.embed_sizes: list[int] = []
+        self.embed_open = 0
+        self.embed_peak = 0
         self.server = _DroppingServer(self._handle, port=port)
 
     @property
@@ -238,6 +267,8 @@ class FakeOpenAI:
                 await self._send_error(resp, 404, headers, _no_model(name))
         elif req.method == "POST" and req.path == CHAT_PATH:
             await self._chat(req, resp, headers, fault)
+        elif req.method == "POST" and req.path == EMBED_PATH:
+            await self._embed(req, resp, headers)
         else:
             msg = f"Invalid URL ({req.method} {req.path})"
             await resp.send(
@@ -291,6 +322,54 @@ class FakeOpenAI:
             )
             return
         await resp.send(status, error_body(status, message, error_type), headers=hdrs)
+
+    # --- embeddings ---------------------------------------------------------------------------------
+
+    async def _embed(self, req: Request, resp: Response, headers: dict[str, str]) -> None:
+        """POST /v1/embeddings as PROTOCOLS-2026.md 7.1: a token is a whitespace-separated word here."""
+        body = json.loads(req.body)
+        model, inputs = body.get("model"), body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        self.embed_sizes.append(len(inputs) if isinstance(inputs, list) else 0)
+        self.embed_open += 1
+        self.embed_peak = max(self.embed_peak, self.embed_open)
+        try:
+            if self.embed_delay:
+                await asyncio.sleep(self.embed_delay)
+        finally:
+            self.embed_open -= 1
+        if model not in EMBED_DIMENSIONS:
+            await self._send_error(resp, 404, headers, _no_model(str(model)), "model_not_found")
+            return
+        if not isinstance(inputs, list) or any(not isinstance(t, str) or t == "" for t in inputs):
+            await self._send_error(resp, 400, headers, EMBED_EMPTY, "invalid_request_error")
+            return
+        if len(inputs) > 2048:
+            await self._send_error(
+                resp, 400, headers, EMBED_TOO_MANY.format(n=len(inputs)), "invalid_request_error"
+            )
+            return
+        tokens = [len(t.split()) for t in inputs]
+        for i, n in enumerate(tokens):
+            if n > 8192:
+                await self._send_error(
+                    resp, 400, headers, EMBED_TOO_LONG.format(i=i), "invalid_request_error"
+                )
+                return
+        dims = body.get("dimensions") or EMBED_DIMENSIONS[model]
+        data = [
+            {"object": "embedding", "index": i, "embedding": fake_vector(t, dims)}
+            for i, t in enumerate(inputs)
+        ]
+        total = sum(tokens)
+        doc = {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": total, "total_tokens": total},
+        }
+        await resp.send(200, doc, headers=headers)
 
     # --- chat completions --------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ import {
   CompleteRequest,
   type CompleteResponse,
   type Cost,
+  EmbedRequest,
+  type EmbedResponse,
   FinishReason,
   type GenerationParams,
   ListModelsRequest,
@@ -106,6 +108,26 @@ export interface CompletionOptions extends CallOptions {
   requirements?: Partial<Requirements>;
   /** Models to try in order when the first fails before any output. */
   fallbackModels?: string[];
+}
+
+export interface EmbedOptions extends CallOptions {
+  /** Vector size to ask for (models that can shorten their vectors, e.g. text-embedding-3-*). */
+  dimensions?: number;
+  /** Models to try in order when the first fails. */
+  fallbackModels?: string[];
+}
+
+/** One vector per input, in input order. */
+export interface Embeddings {
+  vectors: number[][];
+  /** Length of each vector (0 for no vectors). */
+  dimensions: number;
+  usage: Usage | undefined;
+  /** Integer micro-USD; `known: false` means no price is known (not "free"). */
+  cost: Cost | undefined;
+  model: string;
+  provider: string;
+  requestId: string;
 }
 
 export interface ClientOptions {
@@ -270,6 +292,27 @@ export class BrokerClient {
     const req = CompleteRequest.fromPartial({ ...this.request(model, input, options) });
     const resp = await this.unary<CompleteResponse>(options, (md, opts, cb) => this.stub.complete(req, md, opts, cb));
     return answerFromProto(resp);
+  }
+
+  /** Embedding vectors for `inputs` (a string is one input), in input order. */
+  async embed(model: string, inputs: string | string[], options: EmbedOptions = {}): Promise<Embeddings> {
+    const req = EmbedRequest.fromPartial({
+      model,
+      inputs: typeof inputs === "string" ? [inputs] : inputs,
+      dimensions: options.dimensions,
+      fallbackModels: options.fallbackModels ?? [],
+    });
+    const resp = await this.unary<EmbedResponse>(options, (md, opts, cb) => this.stub.embed(req, md, opts, cb));
+    const vectors = [...resp.embeddings].sort((a, b) => a.index - b.index).map((e) => e.values);
+    return {
+      vectors,
+      dimensions: vectors[0]?.length ?? 0,
+      usage: resp.usage,
+      cost: resp.cost,
+      model: resp.model,
+      provider: resp.provider,
+      requestId: resp.requestId,
+    };
   }
 
   /** Every model, all pages (the daemon answers at most 1000 per ListModels call). */

@@ -7,6 +7,7 @@ export {
   type Cost,
   type GenerationParams,
   type Message,
+  ModelKind,
   type ModelInfo,
   Preference,
   type ProviderInfo,

@@ -167,6 +167,29 @@ describe("models and providers", () => {
   });
 });
 
+describe("embed()", () => {
+  test("returns one vector per input in order, with usage and cost", async () => {
+    const out = await client.embed("openai/text-embedding-3-small", ["a cat sat", "dogs"], { dimensions: 8 });
+    assert.equal(out.vectors.length, 2);
+    assert.equal(out.dimensions, 8);
+    assert.ok(out.vectors.every((v) => v.length === 8));
+    assert.notDeepEqual(out.vectors[0], out.vectors[1]);
+    assert.equal(out.provider, "openai");
+    assert.equal(out.model, "text-embedding-3-small");
+    assert.equal(Number(out.usage?.inputTokens), 4);
+    assert.ok(out.requestId);
+  });
+
+  test("a chat model is refused: FAILED_PRECONDITION CAPABILITY_MISSING", async () => {
+    await assert.rejects(client.embed("openai/gpt-4o-mini", "x"), (err: unknown) => {
+      assert.ok(err instanceof BrokerError);
+      assert.equal(err.code, Status.FAILED_PRECONDITION);
+      assert.equal(err.reason, "CAPABILITY_MISSING");
+      return true;
+    });
+  });
+});
+
 describe("errors", () => {
   test("an unknown model is ModelNotFoundError: NOT_FOUND with reason MODEL_NOT_FOUND", async () => {
     await assert.rejects(collect(client.stream("openai-nope/never-heard-of-it", "hi")), (err: unknown) => {

@@ -202,6 +202,51 @@ class Answer:
     tool_calls: list[ToolCall] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class Embeddings:
+    """One vector per input, in input order."""
+
+    vectors: list[list[float]]
+    usage: Usage
+    cost: Cost
+    model: str
+    provider: str
+    request_id: str
+
+    @property
+    def dimensions(self) -> int:
+        return len(self.vectors[0]) if self.vectors else 0
+
+
+def embeddings_from_proto(resp: pb.EmbedResponse) -> Embeddings:
+    ordered = sorted(resp.embeddings, key=lambda e: e.index)
+    return Embeddings(
+        vectors=[list(e.values) for e in ordered],
+        usage=_usage(resp.usage),
+        cost=_cost(resp.cost),
+        model=resp.model,
+        provider=resp.provider,
+        request_id=resp.request_id,
+    )
+
+
+def build_embed_request(
+    model: str,
+    inputs: str | Sequence[str],
+    *,
+    dimensions: int | None = None,
+    fallback_models: Sequence[str] = (),
+) -> pb.EmbedRequest:
+    req = pb.EmbedRequest(
+        model=model,
+        inputs=[inputs] if isinstance(inputs, str) else list(inputs),
+        fallback_models=list(fallback_models),
+    )
+    if dimensions is not None:
+        req.dimensions = dimensions
+    return req
+
+
 def _usage(u: pb.Usage) -> Usage:
     return Usage(u.input_tokens, u.output_tokens, u.cached_input_tokens, u.estimated)
 
@@ -377,6 +422,16 @@ class BrokerClient:
             raise error_from_rpc(err) from None
         return answer_from_proto(resp)
 
+    def embed(self, model: str, inputs: str | Sequence[str], **kw: Any) -> Embeddings:
+        """Vectors for `inputs` (a str is one input); kw: dimensions, fallback_models, timeout."""
+        timeout = kw.pop("timeout", self.timeout)
+        req = build_embed_request(model, inputs, **kw)
+        try:
+            resp = self.stub.Embed(req, timeout=timeout, metadata=_metadata(self.api_key))
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+        return embeddings_from_proto(resp)
+
     def list_models(self, provider: str = "") -> list[pb.ModelInfo]:
         """Every model, all pages (the daemon answers at most 1000 per ListModels call)."""
         models: list[pb.ModelInfo] = []
@@ -457,6 +512,16 @@ class AsyncBrokerClient:
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         return answer_from_proto(resp)
+
+    async def embed(self, model: str, inputs: str | Sequence[str], **kw: Any) -> Embeddings:
+        """Vectors for `inputs` (a str is one input); kw: dimensions, fallback_models, timeout."""
+        timeout = kw.pop("timeout", self.timeout)
+        req = build_embed_request(model, inputs, **kw)
+        try:
+            resp = await self.stub.Embed(req, timeout=timeout, metadata=_metadata(self.api_key))
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+        return embeddings_from_proto(resp)
 
     async def list_models(self, provider: str = "") -> list[pb.ModelInfo]:
         """Every model, all pages (the daemon answers at most 1000 per ListModels call)."""

@@ -157,6 +157,26 @@ FINISH_REASON_OTHER: FinishReason.ValueType  # 5
 """The provider reported a reason that has no neutral equivalent."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _ModelKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_KIND_UNSPECIFIED: _ModelKind.ValueType  # 0
+    """Unknown (treated as chat)."""
+    MODEL_KIND_CHAT: _ModelKind.ValueType  # 1
+    MODEL_KIND_EMBEDDING: _ModelKind.ValueType  # 2
+
+class ModelKind(_ModelKind, metaclass=_ModelKindEnumTypeWrapper):
+    """ModelKind says which RPC a model serves."""
+
+MODEL_KIND_UNSPECIFIED: ModelKind.ValueType  # 0
+"""Unknown (treated as chat)."""
+MODEL_KIND_CHAT: ModelKind.ValueType  # 1
+MODEL_KIND_EMBEDDING: ModelKind.ValueType  # 2
+Global___ModelKind: _TypeAlias = ModelKind  # noqa: Y015
+
 class _ProviderHealth:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -892,6 +912,8 @@ class ModelInfo(_message.Message):
     PRICING_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     DISCOVERED_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """"provider/model"."""
     provider: _builtins.str
@@ -905,6 +927,10 @@ class ModelInfo(_message.Message):
     """Where the facts come from: "catalogue", "discovered", "config"."""
     discovered: _builtins.bool
     """Whether the provider listed it at the last discovery."""
+    kind: Global___ModelKind.ValueType
+    """What the model does: chat (completions) or embedding (Embed)."""
+    dimensions: _builtins.int
+    """For an embedding model: the native vector size; 0 when unknown."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[Global___Capability.ValueType]: ...
     @_builtins.property
@@ -922,10 +948,12 @@ class ModelInfo(_message.Message):
         pricing: Global___Pricing | None = ...,
         source: _builtins.str = ...,
         discovered: _builtins.bool = ...,
+        kind: Global___ModelKind.ValueType = ...,
+        dimensions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pricing", b"pricing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "capabilities_known", b"capabilities_known", "context_window", b"context_window", "discovered", b"discovered", "id", b"id", "max_output_tokens", b"max_output_tokens", "name", b"name", "pricing", b"pricing", "provider", b"provider", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "capabilities_known", b"capabilities_known", "context_window", b"context_window", "dimensions", b"dimensions", "discovered", b"discovered", "id", b"id", "kind", b"kind", "max_output_tokens", b"max_output_tokens", "name", b"name", "pricing", b"pricing", "provider", b"provider", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -941,6 +969,7 @@ class ListModelsRequest(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     """Only this provider's models; empty means all."""
     page_size: _builtins.int
@@ -951,6 +980,8 @@ class ListModelsRequest(_message.Message):
     """The next_page_token of the previous answer, for the page after it; empty for the
     first page. Send it with the same provider and capabilities.
     """
+    kind: Global___ModelKind.ValueType
+    """Only models of this kind; MODEL_KIND_UNSPECIFIED means all."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[Global___Capability.ValueType]:
         """Only models known to have all of these."""
@@ -962,10 +993,11 @@ class ListModelsRequest(_message.Message):
         capabilities: _abc.Iterable[Global___Capability.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        kind: Global___ModelKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "page_size", b"page_size", "page_token", b"page_token", "provider", b"provider"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "provider", b"provider"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1230,3 +1262,112 @@ class SelectModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SelectModelResponse: _TypeAlias = SelectModelResponse  # noqa: Y015
+
+@_typing.final
+class EmbedRequest(_message.Message):
+    """EmbedRequest asks for one embedding vector per input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    FALLBACK_MODELS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """"provider/model", a bare model id, or an alias (a fallback group included)."""
+    dimensions: _builtins.int
+    """Vector size to ask for (models that support shortening, e.g. text-embedding-3-*)."""
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The texts to embed: 1 to 2048, none empty, each at most 1 MiB, all together within the
+        server's message limit. Larger batches than a provider takes per call are split.
+        """
+
+    @_builtins.property
+    def fallback_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Models to try in order when the first fails."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        inputs: _abc.Iterable[_builtins.str] | None = ...,
+        dimensions: _builtins.int | None = ...,
+        fallback_models: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions", "fallback_models", b"fallback_models", "inputs", b"inputs", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
+    _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dimensions) -> _WhichOneofReturnType__dimensions | None: ...
+
+Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
+
+@_typing.final
+class Embedding(_message.Message):
+    """Embedding is the vector of one input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The input's position in EmbedRequest.inputs."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
+
+@_typing.final
+class EmbedResponse(_message.Message):
+    """EmbedResponse holds one embedding per input, in input order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    model: _builtins.str
+    provider: _builtins.str
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]: ...
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """Input tokens (output_tokens is 0)."""
+
+    @_builtins.property
+    def cost(self) -> Global___Cost: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        embeddings: _abc.Iterable[Global___Embedding] | None = ...,
+        usage: Global___Usage | None = ...,
+        cost: Global___Cost | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "embeddings", b"embeddings", "model", b"model", "provider", b"provider", "request_id", b"request_id", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015

@@ -65,6 +65,11 @@ class ModelBrokerStub:
                 request_serializer=modelbroker_dot_v1_dot_broker__pb2.SelectModelRequest.SerializeToString,
                 response_deserializer=modelbroker_dot_v1_dot_broker__pb2.SelectModelResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/modelbroker.v1.ModelBroker/Embed',
+                request_serializer=modelbroker_dot_v1_dot_broker__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=modelbroker_dot_v1_dot_broker__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class ModelBrokerServicer:
@@ -113,6 +118,13 @@ class ModelBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed returns one vector per input, in input order, with usage and cost.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +157,11 @@ def add_ModelBrokerServicer_to_server(servicer, server):
                     servicer.SelectModel,
                     request_deserializer=modelbroker_dot_v1_dot_broker__pb2.SelectModelRequest.FromString,
                     response_serializer=modelbroker_dot_v1_dot_broker__pb2.SelectModelResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=modelbroker_dot_v1_dot_broker__pb2.EmbedRequest.FromString,
+                    response_serializer=modelbroker_dot_v1_dot_broker__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +327,33 @@ class ModelBroker:
             '/modelbroker.v1.ModelBroker/SelectModel',
             modelbroker_dot_v1_dot_broker__pb2.SelectModelRequest.SerializeToString,
             modelbroker_dot_v1_dot_broker__pb2.SelectModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelbroker.v1.ModelBroker/Embed',
+            modelbroker_dot_v1_dot_broker__pb2.EmbedRequest.SerializeToString,
+            modelbroker_dot_v1_dot_broker__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,8 @@ class ModelBrokerStub:
     """ListProviders lists configured providers with their health."""
     SelectModel: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SelectModelRequest, _broker_pb2.SelectModelResponse]
     """SelectModel picks a model for a set of requirements."""
+    Embed: _grpc.UnaryUnaryMultiCallable[_broker_pb2.EmbedRequest, _broker_pb2.EmbedResponse]
+    """Embed returns one vector per input, in input order, with usage and cost."""
 
 @_typing.type_check_only
 class ModelBrokerAsyncStub(ModelBrokerStub):
@@ -65,6 +67,8 @@ class ModelBrokerAsyncStub(ModelBrokerStub):
     """ListProviders lists configured providers with their health."""
     SelectModel: _aio.UnaryUnaryMultiCallable[_broker_pb2.SelectModelRequest, _broker_pb2.SelectModelResponse]  # type: ignore[assignment]
     """SelectModel picks a model for a set of requirements."""
+    Embed: _aio.UnaryUnaryMultiCallable[_broker_pb2.EmbedRequest, _broker_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embed returns one vector per input, in input order, with usage and cost."""
 
 class ModelBrokerServicer(metaclass=_abc_1.ABCMeta):
     """ModelBroker keeps Google API naming (no "Service" suffix); buf.yaml excepts SERVICE_SUFFIX."""
@@ -116,5 +120,13 @@ class ModelBrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.SelectModelResponse, _abc.Awaitable[_broker_pb2.SelectModelResponse]]:
         """SelectModel picks a model for a set of requirements."""
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _broker_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.EmbedResponse, _abc.Awaitable[_broker_pb2.EmbedResponse]]:
+        """Embed returns one vector per input, in input order, with usage and cost."""
 
 def add_ModelBrokerServicer_to_server(servicer: ModelBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

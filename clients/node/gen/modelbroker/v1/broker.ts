@@ -330,6 +330,47 @@ export function finishReasonToJSON(object: FinishReason): string {
   }
 }
 
+/** ModelKind says which RPC a model serves. */
+export enum ModelKind {
+  /** MODEL_KIND_UNSPECIFIED - Unknown (treated as chat). */
+  MODEL_KIND_UNSPECIFIED = 0,
+  MODEL_KIND_CHAT = 1,
+  MODEL_KIND_EMBEDDING = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function modelKindFromJSON(object: any): ModelKind {
+  switch (object) {
+    case 0:
+    case "MODEL_KIND_UNSPECIFIED":
+      return ModelKind.MODEL_KIND_UNSPECIFIED;
+    case 1:
+    case "MODEL_KIND_CHAT":
+      return ModelKind.MODEL_KIND_CHAT;
+    case 2:
+    case "MODEL_KIND_EMBEDDING":
+      return ModelKind.MODEL_KIND_EMBEDDING;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ModelKind.UNRECOGNIZED;
+  }
+}
+
+export function modelKindToJSON(object: ModelKind): string {
+  switch (object) {
+    case ModelKind.MODEL_KIND_UNSPECIFIED:
+      return "MODEL_KIND_UNSPECIFIED";
+    case ModelKind.MODEL_KIND_CHAT:
+      return "MODEL_KIND_CHAT";
+    case ModelKind.MODEL_KIND_EMBEDDING:
+      return "MODEL_KIND_EMBEDDING";
+    case ModelKind.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** ProviderHealth is a provider's health as the broker sees it. */
 export enum ProviderHealth {
   PROVIDER_HEALTH_UNSPECIFIED = 0,
@@ -640,6 +681,10 @@ export interface ModelInfo {
   source: string;
   /** Whether the provider listed it at the last discovery. */
   discovered: boolean;
+  /** What the model does: chat (completions) or embedding (Embed). */
+  kind: ModelKind;
+  /** For an embedding model: the native vector size; 0 when unknown. */
+  dimensions: number;
 }
 
 /** ListModelsRequest filters the model list, one page at a time. */
@@ -658,6 +703,8 @@ export interface ListModelsRequest {
    * first page. Send it with the same provider and capabilities.
    */
   pageToken: string;
+  /** Only models of this kind; MODEL_KIND_UNSPECIFIED means all. */
+  kind: ModelKind;
 }
 
 /** ListModelsResponse lists models. */
@@ -739,6 +786,41 @@ export interface SelectModelResponse {
   omittedAlternatives: number;
   /** Exclusions left out of this answer. */
   omittedExcluded: number;
+}
+
+/** EmbedRequest asks for one embedding vector per input. */
+export interface EmbedRequest {
+  /** "provider/model", a bare model id, or an alias (a fallback group included). */
+  model: string;
+  /**
+   * The texts to embed: 1 to 2048, none empty, each at most 1 MiB, all together within the
+   * server's message limit. Larger batches than a provider takes per call are split.
+   */
+  inputs: string[];
+  /** Vector size to ask for (models that support shortening, e.g. text-embedding-3-*). */
+  dimensions?:
+    | number
+    | undefined;
+  /** Models to try in order when the first fails. */
+  fallbackModels: string[];
+}
+
+/** Embedding is the vector of one input. */
+export interface Embedding {
+  /** The input's position in EmbedRequest.inputs. */
+  index: number;
+  values: number[];
+}
+
+/** EmbedResponse holds one embedding per input, in input order. */
+export interface EmbedResponse {
+  requestId: string;
+  model: string;
+  provider: string;
+  embeddings: Embedding[];
+  /** Input tokens (output_tokens is 0). */
+  usage: Usage | undefined;
+  cost: Cost | undefined;
 }
 
 function createBaseImage(): Image {
@@ -3297,6 +3379,8 @@ function createBaseModelInfo(): ModelInfo {
     pricing: undefined,
     source: "",
     discovered: false,
+    kind: 0,
+    dimensions: 0,
   };
 }
 
@@ -3335,6 +3419,12 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     }
     if (message.discovered !== false) {
       writer.uint32(80).bool(message.discovered);
+    }
+    if (message.kind !== 0) {
+      writer.uint32(88).int32(message.kind);
+    }
+    if (message.dimensions !== 0) {
+      writer.uint32(96).int32(message.dimensions);
     }
     return writer;
   },
@@ -3442,6 +3532,22 @@ export const ModelInfo: MessageFns<ModelInfo> = {
             message.discovered = reader.bool();
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.kind = reader.int32() as any;
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.dimensions = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3480,6 +3586,8 @@ export const ModelInfo: MessageFns<ModelInfo> = {
       pricing: isSet(object.pricing) ? Pricing.fromJSON(object.pricing) : undefined,
       source: isSet(object.source) ? globalThis.String(object.source) : "",
       discovered: isSet(object.discovered) ? globalThis.Boolean(object.discovered) : false,
+      kind: isSet(object.kind) ? modelKindFromJSON(object.kind) : 0,
+      dimensions: isSet(object.dimensions) ? globalThis.Number(object.dimensions) : 0,
     };
   },
 
@@ -3515,6 +3623,12 @@ export const ModelInfo: MessageFns<ModelInfo> = {
     if (message.discovered !== false) {
       obj.discovered = message.discovered;
     }
+    if (message.kind !== 0) {
+      obj.kind = modelKindToJSON(message.kind);
+    }
+    if (message.dimensions !== 0) {
+      obj.dimensions = Math.round(message.dimensions);
+    }
     return obj;
   },
 
@@ -3535,12 +3649,14 @@ export const ModelInfo: MessageFns<ModelInfo> = {
       : undefined;
     message.source = object.source ?? "";
     message.discovered = object.discovered ?? false;
+    message.kind = object.kind ?? 0;
+    message.dimensions = object.dimensions ?? 0;
     return message;
   },
 };
 
 function createBaseListModelsRequest(): ListModelsRequest {
-  return { provider: "", capabilities: [], pageSize: 0, pageToken: "" };
+  return { provider: "", capabilities: [], pageSize: 0, pageToken: "", kind: 0 };
 }
 
 export const ListModelsRequest: MessageFns<ListModelsRequest> = {
@@ -3560,6 +3676,9 @@ export const ListModelsRequest: MessageFns<ListModelsRequest> = {
     }
     if (message.pageToken !== "") {
       writer.uint32(34).string(message.pageToken);
+    }
+    if (message.kind !== 0) {
+      writer.uint32(40).int32(message.kind);
     }
     return writer;
   },
@@ -3619,6 +3738,14 @@ export const ListModelsRequest: MessageFns<ListModelsRequest> = {
             message.pageToken = reader.string();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.kind = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3647,6 +3774,7 @@ export const ListModelsRequest: MessageFns<ListModelsRequest> = {
         : isSet(object.page_token)
         ? globalThis.String(object.page_token)
         : "",
+      kind: isSet(object.kind) ? modelKindFromJSON(object.kind) : 0,
     };
   },
 
@@ -3664,6 +3792,9 @@ export const ListModelsRequest: MessageFns<ListModelsRequest> = {
     if (message.pageToken !== "") {
       obj.pageToken = message.pageToken;
     }
+    if (message.kind !== 0) {
+      obj.kind = modelKindToJSON(message.kind);
+    }
     return obj;
   },
 
@@ -3676,6 +3807,7 @@ export const ListModelsRequest: MessageFns<ListModelsRequest> = {
     message.capabilities = object.capabilities?.map((e) => e) || [];
     message.pageSize = object.pageSize ?? 0;
     message.pageToken = object.pageToken ?? "";
+    message.kind = object.kind ?? 0;
     return message;
   },
 };
@@ -4602,6 +4734,381 @@ export const SelectModelResponse: MessageFns<SelectModelResponse> = {
   },
 };
 
+function createBaseEmbedRequest(): EmbedRequest {
+  return { model: "", inputs: [], dimensions: undefined, fallbackModels: [] };
+}
+
+export const EmbedRequest: MessageFns<EmbedRequest> = {
+  encode(message: EmbedRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.model !== "") {
+      writer.uint32(10).string(message.model);
+    }
+    for (const v of message.inputs) {
+      writer.uint32(18).string(v!);
+    }
+    if (message.dimensions !== undefined) {
+      writer.uint32(24).int32(message.dimensions);
+    }
+    for (const v of message.fallbackModels) {
+      writer.uint32(34).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EmbedRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEmbedRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.inputs.push(reader.string());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.dimensions = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.fallbackModels.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EmbedRequest {
+    return {
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      inputs: globalThis.Array.isArray(object?.inputs) ? object.inputs.map((e: any) => globalThis.String(e)) : [],
+      dimensions: isSet(object.dimensions) ? globalThis.Number(object.dimensions) : undefined,
+      fallbackModels: globalThis.Array.isArray(object?.fallbackModels)
+        ? object.fallbackModels.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.fallback_models)
+        ? object.fallback_models.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: EmbedRequest): unknown {
+    const obj: any = {};
+    if (message.model !== "") {
+      obj.model = message.model;
+    }
+    if (message.inputs?.length) {
+      obj.inputs = message.inputs;
+    }
+    if (message.dimensions !== undefined) {
+      obj.dimensions = Math.round(message.dimensions);
+    }
+    if (message.fallbackModels?.length) {
+      obj.fallbackModels = message.fallbackModels;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<EmbedRequest>): EmbedRequest {
+    return EmbedRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<EmbedRequest>): EmbedRequest {
+    const message = createBaseEmbedRequest();
+    message.model = object.model ?? "";
+    message.inputs = object.inputs?.map((e) => e) || [];
+    message.dimensions = object.dimensions ?? undefined;
+    message.fallbackModels = object.fallbackModels?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseEmbedding(): Embedding {
+  return { index: 0, values: [] };
+}
+
+export const Embedding: MessageFns<Embedding> = {
+  encode(message: Embedding, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.index !== 0) {
+      writer.uint32(8).int32(message.index);
+    }
+    if (message.values.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.values) {
+        writer.float(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Embedding {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEmbedding();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.index = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag === 21) {
+              message.values.push(reader.float());
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.values.push(reader.float());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Embedding {
+    return {
+      index: isSet(object.index) ? globalThis.Number(object.index) : 0,
+      values: globalThis.Array.isArray(object?.values) ? object.values.map((e: any) => globalThis.Number(e)) : [],
+    };
+  },
+
+  toJSON(message: Embedding): unknown {
+    const obj: any = {};
+    if (message.index !== 0) {
+      obj.index = Math.round(message.index);
+    }
+    if (message.values?.length) {
+      obj.values = message.values.map((e) => floatToJson(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Embedding>): Embedding {
+    return Embedding.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Embedding>): Embedding {
+    const message = createBaseEmbedding();
+    message.index = object.index ?? 0;
+    message.values = object.values?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseEmbedResponse(): EmbedResponse {
+  return { requestId: "", model: "", provider: "", embeddings: [], usage: undefined, cost: undefined };
+}
+
+export const EmbedResponse: MessageFns<EmbedResponse> = {
+  encode(message: EmbedResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.model !== "") {
+      writer.uint32(18).string(message.model);
+    }
+    if (message.provider !== "") {
+      writer.uint32(26).string(message.provider);
+    }
+    for (const v of message.embeddings) {
+      Embedding.encode(v!, writer.uint32(34).fork()).join();
+    }
+    if (message.usage !== undefined) {
+      Usage.encode(message.usage, writer.uint32(42).fork()).join();
+    }
+    if (message.cost !== undefined) {
+      Cost.encode(message.cost, writer.uint32(50).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): EmbedResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseEmbedResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.model = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.provider = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.embeddings.push(Embedding.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.usage = Usage.decode(reader, reader.uint32());
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.cost = Cost.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): EmbedResponse {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      model: isSet(object.model) ? globalThis.String(object.model) : "",
+      provider: isSet(object.provider) ? globalThis.String(object.provider) : "",
+      embeddings: globalThis.Array.isArray(object?.embeddings)
+        ? object.embeddings.map((e: any) => Embedding.fromJSON(e))
+        : [],
+      usage: isSet(object.usage) ? Usage.fromJSON(object.usage) : undefined,
+      cost: isSet(object.cost) ? Cost.fromJSON(object.cost) : undefined,
+    };
+  },
+
+  toJSON(message: EmbedResponse): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.model !== "") {
+      obj.model = message.model;
+    }
+    if (message.provider !== "") {
+      obj.provider = message.provider;
+    }
+    if (message.embeddings?.length) {
+      obj.embeddings = message.embeddings.map((e) => Embedding.toJSON(e));
+    }
+    if (message.usage !== undefined) {
+      obj.usage = Usage.toJSON(message.usage);
+    }
+    if (message.cost !== undefined) {
+      obj.cost = Cost.toJSON(message.cost);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<EmbedResponse>): EmbedResponse {
+    return EmbedResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<EmbedResponse>): EmbedResponse {
+    const message = createBaseEmbedResponse();
+    message.requestId = object.requestId ?? "";
+    message.model = object.model ?? "";
+    message.provider = object.provider ?? "";
+    message.embeddings = object.embeddings?.map((e) => Embedding.fromPartial(e)) || [];
+    message.usage = (object.usage !== undefined && object.usage !== null) ? Usage.fromPartial(object.usage) : undefined;
+    message.cost = (object.cost !== undefined && object.cost !== null) ? Cost.fromPartial(object.cost) : undefined;
+    return message;
+  },
+};
+
 /** ModelBroker keeps Google API naming (no "Service" suffix); buf.yaml excepts SERVICE_SUFFIX. */
 export type ModelBrokerService = typeof ModelBrokerService;
 export const ModelBrokerService = {
@@ -4668,6 +5175,16 @@ export const ModelBrokerService = {
     responseSerialize: (value: SelectModelResponse): Buffer => Buffer.from(SelectModelResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): SelectModelResponse => SelectModelResponse.decode(value),
   },
+  /** Embed returns one vector per input, in input order, with usage and cost. */
+  embed: {
+    path: "/modelbroker.v1.ModelBroker/Embed" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: EmbedRequest): Buffer => Buffer.from(EmbedRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): EmbedRequest => EmbedRequest.decode(value),
+    responseSerialize: (value: EmbedResponse): Buffer => Buffer.from(EmbedResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): EmbedResponse => EmbedResponse.decode(value),
+  },
 } as const;
 
 export interface ModelBrokerServer extends UntypedServiceImplementation {
@@ -4683,6 +5200,8 @@ export interface ModelBrokerServer extends UntypedServiceImplementation {
   listProviders: handleUnaryCall<ListProvidersRequest, ListProvidersResponse>;
   /** SelectModel picks a model for a set of requirements. */
   selectModel: handleUnaryCall<SelectModelRequest, SelectModelResponse>;
+  /** Embed returns one vector per input, in input order, with usage and cost. */
+  embed: handleUnaryCall<EmbedRequest, EmbedResponse>;
 }
 
 export interface ModelBrokerClient extends Client {
@@ -4775,6 +5294,22 @@ export interface ModelBrokerClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: SelectModelResponse) => void,
+  ): ClientUnaryCall;
+  /** Embed returns one vector per input, in input order, with usage and cost. */
+  embed(
+    request: EmbedRequest,
+    callback: (error: ServiceError | null, response: EmbedResponse) => void,
+  ): ClientUnaryCall;
+  embed(
+    request: EmbedRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: EmbedResponse) => void,
+  ): ClientUnaryCall;
+  embed(
+    request: EmbedRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: EmbedResponse) => void,
   ): ClientUnaryCall;
 }
 
