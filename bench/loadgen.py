@@ -179,9 +179,12 @@ class HttpConnection(asyncio.Protocol):
         if self.status != 200:
             waiter.set_exception(RequestFailed(f"HTTP {self.status}: {bytes(self.body[:200])!r}"))
             return
-        if self.body:  # a whole chat.completion document
+        if self.body:  # a whole chat.completion (or embeddings list) document
             doc = orjson.loads(bytes(self.body))
-            self.out.text = doc["choices"][0]["message"]["content"] or ""
+            if doc.get("object") == "list":
+                self.out.text = f"{len(doc['data'])}x{len(doc['data'][0]['embedding'])}"
+            else:
+                self.out.text = doc["choices"][0]["message"]["content"] or ""
             self.out.ttft = time.perf_counter() - self.t0
             self.out.messages = 1
         else:
@@ -198,6 +201,7 @@ class HttpTarget:
     def __init__(self, host: str, port: int, prefix: str, api_key: str) -> None:
         self.host, self.port, self.prefix, self.api_key = host, port, prefix, api_key
         self.idle: list[HttpConnection] = []
+        self.embed_inputs = 0  # > 0: POST /embeddings with this many inputs instead of a chat
 
     async def _conn(self) -> HttpConnection:
         while self.idle:
@@ -209,6 +213,18 @@ class HttpTarget:
         return proto
 
     def _raw(self, model: str, stream: bool) -> bytes:
+        if self.embed_inputs:
+            doc = {
+                "model": model,
+                "input": [f"text {i}" for i in range(self.embed_inputs)],
+                "encoding_format": "float",
+            }
+            data = json.dumps(doc).encode()
+            return (
+                f"POST {self.prefix}/embeddings HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
+                f"authorization: Bearer {self.api_key}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(data)}\r\n\r\n"
+            ).encode() + data
         body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Say hi"}]}
         if stream:
             body["stream"] = True
@@ -258,6 +274,7 @@ class GrpcTarget:
         self.n = 0
         msg = pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text="Say hi")])
         self.messages = [msg]
+        self.embed_inputs = 0  # > 0: the Embed RPC with this many inputs instead of a completion
 
     def _stub(self) -> Any:
         self.n += 1
@@ -267,6 +284,13 @@ class GrpcTarget:
         pb = self.pb
         t0 = time.perf_counter()
         out = Outcome()
+        if self.embed_inputs:
+            inputs = [f"text {i}" for i in range(self.embed_inputs)]
+            er = await self._stub().Embed(pb.EmbedRequest(model=model, inputs=inputs), timeout=60)
+            out.ttft = time.perf_counter() - t0
+            out.messages = 1
+            out.text = f"{len(er.embeddings)}x{len(er.embeddings[0].values) if er.embeddings else 0}"
+            return out
         if not stream:
             resp = await self._stub().Complete(
                 pb.CompleteRequest(model=model, messages=self.messages), timeout=60
@@ -481,6 +505,12 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     if shape[0] < 1 and args.kind != "unary":
         raise SystemExit("a stream needs at least one chunk")
     want = expected_text(shape[0])
+    if args.kind == "embed":
+        # bench-N: N inputs per call, one EMBED_DIMS vector each (bench/upstream.py).
+        from bench.upstream import EMBED_DIMS
+
+        target.embed_inputs = shape[0]
+        want = f"{shape[0]}x{EMBED_DIMS}"
     try:
         if args.kind == "hold":
             return await held_streams(target.call, args.model, want, args.concurrency, args.deadline)
@@ -504,7 +534,7 @@ def main() -> int:
     p.add_argument("--target", required=True, help="HOST:PORT")
     p.add_argument("--prefix", default="/v1", help="HTTP path prefix before /chat/completions")
     p.add_argument("--api-key", default="sk-bench")
-    p.add_argument("--kind", choices=("unary", "stream", "hold"), required=True)
+    p.add_argument("--kind", choices=("unary", "stream", "hold", "embed"), required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--warmup", type=float, default=1.0)

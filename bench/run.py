@@ -44,7 +44,7 @@ LOADGEN_GRACE_S = 90.0
 @dataclass(frozen=True)
 class Workload:
     name: str
-    kind: str  # unary | stream | hold
+    kind: str  # unary | stream | hold | embed (chunks = inputs per call)
     chunks: int
     concurrency: int
     warmup: float = 1.0
@@ -68,6 +68,9 @@ WORKLOADS = [
     Workload("stream200_c32", "stream", 200, 32),
     # 1,000 streams held open together: 20 chunks 250 ms apart, so each lasts about 5 s.
     Workload("hold1000", "hold", 20, 1000, hold_gap_ms=250, ways=("direct", "broker", "litellm")),
+    # Embeddings: 16 inputs per call (256 floats each), direct POST /v1/embeddings vs the Embed RPC.
+    Workload("embed16_c1", "embed", 16, 1, warmup=0.5, duration=4.0, ways=("direct", "broker")),
+    Workload("embed16_c32", "embed", 16, 32, ways=("direct", "broker")),
 ]
 
 

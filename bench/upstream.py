@@ -11,6 +11,9 @@ same thing with nothing but a model id:
     bench-N          N content chunks, all written at once
     bench-hold-N-MS  N content chunks, MS milliseconds apart (held-open streams)
 
+POST /v1/embeddings (any model) answers one EMBED_DIMS-float vector per input, as
+api.openai.com's embeddings endpoint does (`object: list`, `data[].embedding`, usage).
+
 Streams have the shape of api.openai.com's: a role chunk with empty content, the content
 chunks, a finish chunk, the usage chunk with `"choices":[]`, then `data: [DONE]`, each SSE
 event in its own HTTP chunk. A request with `"stream": false` gets the same text as one
@@ -93,6 +96,9 @@ _STREAM_HEAD = (
 )
 
 
+EMBED_DIMS = 256
+
+
 def _usage(n: int) -> dict[str, int]:
     return {"prompt_tokens": 12, "completion_tokens": n, "total_tokens": 12 + n}
 
@@ -103,6 +109,20 @@ class Replies:
     def __init__(self) -> None:
         self._streams: dict[str, tuple[bytes, list[bytes], bytes]] = {}
         self._unary: dict[str, bytes] = {}
+        self._embeddings: dict[tuple[str, int], bytes] = {}
+
+    def embeddings(self, model: str, n: int) -> bytes:
+        raw = self._embeddings.get((model, n))
+        if raw is None:
+            vector = [round((i % 17) / 17 - 0.5, 4) for i in range(EMBED_DIMS)]
+            doc = {
+                "object": "list",
+                "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(n)],
+                "model": model,
+                "usage": {"prompt_tokens": 4 * n, "total_tokens": 4 * n},
+            }
+            raw = self._embeddings[(model, n)] = _whole(200, json.dumps(doc, separators=(",", ":")).encode())
+        return raw
 
     def stream_parts(self, model: str, n: int) -> tuple[bytes, list[bytes], bytes]:
         """(head + role chunk, one framed event per content chunk, finish + usage + [DONE])."""
@@ -224,6 +244,15 @@ class UpstreamProtocol(asyncio.Protocol):
         assert self.transport is not None
         if method == "GET" and path.endswith("/models"):
             self.transport.write(_MODELS)
+            return
+        if method == "POST" and path.endswith("/embeddings"):
+            try:
+                doc = _loads(body)
+                inputs = doc["input"]
+                count = len(inputs) if isinstance(inputs, list) else 1
+                self.transport.write(self.replies.embeddings(str(doc["model"]), count))
+            except Exception:
+                self.transport.write(_error(400, "body is not an embeddings request"))
             return
         if method != "POST" or not path.endswith("/chat/completions"):
             self.transport.write(_error(404, f"no route {method} {path}"))
