@@ -192,6 +192,13 @@ class _Walk:
         return self.unfit
 
 
+def _resolved(named: dict[str, list[Target] | errors.ModelNotFound], ref: str) -> list[Target]:
+    found = named[ref]
+    if isinstance(found, errors.ModelNotFound):
+        raise found
+    return found
+
+
 class CompletionService:
     """Candidates -> the fallback walk -> per candidate: breaker, retries, the TTFT/stall timer -> outputs."""
 
@@ -217,12 +224,12 @@ class CompletionService:
         tried: the walk may reach any of them, and a forbidden provider must never be
         called on this caller's behalf.
         """
-        self._require_named(call, permissions)
+        named = self._resolve_named(call, permissions)
         req = call.requirements
         if not req.is_empty():
             self.router.validate(req)
         if call.model:
-            targets = list(self.registry.resolve(call.model))
+            targets = list(_resolved(named, call.model))
         else:
             selection = self.router.select(
                 req,
@@ -234,7 +241,7 @@ class CompletionService:
                 raise selection.error()
             targets = selection.ranked[: self.routing.max_selected_candidates]
         for ref in call.fallback_models:
-            targets.extend(self.registry.resolve(ref))
+            targets.extend(_resolved(named, ref))
         if not req.is_empty():
             # Requirements bind named models and fallbacks too (a price ceiling is a price ceiling).
             filtered = self.router.filter(targets, req)
@@ -249,17 +256,26 @@ class CompletionService:
                 unique.append(t)
         return unique
 
-    def _require_named(self, call: CompletionCall, permissions: Permissions) -> None:
+    def _resolve_named(
+        self, call: CompletionCall, permissions: Permissions
+    ) -> dict[str, list[Target] | errors.ModelNotFound]:
+        """Each named ref resolved once, every target it reaches checked against the caller's
+        permissions before anything else can fail; an unknown ref is kept for the walk to
+        report in its order."""
+        named: dict[str, list[Target] | errors.ModelNotFound] = {}
         for ref in (call.model, *call.fallback_models):
-            if not ref:
+            if not ref or ref in named:
                 continue
             try:
                 targets = self.registry.resolve(ref)
-            except errors.ModelNotFound:
-                continue  # reported by the walk, in its order
+            except errors.ModelNotFound as exc:
+                named[ref] = exc
+                continue
+            named[ref] = targets
             hint = "; name an allowed provider explicitly as provider/model" if len(targets) > 1 else ""
             for t in targets:
                 permissions.require(t.state.name, t.model, requested=ref, hint=hint)
+        return named
 
     async def stream(
         self,

@@ -158,18 +158,7 @@ def completion_from_proto(
     tools = _tools(req, v)
     tool_choice = _tool_choice(req, {t.name for t in tools}, v)
     params = params_from_proto(req.params, v) if req.HasField("params") else GenerationParams()
-    if len(req.fallback_models) > MAX_FALLBACK_MODELS:
-        v.append(
-            (
-                "fallback_models",
-                f"at most {MAX_FALLBACK_MODELS} fallback models, got {len(req.fallback_models)}",
-            )
-        )
-    for i, fb in enumerate(req.fallback_models[:MAX_FALLBACK_MODELS]):
-        if not fb.strip():
-            v.append((f"fallback_models[{i}]", "must not be empty"))
-        else:
-            _model_ref(fb, f"fallback_models[{i}]", v)
+    _fallbacks(req.fallback_models, v)
     if v:
         raise errors.InvalidRequest(v)
     return CompletionCall(
@@ -210,18 +199,7 @@ def embed_from_proto(req: pb.EmbedRequest, *, max_message_bytes: int) -> EmbedCa
         )
     if req.HasField("dimensions") and not 1 <= req.dimensions <= MAX_EMBED_DIMENSIONS:
         v.append(("dimensions", f"must be 1 to {MAX_EMBED_DIMENSIONS}, got {req.dimensions}"))
-    if len(req.fallback_models) > MAX_FALLBACK_MODELS:
-        v.append(
-            (
-                "fallback_models",
-                f"at most {MAX_FALLBACK_MODELS} fallback models, got {len(req.fallback_models)}",
-            )
-        )
-    for i, fb in enumerate(req.fallback_models[:MAX_FALLBACK_MODELS]):
-        if not fb.strip():
-            v.append((f"fallback_models[{i}]", "must not be empty"))
-        else:
-            _model_ref(fb, f"fallback_models[{i}]", v)
+    _fallbacks(req.fallback_models, v)
     if v:
         raise errors.InvalidRequest(v)
     return EmbedCall(
@@ -253,6 +231,17 @@ def embed_response(out: Embedded, *, max_bytes: int) -> pb.EmbedResponse:
     for i, vec in enumerate(out.vectors):
         resp.embeddings.add(index=i, values=vec)
     return resp
+
+
+def _fallbacks(refs: Sequence[str], v: list[tuple[str, str]]) -> None:
+    """`fallback_models` of a completion or an embedding: bounded in number, each a model ref."""
+    if len(refs) > MAX_FALLBACK_MODELS:
+        v.append(("fallback_models", f"at most {MAX_FALLBACK_MODELS} fallback models, got {len(refs)}"))
+    for i, fb in enumerate(refs[:MAX_FALLBACK_MODELS]):
+        if not fb.strip():
+            v.append((f"fallback_models[{i}]", "must not be empty"))
+        else:
+            _model_ref(fb, f"fallback_models[{i}]", v)
 
 
 def _model_ref(ref: str, path: str, v: list[tuple[str, str]]) -> None:
