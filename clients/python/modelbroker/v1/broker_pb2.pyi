@@ -45,6 +45,26 @@ ROLE_ASSISTANT: Role.ValueType  # 3
 ROLE_TOOL: Role.ValueType  # 4
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _CacheTtl:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CacheTtlEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CacheTtl.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CACHE_TTL_UNSPECIFIED: _CacheTtl.ValueType  # 0
+    """The provider's default (Anthropic: 5 minutes)."""
+    CACHE_TTL_5M: _CacheTtl.ValueType  # 1
+    CACHE_TTL_1H: _CacheTtl.ValueType  # 2
+
+class CacheTtl(_CacheTtl, metaclass=_CacheTtlEnumTypeWrapper):
+    """CacheTtl is how long a prompt-cache entry lives."""
+
+CACHE_TTL_UNSPECIFIED: CacheTtl.ValueType  # 0
+"""The provider's default (Anthropic: 5 minutes)."""
+CACHE_TTL_5M: CacheTtl.ValueType  # 1
+CACHE_TTL_1H: CacheTtl.ValueType  # 2
+Global___CacheTtl: _TypeAlias = CacheTtl  # noqa: Y015
+
 class _ToolChoiceMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -80,6 +100,8 @@ class _ResponseFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Respon
     RESPONSE_FORMAT_UNSPECIFIED: _ResponseFormat.ValueType  # 0
     RESPONSE_FORMAT_TEXT: _ResponseFormat.ValueType  # 1
     RESPONSE_FORMAT_JSON: _ResponseFormat.ValueType  # 2
+    RESPONSE_FORMAT_JSON_SCHEMA: _ResponseFormat.ValueType  # 3
+    """JSON matching GenerationParams.json_schema (required with it)."""
 
 class ResponseFormat(_ResponseFormat, metaclass=_ResponseFormatEnumTypeWrapper):
     """ResponseFormat asks for plain text or JSON output."""
@@ -87,7 +109,31 @@ class ResponseFormat(_ResponseFormat, metaclass=_ResponseFormatEnumTypeWrapper):
 RESPONSE_FORMAT_UNSPECIFIED: ResponseFormat.ValueType  # 0
 RESPONSE_FORMAT_TEXT: ResponseFormat.ValueType  # 1
 RESPONSE_FORMAT_JSON: ResponseFormat.ValueType  # 2
+RESPONSE_FORMAT_JSON_SCHEMA: ResponseFormat.ValueType  # 3
+"""JSON matching GenerationParams.json_schema (required with it)."""
 Global___ResponseFormat: _TypeAlias = ResponseFormat  # noqa: Y015
+
+class _ReasoningEffort:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReasoningEffortEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReasoningEffort.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REASONING_EFFORT_UNSPECIFIED: _ReasoningEffort.ValueType  # 0
+    REASONING_EFFORT_MINIMAL: _ReasoningEffort.ValueType  # 1
+    REASONING_EFFORT_LOW: _ReasoningEffort.ValueType  # 2
+    REASONING_EFFORT_MEDIUM: _ReasoningEffort.ValueType  # 3
+    REASONING_EFFORT_HIGH: _ReasoningEffort.ValueType  # 4
+
+class ReasoningEffort(_ReasoningEffort, metaclass=_ReasoningEffortEnumTypeWrapper):
+    """ReasoningEffort is how hard a reasoning model thinks."""
+
+REASONING_EFFORT_UNSPECIFIED: ReasoningEffort.ValueType  # 0
+REASONING_EFFORT_MINIMAL: ReasoningEffort.ValueType  # 1
+REASONING_EFFORT_LOW: ReasoningEffort.ValueType  # 2
+REASONING_EFFORT_MEDIUM: ReasoningEffort.ValueType  # 3
+REASONING_EFFORT_HIGH: ReasoningEffort.ValueType  # 4
+Global___ReasoningEffort: _TypeAlias = ReasoningEffort  # noqa: Y015
 
 class _Capability:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -99,6 +145,12 @@ class _CapabilityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Capability
     CAPABILITY_VISION: _Capability.ValueType  # 1
     CAPABILITY_TOOLS: _Capability.ValueType  # 2
     CAPABILITY_JSON_MODE: _Capability.ValueType  # 3
+    CAPABILITY_REASONING: _Capability.ValueType  # 4
+    """Thinking that can be asked for (Reasoning) and is streamed as ReasoningDelta."""
+    CAPABILITY_STRUCTURED_OUTPUTS: _Capability.ValueType  # 5
+    """JSON-schema response formats and strict tools."""
+    CAPABILITY_DOCUMENTS: _Capability.ValueType  # 6
+    """Document (PDF) content parts."""
 
 class Capability(_Capability, metaclass=_CapabilityEnumTypeWrapper):
     """Capability is something a model can do."""
@@ -107,6 +159,12 @@ CAPABILITY_UNSPECIFIED: Capability.ValueType  # 0
 CAPABILITY_VISION: Capability.ValueType  # 1
 CAPABILITY_TOOLS: Capability.ValueType  # 2
 CAPABILITY_JSON_MODE: Capability.ValueType  # 3
+CAPABILITY_REASONING: Capability.ValueType  # 4
+"""Thinking that can be asked for (Reasoning) and is streamed as ReasoningDelta."""
+CAPABILITY_STRUCTURED_OUTPUTS: Capability.ValueType  # 5
+"""JSON-schema response formats and strict tools."""
+CAPABILITY_DOCUMENTS: Capability.ValueType  # 6
+"""Document (PDF) content parts."""
 Global___Capability: _TypeAlias = Capability  # noqa: Y015
 
 class _Preference:
@@ -144,6 +202,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     FINISH_REASON_CONTENT_FILTER: _FinishReason.ValueType  # 4
     FINISH_REASON_OTHER: _FinishReason.ValueType  # 5
     """The provider reported a reason that has no neutral equivalent."""
+    FINISH_REASON_REFUSAL: _FinishReason.ValueType  # 6
+    """The model declined to answer (OpenAI refusal, Anthropic stop_reason refusal): see Refusal."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """FinishReason says why generation stopped."""
@@ -155,6 +215,8 @@ FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 3
 FINISH_REASON_CONTENT_FILTER: FinishReason.ValueType  # 4
 FINISH_REASON_OTHER: FinishReason.ValueType  # 5
 """The provider reported a reason that has no neutral equivalent."""
+FINISH_REASON_REFUSAL: FinishReason.ValueType  # 6
+"""The model declined to answer (OpenAI refusal, Anthropic stop_reason refusal): see Refusal."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 class _ModelKind:
@@ -252,6 +314,101 @@ class Image(_message.Message):
 Global___Image: _TypeAlias = Image  # noqa: Y015
 
 @_typing.final
+class Document(_message.Message):
+    """Document is a file the model reads: a PDF (bytes or URL) or plain text (bytes)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    url: _builtins.str
+    media_type: _builtins.str
+    """"application/pdf" (the default) or "text/plain" (bytes only)."""
+    title: _builtins.str
+    """Shown to the model as the document's title; the file name for providers that want one."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        url: _builtins.str = ...,
+        media_type: _builtins.str = ...,
+        title: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "source", b"source", "url", b"url"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "media_type", b"media_type", "source", b"source", "title", b"title", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["data", "url"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___Document: _TypeAlias = Document  # noqa: Y015
+
+@_typing.final
+class ReasoningPart(_message.Message):
+    """ReasoningPart is a model's reasoning (thinking) as it produced it. Send it back unchanged
+    in history: the broker passes it upstream byte-exact to a provider of the type that
+    produced it and drops it for any other type (a signature is bound to its vendor).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    REDACTED_DATA_FIELD_NUMBER: _builtins.int
+    PROVIDER_TYPE_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The reasoning text (empty for a redacted block, or when the provider omits the text)."""
+    signature: _builtins.str
+    """Anthropic: the block's signature, proving it unmodified."""
+    redacted_data: _builtins.str
+    """Anthropic redacted_thinking: the encrypted block, opaque; text is then empty."""
+    provider_type: _builtins.str
+    """The provider type that produced it ("anthropic", "openai", "ollama"), as the broker set it."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        signature: _builtins.str = ...,
+        redacted_data: _builtins.str = ...,
+        provider_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider_type", b"provider_type", "redacted_data", b"redacted_data", "signature", b"signature", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReasoningPart: _TypeAlias = ReasoningPart  # noqa: Y015
+
+@_typing.final
+class CacheControl(_message.Message):
+    """CacheControl marks a prompt-cache breakpoint: the prompt up to and including the marked
+    part (tools, then system, then messages) is cached. Anthropic: cache_control, at most 4
+    per request. Providers that cache on their own (OpenAI, Ollama, most servers) ignore it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TTL_FIELD_NUMBER: _builtins.int
+    ttl: Global___CacheTtl.ValueType
+    def __init__(
+        self,
+        *,
+        ttl: Global___CacheTtl.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheControl: _TypeAlias = CacheControl  # noqa: Y015
+
+@_typing.final
 class ContentPart(_message.Message):
     """ContentPart is one piece of a message's content."""
 
@@ -259,20 +416,34 @@ class ContentPart(_message.Message):
 
     TEXT_FIELD_NUMBER: _builtins.int
     IMAGE_FIELD_NUMBER: _builtins.int
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
+    CACHE_CONTROL_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     @_builtins.property
     def image(self) -> Global___Image: ...
+    @_builtins.property
+    def document(self) -> Global___Document: ...
+    @_builtins.property
+    def reasoning(self) -> Global___ReasoningPart: ...
+    @_builtins.property
+    def cache_control(self) -> Global___CacheControl:
+        """A prompt-cache breakpoint after this part (not on reasoning parts)."""
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         image: Global___Image | None = ...,
+        document: Global___Document | None = ...,
+        reasoning: Global___ReasoningPart | None = ...,
+        cache_control: Global___CacheControl | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "part", b"part", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_control", b"cache_control", "document", b"document", "image", b"image", "part", b"part", "reasoning", b"reasoning", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "part", b"part", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_control", b"cache_control", "document", b"document", "image", b"image", "part", b"part", "reasoning", b"reasoning", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["text", "image"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["text", "image", "document", "reasoning"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
@@ -354,11 +525,21 @@ class Tool(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    CACHE_CONTROL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
+    strict: _builtins.bool
+    """Arguments guaranteed to match the schema (OpenAI and Anthropic strict tools); the schema
+    must then follow the strict rules (checked: INVALID_ARGUMENT names the path).
+    """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """JSON Schema of the arguments object."""
+
+    @_builtins.property
+    def cache_control(self) -> Global___CacheControl:
+        """A prompt-cache breakpoint after this tool's definition."""
 
     def __init__(
         self,
@@ -366,10 +547,12 @@ class Tool(_message.Message):
         name: _builtins.str = ...,
         description: _builtins.str = ...,
         parameters: _struct_pb2.Struct | None = ...,
+        strict: _builtins.bool = ...,
+        cache_control: Global___CacheControl | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_control", b"cache_control", "parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_control", b"cache_control", "description", b"description", "name", b"name", "parameters", b"parameters", "strict", b"strict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,6 +583,74 @@ class ToolChoice(_message.Message):
 Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
 
 @_typing.final
+class JsonSchema(_message.Message):
+    """JsonSchema is a structured-output format: the answer is JSON matching `schema`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SCHEMA_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """1 to 64 of [a-zA-Z0-9_-]."""
+    description: _builtins.str
+    strict: _builtins.bool
+    """Constrained decoding where the provider has it; the schema must follow the strict rules
+    (every object closed with additionalProperties false, every property required).
+    """
+    @_builtins.property
+    def schema(self) -> _struct_pb2.Struct:
+        """The JSON Schema; its root must be an object."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        schema: _struct_pb2.Struct | None = ...,
+        strict: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schema", b"schema"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "schema", b"schema", "strict", b"strict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JsonSchema: _TypeAlias = JsonSchema  # noqa: Y015
+
+@_typing.final
+class Reasoning(_message.Message):
+    """Reasoning asks for thinking: an effort, a token budget, or off. Unset: the provider's default."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EFFORT_FIELD_NUMBER: _builtins.int
+    BUDGET_TOKENS_FIELD_NUMBER: _builtins.int
+    DISABLED_FIELD_NUMBER: _builtins.int
+    effort: Global___ReasoningEffort.ValueType
+    budget_tokens: _builtins.int
+    """Tokens the model may spend thinking (Anthropic: at least 1024)."""
+    disabled: _builtins.bool
+    """True: no reasoning (where the model allows turning it off)."""
+    def __init__(
+        self,
+        *,
+        effort: Global___ReasoningEffort.ValueType = ...,
+        budget_tokens: _builtins.int = ...,
+        disabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget_tokens", b"budget_tokens", "disabled", b"disabled", "effort", b"effort", "mode", b"mode"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_tokens", b"budget_tokens", "disabled", b"disabled", "effort", b"effort", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_mode: _TypeAlias = _typing.Literal["effort", "budget_tokens", "disabled"]  # noqa: Y015
+    _WhichOneofArgType_mode: _TypeAlias = _typing.Literal["mode", b"mode"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_mode) -> _WhichOneofReturnType_mode | None: ...
+
+Global___Reasoning: _TypeAlias = Reasoning  # noqa: Y015
+
+@_typing.final
 class GenerationParams(_message.Message):
     """GenerationParams are sampling and length controls; unset means provider default."""
 
@@ -411,6 +662,8 @@ class GenerationParams(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """0 to 2."""
     top_p: _builtins.float
@@ -423,6 +676,14 @@ class GenerationParams(_message.Message):
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Up to 4 stop sequences."""
 
+    @_builtins.property
+    def json_schema(self) -> Global___JsonSchema:
+        """The schema for RESPONSE_FORMAT_JSON_SCHEMA."""
+
+    @_builtins.property
+    def reasoning(self) -> Global___Reasoning:
+        """Thinking; needs a model with CAPABILITY_REASONING."""
+
     def __init__(
         self,
         *,
@@ -432,10 +693,12 @@ class GenerationParams(_message.Message):
         stop: _abc.Iterable[_builtins.str] | None = ...,
         seed: _builtins.int | None = ...,
         response_format: Global___ResponseFormat.ValueType = ...,
+        json_schema: Global___JsonSchema | None = ...,
+        reasoning: Global___Reasoning | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "json_schema", b"json_schema", "max_tokens", b"max_tokens", "reasoning", b"reasoning", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "response_format", b"response_format", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "json_schema", b"json_schema", "max_tokens", b"max_tokens", "reasoning", b"reasoning", "response_format", b"response_format", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -469,11 +732,19 @@ class Requirements(_message.Message):
     ALLOW_PROVIDERS_FIELD_NUMBER: _builtins.int
     EXCLUDE_PROVIDERS_FIELD_NUMBER: _builtins.int
     PREFERENCE_FIELD_NUMBER: _builtins.int
+    MIN_DIMENSIONS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     min_context_window: _builtins.int
     max_input_price_micro_usd_per_mtok: _builtins.int
     """Price ceilings in micro-USD per million tokens (1 USD = 1,000,000)."""
     max_output_price_micro_usd_per_mtok: _builtins.int
     preference: Global___Preference.ValueType
+    min_dimensions: _builtins.int
+    """Embedding models only: the native vector size is at least this (0: any). Embed selects
+    among embedding models; SelectModel does too when this is set or kind says so.
+    """
+    kind: Global___ModelKind.ValueType
+    """SelectModel: which kind of model to pick (unset: chat). Complete and Embed imply theirs."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[Global___Capability.ValueType]: ...
     @_builtins.property
@@ -492,10 +763,12 @@ class Requirements(_message.Message):
         allow_providers: _abc.Iterable[_builtins.str] | None = ...,
         exclude_providers: _abc.Iterable[_builtins.str] | None = ...,
         preference: Global___Preference.ValueType = ...,
+        min_dimensions: _builtins.int = ...,
+        kind: Global___ModelKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_input_price_micro_usd_per_mtok", b"_max_input_price_micro_usd_per_mtok", "_max_output_price_micro_usd_per_mtok", b"_max_output_price_micro_usd_per_mtok", "max_input_price_micro_usd_per_mtok", b"max_input_price_micro_usd_per_mtok", "max_output_price_micro_usd_per_mtok", b"max_output_price_micro_usd_per_mtok"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_input_price_micro_usd_per_mtok", b"_max_input_price_micro_usd_per_mtok", "_max_output_price_micro_usd_per_mtok", b"_max_output_price_micro_usd_per_mtok", "allow_providers", b"allow_providers", "capabilities", b"capabilities", "exclude_providers", b"exclude_providers", "max_input_price_micro_usd_per_mtok", b"max_input_price_micro_usd_per_mtok", "max_output_price_micro_usd_per_mtok", b"max_output_price_micro_usd_per_mtok", "min_context_window", b"min_context_window", "preference", b"preference"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_input_price_micro_usd_per_mtok", b"_max_input_price_micro_usd_per_mtok", "_max_output_price_micro_usd_per_mtok", b"_max_output_price_micro_usd_per_mtok", "allow_providers", b"allow_providers", "capabilities", b"capabilities", "exclude_providers", b"exclude_providers", "kind", b"kind", "max_input_price_micro_usd_per_mtok", b"max_input_price_micro_usd_per_mtok", "max_output_price_micro_usd_per_mtok", b"max_output_price_micro_usd_per_mtok", "min_context_window", b"min_context_window", "min_dimensions", b"min_dimensions", "preference", b"preference"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_input_price_micro_usd_per_mtok: _TypeAlias = _typing.Literal["max_input_price_micro_usd_per_mtok"]  # noqa: Y015
     _WhichOneofArgType__max_input_price_micro_usd_per_mtok: _TypeAlias = _typing.Literal["_max_input_price_micro_usd_per_mtok", b"_max_input_price_micro_usd_per_mtok"]  # noqa: Y015
@@ -514,6 +787,27 @@ class CompleteRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ProviderOptionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _struct_pb2.Struct: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _struct_pb2.Struct | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
@@ -521,6 +815,8 @@ class CompleteRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     REQUIREMENTS_FIELD_NUMBER: _builtins.int
     FALLBACK_MODELS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    PROVIDER_OPTIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """"provider/model", a bare model id, an alias, or empty with requirements."""
     @_builtins.property
@@ -537,6 +833,17 @@ class CompleteRequest(_message.Message):
     def fallback_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Models to try in order when the first fails before any output."""
 
+    @_builtins.property
+    def metadata(self) -> Global___RequestMetadata:
+        """Who the request is for: the vendor's end-user field, the request log line and traces."""
+
+    @_builtins.property
+    def provider_options(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Struct]:
+        """Vendor parameters the neutral API lacks, per provider type ("openai", "anthropic",
+        "ollama"): merged into the upstream body for a provider of that type. They may not set
+        what the broker sets (model, messages, stream, ...): INVALID_ARGUMENT names the key.
+        """
+
     def __init__(
         self,
         *,
@@ -547,10 +854,12 @@ class CompleteRequest(_message.Message):
         params: Global___GenerationParams | None = ...,
         requirements: Global___Requirements | None = ...,
         fallback_models: _abc.Iterable[_builtins.str] | None = ...,
+        metadata: Global___RequestMetadata | None = ...,
+        provider_options: _abc.Mapping[_builtins.str, _struct_pb2.Struct] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "requirements", b"requirements", "tool_choice", b"tool_choice"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "params", b"params", "requirements", b"requirements", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_models", b"fallback_models", "messages", b"messages", "model", b"model", "params", b"params", "requirements", b"requirements", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_models", b"fallback_models", "messages", b"messages", "metadata", b"metadata", "model", b"model", "params", b"params", "provider_options", b"provider_options", "requirements", b"requirements", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -562,6 +871,27 @@ class StreamCompleteRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ProviderOptionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _struct_pb2.Struct: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _struct_pb2.Struct | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
@@ -569,6 +899,8 @@ class StreamCompleteRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     REQUIREMENTS_FIELD_NUMBER: _builtins.int
     FALLBACK_MODELS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    PROVIDER_OPTIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]: ...
@@ -582,6 +914,10 @@ class StreamCompleteRequest(_message.Message):
     def requirements(self) -> Global___Requirements: ...
     @_builtins.property
     def fallback_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def metadata(self) -> Global___RequestMetadata: ...
+    @_builtins.property
+    def provider_options(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Struct]: ...
     def __init__(
         self,
         *,
@@ -592,14 +928,94 @@ class StreamCompleteRequest(_message.Message):
         params: Global___GenerationParams | None = ...,
         requirements: Global___Requirements | None = ...,
         fallback_models: _abc.Iterable[_builtins.str] | None = ...,
+        metadata: Global___RequestMetadata | None = ...,
+        provider_options: _abc.Mapping[_builtins.str, _struct_pb2.Struct] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "requirements", b"requirements", "tool_choice", b"tool_choice"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "params", b"params", "requirements", b"requirements", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_models", b"fallback_models", "messages", b"messages", "model", b"model", "params", b"params", "requirements", b"requirements", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_models", b"fallback_models", "messages", b"messages", "metadata", b"metadata", "model", b"model", "params", b"params", "provider_options", b"provider_options", "requirements", b"requirements", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamCompleteRequest: _TypeAlias = StreamCompleteRequest  # noqa: Y015
+
+@_typing.final
+class RequestMetadata(_message.Message):
+    """RequestMetadata says who a request is for. Never a metric label."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    END_USER_ID_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    end_user_id: _builtins.str
+    """A stable, opaque id of the end user (hash it; no personal data): at most 64 characters
+    of [A-Za-z0-9_.:@-]. Sent as OpenAI safety_identifier / user, Anthropic metadata.user_id.
+    """
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Up to 16 tags for the log line and traces: keys 1-64 of [A-Za-z0-9_.-], values at most
+        256 characters.
+        """
+
+    def __init__(
+        self,
+        *,
+        end_user_id: _builtins.str = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_user_id", b"end_user_id", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestMetadata: _TypeAlias = RequestMetadata  # noqa: Y015
+
+@_typing.final
+class Refusal(_message.Message):
+    """Refusal is the model's or the vendor's explanation of a refusal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    explanation: _builtins.str
+    """The explanation as the vendor gave it (OpenAI message.refusal; Anthropic stop_details)."""
+    category: _builtins.str
+    """Anthropic stop_details.category (e.g. "cyber"); empty when not given."""
+    def __init__(
+        self,
+        *,
+        explanation: _builtins.str = ...,
+        category: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "explanation", b"explanation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Refusal: _TypeAlias = Refusal  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):
@@ -614,6 +1030,8 @@ class Usage(_message.Message):
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     CACHE_WRITE_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     ESTIMATED_FIELD_NUMBER: _builtins.int
+    REASONING_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHE_WRITE_1H_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     output_tokens: _builtins.int
     cached_input_tokens: _builtins.int
@@ -626,6 +1044,12 @@ class Usage(_message.Message):
     estimate (about 4 characters per token of the prompt and of the generated text), not
     counts. Cost is computed from the estimate too.
     """
+    reasoning_tokens: _builtins.int
+    """Output tokens spent reasoning, where the vendor reports them (included in output_tokens,
+    billed once, as output).
+    """
+    cache_write_1h_input_tokens: _builtins.int
+    """Of cache_write_input_tokens, those written with a one-hour TTL (billed at its price)."""
     def __init__(
         self,
         *,
@@ -634,10 +1058,12 @@ class Usage(_message.Message):
         cached_input_tokens: _builtins.int = ...,
         cache_write_input_tokens: _builtins.int = ...,
         estimated: _builtins.bool = ...,
+        reasoning_tokens: _builtins.int = ...,
+        cache_write_1h_input_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_input_tokens", b"cache_write_input_tokens", "cached_input_tokens", b"cached_input_tokens", "estimated", b"estimated", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_write_1h_input_tokens", b"cache_write_1h_input_tokens", "cache_write_input_tokens", b"cache_write_input_tokens", "cached_input_tokens", b"cached_input_tokens", "estimated", b"estimated", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "reasoning_tokens", b"reasoning_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -687,6 +1113,7 @@ class CompleteResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     """The resolved model id at the provider, e.g. "gpt-4o-mini"."""
@@ -701,6 +1128,10 @@ class CompleteResponse(_message.Message):
     def usage(self) -> Global___Usage: ...
     @_builtins.property
     def cost(self) -> Global___Cost: ...
+    @_builtins.property
+    def refusal(self) -> Global___Refusal:
+        """Set when finish_reason is FINISH_REASON_REFUSAL."""
+
     def __init__(
         self,
         *,
@@ -711,10 +1142,11 @@ class CompleteResponse(_message.Message):
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: Global___Usage | None = ...,
         cost: Global___Cost | None = ...,
+        refusal: Global___Refusal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "message", b"message", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "message", b"message", "refusal", b"refusal", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "finish_reason", b"finish_reason", "message", b"message", "model", b"model", "provider", b"provider", "request_id", b"request_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "finish_reason", b"finish_reason", "message", b"message", "model", b"model", "provider", b"provider", "refusal", b"refusal", "request_id", b"request_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -729,23 +1161,63 @@ class StreamStart(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
+    PROVIDER_TYPE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     model: _builtins.str
     provider: _builtins.str
+    provider_type: _builtins.str
+    """The provider's type ("openai", "anthropic", ...): the provider_type of the stream's
+    reasoning parts when sent back in history.
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         model: _builtins.str = ...,
         provider: _builtins.str = ...,
+        provider_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "provider", b"provider", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "provider", b"provider", "provider_type", b"provider_type", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamStart: _TypeAlias = StreamStart  # noqa: Y015
+
+@_typing.final
+class ReasoningDelta(_message.Message):
+    """ReasoningDelta is a piece of the model's reasoning, never mixed into the text. Blocks are
+    numbered in order; a block ends with its signature (Anthropic) or when the next begins.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    REDACTED_DATA_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    text: _builtins.str
+    signature: _builtins.str
+    """Anthropic: the block's signature, on its last delta."""
+    redacted_data: _builtins.str
+    """Anthropic redacted_thinking: the whole opaque block in one delta."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        text: _builtins.str = ...,
+        signature: _builtins.str = ...,
+        redacted_data: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "redacted_data", b"redacted_data", "signature", b"signature", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReasoningDelta: _TypeAlias = ReasoningDelta  # noqa: Y015
 
 @_typing.final
 class TextDelta(_message.Message):
@@ -809,21 +1281,27 @@ class StreamEnd(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     @_builtins.property
     def cost(self) -> Global___Cost: ...
+    @_builtins.property
+    def refusal(self) -> Global___Refusal:
+        """Set when finish_reason is FINISH_REASON_REFUSAL."""
+
     def __init__(
         self,
         *,
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: Global___Usage | None = ...,
         cost: Global___Cost | None = ...,
+        refusal: Global___Refusal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "refusal", b"refusal", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "finish_reason", b"finish_reason", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "finish_reason", b"finish_reason", "refusal", b"refusal", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -839,6 +1317,7 @@ class StreamCompleteResponse(_message.Message):
     TEXT_DELTA_FIELD_NUMBER: _builtins.int
     TOOL_CALL_DELTA_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    REASONING_DELTA_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start(self) -> Global___StreamStart: ...
     @_builtins.property
@@ -847,6 +1326,8 @@ class StreamCompleteResponse(_message.Message):
     def tool_call_delta(self) -> Global___ToolCallDelta: ...
     @_builtins.property
     def end(self) -> Global___StreamEnd: ...
+    @_builtins.property
+    def reasoning_delta(self) -> Global___ReasoningDelta: ...
     def __init__(
         self,
         *,
@@ -854,12 +1335,13 @@ class StreamCompleteResponse(_message.Message):
         text_delta: Global___TextDelta | None = ...,
         tool_call_delta: Global___ToolCallDelta | None = ...,
         end: Global___StreamEnd | None = ...,
+        reasoning_delta: Global___ReasoningDelta | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "event", b"event", "start", b"start", "text_delta", b"text_delta", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "event", b"event", "reasoning_delta", b"reasoning_delta", "start", b"start", "text_delta", b"text_delta", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "event", b"event", "start", b"start", "text_delta", b"text_delta", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "event", b"event", "reasoning_delta", b"reasoning_delta", "start", b"start", "text_delta", b"text_delta", "tool_call_delta", b"tool_call_delta"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["start", "text_delta", "tool_call_delta", "end"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["start", "text_delta", "tool_call_delta", "end", "reasoning_delta"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -1273,6 +1755,7 @@ class EmbedRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     DIMENSIONS_FIELD_NUMBER: _builtins.int
     FALLBACK_MODELS_FIELD_NUMBER: _builtins.int
+    REQUIREMENTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """"provider/model", a bare model id, or an alias (a fallback group included)."""
     dimensions: _builtins.int
@@ -1287,6 +1770,12 @@ class EmbedRequest(_message.Message):
     def fallback_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Models to try in order when the first fails."""
 
+    @_builtins.property
+    def requirements(self) -> Global___Requirements:
+        """With an empty model: select an embedding model that meets these (capabilities and
+        min_context_window do not apply; min_dimensions does).
+        """
+
     def __init__(
         self,
         *,
@@ -1294,10 +1783,11 @@ class EmbedRequest(_message.Message):
         inputs: _abc.Iterable[_builtins.str] | None = ...,
         dimensions: _builtins.int | None = ...,
         fallback_models: _abc.Iterable[_builtins.str] | None = ...,
+        requirements: Global___Requirements | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions", "requirements", b"requirements"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions", "fallback_models", b"fallback_models", "inputs", b"inputs", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions", "dimensions", b"dimensions", "fallback_models", b"fallback_models", "inputs", b"inputs", "model", b"model", "requirements", b"requirements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dimensions: _TypeAlias = _typing.Literal["dimensions"]  # noqa: Y015
     _WhichOneofArgType__dimensions: _TypeAlias = _typing.Literal["_dimensions", b"_dimensions"]  # noqa: Y015

@@ -84,6 +84,47 @@ export function roleToJSON(object: Role): string {
   }
 }
 
+/** CacheTtl is how long a prompt-cache entry lives. */
+export enum CacheTtl {
+  /** CACHE_TTL_UNSPECIFIED - The provider's default (Anthropic: 5 minutes). */
+  CACHE_TTL_UNSPECIFIED = 0,
+  CACHE_TTL_5M = 1,
+  CACHE_TTL_1H = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function cacheTtlFromJSON(object: any): CacheTtl {
+  switch (object) {
+    case 0:
+    case "CACHE_TTL_UNSPECIFIED":
+      return CacheTtl.CACHE_TTL_UNSPECIFIED;
+    case 1:
+    case "CACHE_TTL_5M":
+      return CacheTtl.CACHE_TTL_5M;
+    case 2:
+    case "CACHE_TTL_1H":
+      return CacheTtl.CACHE_TTL_1H;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return CacheTtl.UNRECOGNIZED;
+  }
+}
+
+export function cacheTtlToJSON(object: CacheTtl): string {
+  switch (object) {
+    case CacheTtl.CACHE_TTL_UNSPECIFIED:
+      return "CACHE_TTL_UNSPECIFIED";
+    case CacheTtl.CACHE_TTL_5M:
+      return "CACHE_TTL_5M";
+    case CacheTtl.CACHE_TTL_1H:
+      return "CACHE_TTL_1H";
+    case CacheTtl.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** ToolChoiceMode says whether and how the model must call tools. */
 export enum ToolChoiceMode {
   /** TOOL_CHOICE_MODE_UNSPECIFIED - Provider default: auto with tools, none without. */
@@ -143,6 +184,8 @@ export enum ResponseFormat {
   RESPONSE_FORMAT_UNSPECIFIED = 0,
   RESPONSE_FORMAT_TEXT = 1,
   RESPONSE_FORMAT_JSON = 2,
+  /** RESPONSE_FORMAT_JSON_SCHEMA - JSON matching GenerationParams.json_schema (required with it). */
+  RESPONSE_FORMAT_JSON_SCHEMA = 3,
   UNRECOGNIZED = -1,
 }
 
@@ -157,6 +200,9 @@ export function responseFormatFromJSON(object: any): ResponseFormat {
     case 2:
     case "RESPONSE_FORMAT_JSON":
       return ResponseFormat.RESPONSE_FORMAT_JSON;
+    case 3:
+    case "RESPONSE_FORMAT_JSON_SCHEMA":
+      return ResponseFormat.RESPONSE_FORMAT_JSON_SCHEMA;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -172,7 +218,61 @@ export function responseFormatToJSON(object: ResponseFormat): string {
       return "RESPONSE_FORMAT_TEXT";
     case ResponseFormat.RESPONSE_FORMAT_JSON:
       return "RESPONSE_FORMAT_JSON";
+    case ResponseFormat.RESPONSE_FORMAT_JSON_SCHEMA:
+      return "RESPONSE_FORMAT_JSON_SCHEMA";
     case ResponseFormat.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** ReasoningEffort is how hard a reasoning model thinks. */
+export enum ReasoningEffort {
+  REASONING_EFFORT_UNSPECIFIED = 0,
+  REASONING_EFFORT_MINIMAL = 1,
+  REASONING_EFFORT_LOW = 2,
+  REASONING_EFFORT_MEDIUM = 3,
+  REASONING_EFFORT_HIGH = 4,
+  UNRECOGNIZED = -1,
+}
+
+export function reasoningEffortFromJSON(object: any): ReasoningEffort {
+  switch (object) {
+    case 0:
+    case "REASONING_EFFORT_UNSPECIFIED":
+      return ReasoningEffort.REASONING_EFFORT_UNSPECIFIED;
+    case 1:
+    case "REASONING_EFFORT_MINIMAL":
+      return ReasoningEffort.REASONING_EFFORT_MINIMAL;
+    case 2:
+    case "REASONING_EFFORT_LOW":
+      return ReasoningEffort.REASONING_EFFORT_LOW;
+    case 3:
+    case "REASONING_EFFORT_MEDIUM":
+      return ReasoningEffort.REASONING_EFFORT_MEDIUM;
+    case 4:
+    case "REASONING_EFFORT_HIGH":
+      return ReasoningEffort.REASONING_EFFORT_HIGH;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ReasoningEffort.UNRECOGNIZED;
+  }
+}
+
+export function reasoningEffortToJSON(object: ReasoningEffort): string {
+  switch (object) {
+    case ReasoningEffort.REASONING_EFFORT_UNSPECIFIED:
+      return "REASONING_EFFORT_UNSPECIFIED";
+    case ReasoningEffort.REASONING_EFFORT_MINIMAL:
+      return "REASONING_EFFORT_MINIMAL";
+    case ReasoningEffort.REASONING_EFFORT_LOW:
+      return "REASONING_EFFORT_LOW";
+    case ReasoningEffort.REASONING_EFFORT_MEDIUM:
+      return "REASONING_EFFORT_MEDIUM";
+    case ReasoningEffort.REASONING_EFFORT_HIGH:
+      return "REASONING_EFFORT_HIGH";
+    case ReasoningEffort.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
   }
@@ -184,6 +284,12 @@ export enum Capability {
   CAPABILITY_VISION = 1,
   CAPABILITY_TOOLS = 2,
   CAPABILITY_JSON_MODE = 3,
+  /** CAPABILITY_REASONING - Thinking that can be asked for (Reasoning) and is streamed as ReasoningDelta. */
+  CAPABILITY_REASONING = 4,
+  /** CAPABILITY_STRUCTURED_OUTPUTS - JSON-schema response formats and strict tools. */
+  CAPABILITY_STRUCTURED_OUTPUTS = 5,
+  /** CAPABILITY_DOCUMENTS - Document (PDF) content parts. */
+  CAPABILITY_DOCUMENTS = 6,
   UNRECOGNIZED = -1,
 }
 
@@ -201,6 +307,15 @@ export function capabilityFromJSON(object: any): Capability {
     case 3:
     case "CAPABILITY_JSON_MODE":
       return Capability.CAPABILITY_JSON_MODE;
+    case 4:
+    case "CAPABILITY_REASONING":
+      return Capability.CAPABILITY_REASONING;
+    case 5:
+    case "CAPABILITY_STRUCTURED_OUTPUTS":
+      return Capability.CAPABILITY_STRUCTURED_OUTPUTS;
+    case 6:
+    case "CAPABILITY_DOCUMENTS":
+      return Capability.CAPABILITY_DOCUMENTS;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -218,6 +333,12 @@ export function capabilityToJSON(object: Capability): string {
       return "CAPABILITY_TOOLS";
     case Capability.CAPABILITY_JSON_MODE:
       return "CAPABILITY_JSON_MODE";
+    case Capability.CAPABILITY_REASONING:
+      return "CAPABILITY_REASONING";
+    case Capability.CAPABILITY_STRUCTURED_OUTPUTS:
+      return "CAPABILITY_STRUCTURED_OUTPUTS";
+    case Capability.CAPABILITY_DOCUMENTS:
+      return "CAPABILITY_DOCUMENTS";
     case Capability.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -280,6 +401,8 @@ export enum FinishReason {
   FINISH_REASON_CONTENT_FILTER = 4,
   /** FINISH_REASON_OTHER - The provider reported a reason that has no neutral equivalent. */
   FINISH_REASON_OTHER = 5,
+  /** FINISH_REASON_REFUSAL - The model declined to answer (OpenAI refusal, Anthropic stop_reason refusal): see Refusal. */
+  FINISH_REASON_REFUSAL = 6,
   UNRECOGNIZED = -1,
 }
 
@@ -303,6 +426,9 @@ export function finishReasonFromJSON(object: any): FinishReason {
     case 5:
     case "FINISH_REASON_OTHER":
       return FinishReason.FINISH_REASON_OTHER;
+    case 6:
+    case "FINISH_REASON_REFUSAL":
+      return FinishReason.FINISH_REASON_REFUSAL;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -324,6 +450,8 @@ export function finishReasonToJSON(object: FinishReason): string {
       return "FINISH_REASON_CONTENT_FILTER";
     case FinishReason.FINISH_REASON_OTHER:
       return "FINISH_REASON_OTHER";
+    case FinishReason.FINISH_REASON_REFUSAL:
+      return "FINISH_REASON_REFUSAL";
     case FinishReason.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -470,9 +598,53 @@ export interface Image {
   mediaType: string;
 }
 
+/** Document is a file the model reads: a PDF (bytes or URL) or plain text (bytes). */
+export interface Document {
+  source:
+    | { $case: "data"; value: Buffer }
+    | { $case: "url"; value: string }
+    | undefined;
+  /** "application/pdf" (the default) or "text/plain" (bytes only). */
+  mediaType: string;
+  /** Shown to the model as the document's title; the file name for providers that want one. */
+  title: string;
+}
+
+/**
+ * ReasoningPart is a model's reasoning (thinking) as it produced it. Send it back unchanged
+ * in history: the broker passes it upstream byte-exact to a provider of the type that
+ * produced it and drops it for any other type (a signature is bound to its vendor).
+ */
+export interface ReasoningPart {
+  /** The reasoning text (empty for a redacted block, or when the provider omits the text). */
+  text: string;
+  /** Anthropic: the block's signature, proving it unmodified. */
+  signature: string;
+  /** Anthropic redacted_thinking: the encrypted block, opaque; text is then empty. */
+  redactedData: string;
+  /** The provider type that produced it ("anthropic", "openai", "ollama"), as the broker set it. */
+  providerType: string;
+}
+
+/**
+ * CacheControl marks a prompt-cache breakpoint: the prompt up to and including the marked
+ * part (tools, then system, then messages) is cached. Anthropic: cache_control, at most 4
+ * per request. Providers that cache on their own (OpenAI, Ollama, most servers) ignore it.
+ */
+export interface CacheControl {
+  ttl: CacheTtl;
+}
+
 /** ContentPart is one piece of a message's content. */
 export interface ContentPart {
-  part: { $case: "text"; value: string } | { $case: "image"; value: Image } | undefined;
+  part:
+    | { $case: "text"; value: string }
+    | { $case: "image"; value: Image }
+    | { $case: "document"; value: Document }
+    | { $case: "reasoning"; value: ReasoningPart }
+    | undefined;
+  /** A prompt-cache breakpoint after this part (not on reasoning parts). */
+  cacheControl: CacheControl | undefined;
 }
 
 /** ToolCall is a call the assistant made (in history) or makes (in a response). */
@@ -500,13 +672,47 @@ export interface Tool {
   name: string;
   description: string;
   /** JSON Schema of the arguments object. */
-  parameters: { [key: string]: any } | undefined;
+  parameters:
+    | { [key: string]: any }
+    | undefined;
+  /**
+   * Arguments guaranteed to match the schema (OpenAI and Anthropic strict tools); the schema
+   * must then follow the strict rules (checked: INVALID_ARGUMENT names the path).
+   */
+  strict: boolean;
+  /** A prompt-cache breakpoint after this tool's definition. */
+  cacheControl: CacheControl | undefined;
 }
 
 /** ToolChoice constrains tool use. */
 export interface ToolChoice {
   mode: ToolChoiceMode;
   toolName: string;
+}
+
+/** JsonSchema is a structured-output format: the answer is JSON matching `schema`. */
+export interface JsonSchema {
+  /** 1 to 64 of [a-zA-Z0-9_-]. */
+  name: string;
+  description: string;
+  /** The JSON Schema; its root must be an object. */
+  schema:
+    | { [key: string]: any }
+    | undefined;
+  /**
+   * Constrained decoding where the provider has it; the schema must follow the strict rules
+   * (every object closed with additionalProperties false, every property required).
+   */
+  strict: boolean;
+}
+
+/** Reasoning asks for thinking: an effort, a token budget, or off. Unset: the provider's default. */
+export interface Reasoning {
+  mode: { $case: "effort"; value: ReasoningEffort } | //
+  /** Tokens the model may spend thinking (Anthropic: at least 1024). */
+  { $case: "budgetTokens"; value: number } | //
+  /** True: no reasoning (where the model allows turning it off). */
+  { $case: "disabled"; value: boolean } | undefined;
 }
 
 /** GenerationParams are sampling and length controls; unset means provider default. */
@@ -527,6 +733,12 @@ export interface GenerationParams {
   stop: string[];
   seed?: number | undefined;
   responseFormat: ResponseFormat;
+  /** The schema for RESPONSE_FORMAT_JSON_SCHEMA. */
+  jsonSchema:
+    | JsonSchema
+    | undefined;
+  /** Thinking; needs a model with CAPABILITY_REASONING. */
+  reasoning: Reasoning | undefined;
 }
 
 /** Requirements describe the model a caller needs, instead of naming one. */
@@ -542,6 +754,13 @@ export interface Requirements {
   allowProviders: string[];
   excludeProviders: string[];
   preference: Preference;
+  /**
+   * Embedding models only: the native vector size is at least this (0: any). Embed selects
+   * among embedding models; SelectModel does too when this is set or kind says so.
+   */
+  minDimensions: number;
+  /** SelectModel: which kind of model to pick (unset: chat). Complete and Embed imply theirs. */
+  kind: ModelKind;
 }
 
 /** CompleteRequest asks for a whole completion. */
@@ -557,6 +776,21 @@ export interface CompleteRequest {
     | undefined;
   /** Models to try in order when the first fails before any output. */
   fallbackModels: string[];
+  /** Who the request is for: the vendor's end-user field, the request log line and traces. */
+  metadata:
+    | RequestMetadata
+    | undefined;
+  /**
+   * Vendor parameters the neutral API lacks, per provider type ("openai", "anthropic",
+   * "ollama"): merged into the upstream body for a provider of that type. They may not set
+   * what the broker sets (model, messages, stream, ...): INVALID_ARGUMENT names the key.
+   */
+  providerOptions: { [key: string]: { [key: string]: any } | undefined };
+}
+
+export interface CompleteRequest_ProviderOptionsEntry {
+  key: string;
+  value: { [key: string]: any } | undefined;
 }
 
 /** StreamCompleteRequest asks for a streamed completion; same fields as CompleteRequest. */
@@ -568,6 +802,40 @@ export interface StreamCompleteRequest {
   params: GenerationParams | undefined;
   requirements: Requirements | undefined;
   fallbackModels: string[];
+  metadata: RequestMetadata | undefined;
+  providerOptions: { [key: string]: { [key: string]: any } | undefined };
+}
+
+export interface StreamCompleteRequest_ProviderOptionsEntry {
+  key: string;
+  value: { [key: string]: any } | undefined;
+}
+
+/** RequestMetadata says who a request is for. Never a metric label. */
+export interface RequestMetadata {
+  /**
+   * A stable, opaque id of the end user (hash it; no personal data): at most 64 characters
+   * of [A-Za-z0-9_.:@-]. Sent as OpenAI safety_identifier / user, Anthropic metadata.user_id.
+   */
+  endUserId: string;
+  /**
+   * Up to 16 tags for the log line and traces: keys 1-64 of [A-Za-z0-9_.-], values at most
+   * 256 characters.
+   */
+  tags: { [key: string]: string };
+}
+
+export interface RequestMetadata_TagsEntry {
+  key: string;
+  value: string;
+}
+
+/** Refusal is the model's or the vendor's explanation of a refusal. */
+export interface Refusal {
+  /** The explanation as the vendor gave it (OpenAI message.refusal; Anthropic stop_details). */
+  explanation: string;
+  /** Anthropic stop_details.category (e.g. "cyber"); empty when not given. */
+  category: string;
 }
 
 /**
@@ -588,6 +856,13 @@ export interface Usage {
    * counts. Cost is computed from the estimate too.
    */
   estimated: boolean;
+  /**
+   * Output tokens spent reasoning, where the vendor reports them (included in output_tokens,
+   * billed once, as output).
+   */
+  reasoningTokens: number;
+  /** Of cache_write_input_tokens, those written with a one-hour TTL (billed at its price). */
+  cacheWrite1hInputTokens: number;
 }
 
 /** Cost of one request in integer micro-USD (1 USD = 1,000,000). Never a float. */
@@ -610,7 +885,11 @@ export interface CompleteResponse {
   message: Message | undefined;
   finishReason: FinishReason;
   usage: Usage | undefined;
-  cost: Cost | undefined;
+  cost:
+    | Cost
+    | undefined;
+  /** Set when finish_reason is FINISH_REASON_REFUSAL. */
+  refusal: Refusal | undefined;
 }
 
 /** StreamStart is the first message of a stream. */
@@ -618,6 +897,24 @@ export interface StreamStart {
   requestId: string;
   model: string;
   provider: string;
+  /**
+   * The provider's type ("openai", "anthropic", ...): the provider_type of the stream's
+   * reasoning parts when sent back in history.
+   */
+  providerType: string;
+}
+
+/**
+ * ReasoningDelta is a piece of the model's reasoning, never mixed into the text. Blocks are
+ * numbered in order; a block ends with its signature (Anthropic) or when the next begins.
+ */
+export interface ReasoningDelta {
+  index: number;
+  text: string;
+  /** Anthropic: the block's signature, on its last delta. */
+  signature: string;
+  /** Anthropic redacted_thinking: the whole opaque block in one delta. */
+  redactedData: string;
 }
 
 /** TextDelta is a piece of the answer's text. */
@@ -640,7 +937,11 @@ export interface ToolCallDelta {
 export interface StreamEnd {
   finishReason: FinishReason;
   usage: Usage | undefined;
-  cost: Cost | undefined;
+  cost:
+    | Cost
+    | undefined;
+  /** Set when finish_reason is FINISH_REASON_REFUSAL. */
+  refusal: Refusal | undefined;
 }
 
 /** StreamCompleteResponse is one message of a completion stream. */
@@ -650,6 +951,7 @@ export interface StreamCompleteResponse {
     | { $case: "textDelta"; value: TextDelta }
     | { $case: "toolCallDelta"; value: ToolCallDelta }
     | { $case: "end"; value: StreamEnd }
+    | { $case: "reasoningDelta"; value: ReasoningDelta }
     | undefined;
 }
 
@@ -803,6 +1105,11 @@ export interface EmbedRequest {
     | undefined;
   /** Models to try in order when the first fails. */
   fallbackModels: string[];
+  /**
+   * With an empty model: select an embedding model that meets these (capabilities and
+   * min_context_window do not apply; min_dimensions does).
+   */
+  requirements: Requirements | undefined;
 }
 
 /** Embedding is the vector of one input. */
@@ -944,8 +1251,337 @@ export const Image: MessageFns<Image> = {
   },
 };
 
+function createBaseDocument(): Document {
+  return { source: undefined, mediaType: "", title: "" };
+}
+
+export const Document: MessageFns<Document> = {
+  encode(message: Document, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.source?.$case) {
+      case "data":
+        writer.uint32(10).bytes(message.source.value);
+        break;
+      case "url":
+        writer.uint32(18).string(message.source.value);
+        break;
+    }
+    if (message.mediaType !== "") {
+      writer.uint32(26).string(message.mediaType);
+    }
+    if (message.title !== "") {
+      writer.uint32(34).string(message.title);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Document {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDocument();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.source = { $case: "data", value: Buffer.from(reader.bytes()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.source = { $case: "url", value: reader.string() };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.mediaType = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.title = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Document {
+    return {
+      source: isSet(object.data)
+        ? { $case: "data", value: Buffer.from(bytesFromBase64(object.data)) }
+        : isSet(object.url)
+        ? { $case: "url", value: globalThis.String(object.url) }
+        : undefined,
+      mediaType: isSet(object.mediaType)
+        ? globalThis.String(object.mediaType)
+        : isSet(object.media_type)
+        ? globalThis.String(object.media_type)
+        : "",
+      title: isSet(object.title) ? globalThis.String(object.title) : "",
+    };
+  },
+
+  toJSON(message: Document): unknown {
+    const obj: any = {};
+    if (message.source?.$case === "data") {
+      obj.data = base64FromBytes(message.source.value);
+    } else if (message.source?.$case === "url") {
+      obj.url = message.source.value;
+    }
+    if (message.mediaType !== "") {
+      obj.mediaType = message.mediaType;
+    }
+    if (message.title !== "") {
+      obj.title = message.title;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Document>): Document {
+    return Document.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Document>): Document {
+    const message = createBaseDocument();
+    switch (object.source?.$case) {
+      case "data": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "data", value: object.source.value };
+        }
+        break;
+      }
+      case "url": {
+        if (object.source?.value !== undefined && object.source?.value !== null) {
+          message.source = { $case: "url", value: object.source.value };
+        }
+        break;
+      }
+    }
+    message.mediaType = object.mediaType ?? "";
+    message.title = object.title ?? "";
+    return message;
+  },
+};
+
+function createBaseReasoningPart(): ReasoningPart {
+  return { text: "", signature: "", redactedData: "", providerType: "" };
+}
+
+export const ReasoningPart: MessageFns<ReasoningPart> = {
+  encode(message: ReasoningPart, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.text !== "") {
+      writer.uint32(10).string(message.text);
+    }
+    if (message.signature !== "") {
+      writer.uint32(18).string(message.signature);
+    }
+    if (message.redactedData !== "") {
+      writer.uint32(26).string(message.redactedData);
+    }
+    if (message.providerType !== "") {
+      writer.uint32(34).string(message.providerType);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReasoningPart {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReasoningPart();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.text = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.signature = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.redactedData = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.providerType = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReasoningPart {
+    return {
+      text: isSet(object.text) ? globalThis.String(object.text) : "",
+      signature: isSet(object.signature) ? globalThis.String(object.signature) : "",
+      redactedData: isSet(object.redactedData)
+        ? globalThis.String(object.redactedData)
+        : isSet(object.redacted_data)
+        ? globalThis.String(object.redacted_data)
+        : "",
+      providerType: isSet(object.providerType)
+        ? globalThis.String(object.providerType)
+        : isSet(object.provider_type)
+        ? globalThis.String(object.provider_type)
+        : "",
+    };
+  },
+
+  toJSON(message: ReasoningPart): unknown {
+    const obj: any = {};
+    if (message.text !== "") {
+      obj.text = message.text;
+    }
+    if (message.signature !== "") {
+      obj.signature = message.signature;
+    }
+    if (message.redactedData !== "") {
+      obj.redactedData = message.redactedData;
+    }
+    if (message.providerType !== "") {
+      obj.providerType = message.providerType;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReasoningPart>): ReasoningPart {
+    return ReasoningPart.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReasoningPart>): ReasoningPart {
+    const message = createBaseReasoningPart();
+    message.text = object.text ?? "";
+    message.signature = object.signature ?? "";
+    message.redactedData = object.redactedData ?? "";
+    message.providerType = object.providerType ?? "";
+    return message;
+  },
+};
+
+function createBaseCacheControl(): CacheControl {
+  return { ttl: 0 };
+}
+
+export const CacheControl: MessageFns<CacheControl> = {
+  encode(message: CacheControl, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ttl !== 0) {
+      writer.uint32(8).int32(message.ttl);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CacheControl {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCacheControl();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.ttl = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CacheControl {
+    return { ttl: isSet(object.ttl) ? cacheTtlFromJSON(object.ttl) : 0 };
+  },
+
+  toJSON(message: CacheControl): unknown {
+    const obj: any = {};
+    if (message.ttl !== 0) {
+      obj.ttl = cacheTtlToJSON(message.ttl);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CacheControl>): CacheControl {
+    return CacheControl.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CacheControl>): CacheControl {
+    const message = createBaseCacheControl();
+    message.ttl = object.ttl ?? 0;
+    return message;
+  },
+};
+
 function createBaseContentPart(): ContentPart {
-  return { part: undefined };
+  return { part: undefined, cacheControl: undefined };
 }
 
 export const ContentPart: MessageFns<ContentPart> = {
@@ -957,6 +1593,15 @@ export const ContentPart: MessageFns<ContentPart> = {
       case "image":
         Image.encode(message.part.value, writer.uint32(18).fork()).join();
         break;
+      case "document":
+        Document.encode(message.part.value, writer.uint32(26).fork()).join();
+        break;
+      case "reasoning":
+        ReasoningPart.encode(message.part.value, writer.uint32(34).fork()).join();
+        break;
+    }
+    if (message.cacheControl !== undefined) {
+      CacheControl.encode(message.cacheControl, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -990,6 +1635,30 @@ export const ContentPart: MessageFns<ContentPart> = {
             message.part = { $case: "image", value: Image.decode(reader, reader.uint32()) };
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.part = { $case: "document", value: Document.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.part = { $case: "reasoning", value: ReasoningPart.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.cacheControl = CacheControl.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1008,6 +1677,15 @@ export const ContentPart: MessageFns<ContentPart> = {
         ? { $case: "text", value: globalThis.String(object.text) }
         : isSet(object.image)
         ? { $case: "image", value: Image.fromJSON(object.image) }
+        : isSet(object.document)
+        ? { $case: "document", value: Document.fromJSON(object.document) }
+        : isSet(object.reasoning)
+        ? { $case: "reasoning", value: ReasoningPart.fromJSON(object.reasoning) }
+        : undefined,
+      cacheControl: isSet(object.cacheControl)
+        ? CacheControl.fromJSON(object.cacheControl)
+        : isSet(object.cache_control)
+        ? CacheControl.fromJSON(object.cache_control)
         : undefined,
     };
   },
@@ -1018,6 +1696,13 @@ export const ContentPart: MessageFns<ContentPart> = {
       obj.text = message.part.value;
     } else if (message.part?.$case === "image") {
       obj.image = Image.toJSON(message.part.value);
+    } else if (message.part?.$case === "document") {
+      obj.document = Document.toJSON(message.part.value);
+    } else if (message.part?.$case === "reasoning") {
+      obj.reasoning = ReasoningPart.toJSON(message.part.value);
+    }
+    if (message.cacheControl !== undefined) {
+      obj.cacheControl = CacheControl.toJSON(message.cacheControl);
     }
     return obj;
   },
@@ -1040,7 +1725,22 @@ export const ContentPart: MessageFns<ContentPart> = {
         }
         break;
       }
+      case "document": {
+        if (object.part?.value !== undefined && object.part?.value !== null) {
+          message.part = { $case: "document", value: Document.fromPartial(object.part.value) };
+        }
+        break;
+      }
+      case "reasoning": {
+        if (object.part?.value !== undefined && object.part?.value !== null) {
+          message.part = { $case: "reasoning", value: ReasoningPart.fromPartial(object.part.value) };
+        }
+        break;
+      }
     }
+    message.cacheControl = (object.cacheControl !== undefined && object.cacheControl !== null)
+      ? CacheControl.fromPartial(object.cacheControl)
+      : undefined;
     return message;
   },
 };
@@ -1292,7 +1992,7 @@ export const Message: MessageFns<Message> = {
 };
 
 function createBaseTool(): Tool {
-  return { name: "", description: "", parameters: undefined };
+  return { name: "", description: "", parameters: undefined, strict: false, cacheControl: undefined };
 }
 
 export const Tool: MessageFns<Tool> = {
@@ -1305,6 +2005,12 @@ export const Tool: MessageFns<Tool> = {
     }
     if (message.parameters !== undefined) {
       Struct.encode(Struct.wrap(message.parameters), writer.uint32(26).fork()).join();
+    }
+    if (message.strict !== false) {
+      writer.uint32(32).bool(message.strict);
+    }
+    if (message.cacheControl !== undefined) {
+      CacheControl.encode(message.cacheControl, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -1346,6 +2052,22 @@ export const Tool: MessageFns<Tool> = {
             message.parameters = Struct.unwrap(Struct.decode(reader, reader.uint32()));
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.strict = reader.bool();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.cacheControl = CacheControl.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1363,6 +2085,12 @@ export const Tool: MessageFns<Tool> = {
       name: isSet(object.name) ? globalThis.String(object.name) : "",
       description: isSet(object.description) ? globalThis.String(object.description) : "",
       parameters: isObject(object.parameters) ? object.parameters : undefined,
+      strict: isSet(object.strict) ? globalThis.Boolean(object.strict) : false,
+      cacheControl: isSet(object.cacheControl)
+        ? CacheControl.fromJSON(object.cacheControl)
+        : isSet(object.cache_control)
+        ? CacheControl.fromJSON(object.cache_control)
+        : undefined,
     };
   },
 
@@ -1377,6 +2105,12 @@ export const Tool: MessageFns<Tool> = {
     if (message.parameters !== undefined) {
       obj.parameters = message.parameters;
     }
+    if (message.strict !== false) {
+      obj.strict = message.strict;
+    }
+    if (message.cacheControl !== undefined) {
+      obj.cacheControl = CacheControl.toJSON(message.cacheControl);
+    }
     return obj;
   },
 
@@ -1388,6 +2122,10 @@ export const Tool: MessageFns<Tool> = {
     message.name = object.name ?? "";
     message.description = object.description ?? "";
     message.parameters = object.parameters ?? undefined;
+    message.strict = object.strict ?? false;
+    message.cacheControl = (object.cacheControl !== undefined && object.cacheControl !== null)
+      ? CacheControl.fromPartial(object.cacheControl)
+      : undefined;
     return message;
   },
 };
@@ -1481,6 +2219,247 @@ export const ToolChoice: MessageFns<ToolChoice> = {
   },
 };
 
+function createBaseJsonSchema(): JsonSchema {
+  return { name: "", description: "", schema: undefined, strict: false };
+}
+
+export const JsonSchema: MessageFns<JsonSchema> = {
+  encode(message: JsonSchema, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.description !== "") {
+      writer.uint32(18).string(message.description);
+    }
+    if (message.schema !== undefined) {
+      Struct.encode(Struct.wrap(message.schema), writer.uint32(26).fork()).join();
+    }
+    if (message.strict !== false) {
+      writer.uint32(32).bool(message.strict);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): JsonSchema {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseJsonSchema();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.description = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.schema = Struct.unwrap(Struct.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.strict = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): JsonSchema {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      description: isSet(object.description) ? globalThis.String(object.description) : "",
+      schema: isObject(object.schema) ? object.schema : undefined,
+      strict: isSet(object.strict) ? globalThis.Boolean(object.strict) : false,
+    };
+  },
+
+  toJSON(message: JsonSchema): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.description !== "") {
+      obj.description = message.description;
+    }
+    if (message.schema !== undefined) {
+      obj.schema = message.schema;
+    }
+    if (message.strict !== false) {
+      obj.strict = message.strict;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<JsonSchema>): JsonSchema {
+    return JsonSchema.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<JsonSchema>): JsonSchema {
+    const message = createBaseJsonSchema();
+    message.name = object.name ?? "";
+    message.description = object.description ?? "";
+    message.schema = object.schema ?? undefined;
+    message.strict = object.strict ?? false;
+    return message;
+  },
+};
+
+function createBaseReasoning(): Reasoning {
+  return { mode: undefined };
+}
+
+export const Reasoning: MessageFns<Reasoning> = {
+  encode(message: Reasoning, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.mode?.$case) {
+      case "effort":
+        writer.uint32(8).int32(message.mode.value);
+        break;
+      case "budgetTokens":
+        writer.uint32(16).int32(message.mode.value);
+        break;
+      case "disabled":
+        writer.uint32(24).bool(message.mode.value);
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Reasoning {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReasoning();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.mode = { $case: "effort", value: reader.int32() as any };
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.mode = { $case: "budgetTokens", value: reader.int32() };
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.mode = { $case: "disabled", value: reader.bool() };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Reasoning {
+    return {
+      mode: isSet(object.effort)
+        ? { $case: "effort", value: reasoningEffortFromJSON(object.effort) }
+        : isSet(object.budgetTokens)
+        ? { $case: "budgetTokens", value: globalThis.Number(object.budgetTokens) }
+        : isSet(object.budget_tokens)
+        ? { $case: "budgetTokens", value: globalThis.Number(object.budget_tokens) }
+        : isSet(object.disabled)
+        ? { $case: "disabled", value: globalThis.Boolean(object.disabled) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: Reasoning): unknown {
+    const obj: any = {};
+    if (message.mode?.$case === "effort") {
+      obj.effort = reasoningEffortToJSON(message.mode.value);
+    } else if (message.mode?.$case === "budgetTokens") {
+      obj.budgetTokens = Math.round(message.mode.value);
+    } else if (message.mode?.$case === "disabled") {
+      obj.disabled = message.mode.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Reasoning>): Reasoning {
+    return Reasoning.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Reasoning>): Reasoning {
+    const message = createBaseReasoning();
+    switch (object.mode?.$case) {
+      case "effort": {
+        if (object.mode?.value !== undefined && object.mode?.value !== null) {
+          message.mode = { $case: "effort", value: object.mode.value };
+        }
+        break;
+      }
+      case "budgetTokens": {
+        if (object.mode?.value !== undefined && object.mode?.value !== null) {
+          message.mode = { $case: "budgetTokens", value: object.mode.value };
+        }
+        break;
+      }
+      case "disabled": {
+        if (object.mode?.value !== undefined && object.mode?.value !== null) {
+          message.mode = { $case: "disabled", value: object.mode.value };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
 function createBaseGenerationParams(): GenerationParams {
   return {
     temperature: undefined,
@@ -1489,6 +2468,8 @@ function createBaseGenerationParams(): GenerationParams {
     stop: [],
     seed: undefined,
     responseFormat: 0,
+    jsonSchema: undefined,
+    reasoning: undefined,
   };
 }
 
@@ -1511,6 +2492,12 @@ export const GenerationParams: MessageFns<GenerationParams> = {
     }
     if (message.responseFormat !== 0) {
       writer.uint32(48).int32(message.responseFormat);
+    }
+    if (message.jsonSchema !== undefined) {
+      JsonSchema.encode(message.jsonSchema, writer.uint32(58).fork()).join();
+    }
+    if (message.reasoning !== undefined) {
+      Reasoning.encode(message.reasoning, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -1576,6 +2563,22 @@ export const GenerationParams: MessageFns<GenerationParams> = {
             message.responseFormat = reader.int32() as any;
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.jsonSchema = JsonSchema.decode(reader, reader.uint32());
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.reasoning = Reasoning.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1608,6 +2611,12 @@ export const GenerationParams: MessageFns<GenerationParams> = {
         : isSet(object.response_format)
         ? responseFormatFromJSON(object.response_format)
         : 0,
+      jsonSchema: isSet(object.jsonSchema)
+        ? JsonSchema.fromJSON(object.jsonSchema)
+        : isSet(object.json_schema)
+        ? JsonSchema.fromJSON(object.json_schema)
+        : undefined,
+      reasoning: isSet(object.reasoning) ? Reasoning.fromJSON(object.reasoning) : undefined,
     };
   },
 
@@ -1631,6 +2640,12 @@ export const GenerationParams: MessageFns<GenerationParams> = {
     if (message.responseFormat !== 0) {
       obj.responseFormat = responseFormatToJSON(message.responseFormat);
     }
+    if (message.jsonSchema !== undefined) {
+      obj.jsonSchema = JsonSchema.toJSON(message.jsonSchema);
+    }
+    if (message.reasoning !== undefined) {
+      obj.reasoning = Reasoning.toJSON(message.reasoning);
+    }
     return obj;
   },
 
@@ -1645,6 +2660,12 @@ export const GenerationParams: MessageFns<GenerationParams> = {
     message.stop = object.stop?.map((e) => e) || [];
     message.seed = object.seed ?? undefined;
     message.responseFormat = object.responseFormat ?? 0;
+    message.jsonSchema = (object.jsonSchema !== undefined && object.jsonSchema !== null)
+      ? JsonSchema.fromPartial(object.jsonSchema)
+      : undefined;
+    message.reasoning = (object.reasoning !== undefined && object.reasoning !== null)
+      ? Reasoning.fromPartial(object.reasoning)
+      : undefined;
     return message;
   },
 };
@@ -1658,6 +2679,8 @@ function createBaseRequirements(): Requirements {
     allowProviders: [],
     excludeProviders: [],
     preference: 0,
+    minDimensions: 0,
+    kind: 0,
   };
 }
 
@@ -1687,6 +2710,12 @@ export const Requirements: MessageFns<Requirements> = {
     }
     if (message.preference !== 0) {
       writer.uint32(56).int32(message.preference);
+    }
+    if (message.minDimensions !== 0) {
+      writer.uint32(64).int32(message.minDimensions);
+    }
+    if (message.kind !== 0) {
+      writer.uint32(72).int32(message.kind);
     }
     return writer;
   },
@@ -1770,6 +2799,22 @@ export const Requirements: MessageFns<Requirements> = {
             message.preference = reader.int32() as any;
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.minDimensions = reader.int32();
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.kind = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1813,6 +2858,12 @@ export const Requirements: MessageFns<Requirements> = {
         ? object.exclude_providers.map((e: any) => globalThis.String(e))
         : [],
       preference: isSet(object.preference) ? preferenceFromJSON(object.preference) : 0,
+      minDimensions: isSet(object.minDimensions)
+        ? globalThis.Number(object.minDimensions)
+        : isSet(object.min_dimensions)
+        ? globalThis.Number(object.min_dimensions)
+        : 0,
+      kind: isSet(object.kind) ? modelKindFromJSON(object.kind) : 0,
     };
   },
 
@@ -1839,6 +2890,12 @@ export const Requirements: MessageFns<Requirements> = {
     if (message.preference !== 0) {
       obj.preference = preferenceToJSON(message.preference);
     }
+    if (message.minDimensions !== 0) {
+      obj.minDimensions = Math.round(message.minDimensions);
+    }
+    if (message.kind !== 0) {
+      obj.kind = modelKindToJSON(message.kind);
+    }
     return obj;
   },
 
@@ -1854,6 +2911,8 @@ export const Requirements: MessageFns<Requirements> = {
     message.allowProviders = object.allowProviders?.map((e) => e) || [];
     message.excludeProviders = object.excludeProviders?.map((e) => e) || [];
     message.preference = object.preference ?? 0;
+    message.minDimensions = object.minDimensions ?? 0;
+    message.kind = object.kind ?? 0;
     return message;
   },
 };
@@ -1867,6 +2926,8 @@ function createBaseCompleteRequest(): CompleteRequest {
     params: undefined,
     requirements: undefined,
     fallbackModels: [],
+    metadata: undefined,
+    providerOptions: {},
   };
 }
 
@@ -1893,6 +2954,16 @@ export const CompleteRequest: MessageFns<CompleteRequest> = {
     for (const v of message.fallbackModels) {
       writer.uint32(58).string(v!);
     }
+    if (message.metadata !== undefined) {
+      RequestMetadata.encode(message.metadata, writer.uint32(66).fork()).join();
+    }
+    globalThis.Object.entries(message.providerOptions).forEach(
+      ([key, value]: [string, { [key: string]: any } | undefined]) => {
+        if (value !== undefined) {
+          CompleteRequest_ProviderOptionsEntry.encode({ key: key as any, value }, writer.uint32(74).fork()).join();
+        }
+      },
+    );
     return writer;
   },
 
@@ -1965,6 +3036,25 @@ export const CompleteRequest: MessageFns<CompleteRequest> = {
             message.fallbackModels.push(reader.string());
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.metadata = RequestMetadata.decode(reader, reader.uint32());
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            const entry9 = CompleteRequest_ProviderOptionsEntry.decode(reader, reader.uint32());
+            if (entry9.value !== undefined) {
+              message.providerOptions[entry9.key] = entry9.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1994,6 +3084,34 @@ export const CompleteRequest: MessageFns<CompleteRequest> = {
         : globalThis.Array.isArray(object?.fallback_models)
         ? object.fallback_models.map((e: any) => globalThis.String(e))
         : [],
+      metadata: isSet(object.metadata) ? RequestMetadata.fromJSON(object.metadata) : undefined,
+      providerOptions: isObject(object.providerOptions)
+        ? (globalThis.Object.entries(object.providerOptions) as [string, any][]).reduce(
+          (acc: { [key: string]: { [key: string]: any } | undefined }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: value as { [key: string]: any } | undefined,
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.provider_options)
+        ? (globalThis.Object.entries(object.provider_options) as [string, any][]).reduce(
+          (acc: { [key: string]: { [key: string]: any } | undefined }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: value as { [key: string]: any } | undefined,
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
     };
   },
 
@@ -2020,6 +3138,21 @@ export const CompleteRequest: MessageFns<CompleteRequest> = {
     if (message.fallbackModels?.length) {
       obj.fallbackModels = message.fallbackModels;
     }
+    if (message.metadata !== undefined) {
+      obj.metadata = RequestMetadata.toJSON(message.metadata);
+    }
+    if (message.providerOptions) {
+      const entries = globalThis.Object.entries(message.providerOptions) as [
+        string,
+        { [key: string]: any } | undefined,
+      ][];
+      if (entries.length > 0) {
+        obj.providerOptions = {};
+        entries.forEach(([k, v]) => {
+          obj.providerOptions[k] = v;
+        });
+      }
+    }
     return obj;
   },
 
@@ -2041,6 +3174,108 @@ export const CompleteRequest: MessageFns<CompleteRequest> = {
       ? Requirements.fromPartial(object.requirements)
       : undefined;
     message.fallbackModels = object.fallbackModels?.map((e) => e) || [];
+    message.metadata = (object.metadata !== undefined && object.metadata !== null)
+      ? RequestMetadata.fromPartial(object.metadata)
+      : undefined;
+    message.providerOptions =
+      (globalThis.Object.entries(object.providerOptions ?? {}) as [string, { [key: string]: any } | undefined][])
+        .reduce(
+          (
+            acc: { [key: string]: { [key: string]: any } | undefined },
+            [key, value]: [string, { [key: string]: any } | undefined],
+          ) => {
+            if (value !== undefined) {
+              acc[key] = value;
+            }
+            return acc;
+          },
+          {},
+        );
+    return message;
+  },
+};
+
+function createBaseCompleteRequest_ProviderOptionsEntry(): CompleteRequest_ProviderOptionsEntry {
+  return { key: "", value: undefined };
+}
+
+export const CompleteRequest_ProviderOptionsEntry: MessageFns<CompleteRequest_ProviderOptionsEntry> = {
+  encode(message: CompleteRequest_ProviderOptionsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== undefined) {
+      Struct.encode(Struct.wrap(message.value), writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CompleteRequest_ProviderOptionsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCompleteRequest_ProviderOptionsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = Struct.unwrap(Struct.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CompleteRequest_ProviderOptionsEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isObject(object.value) ? object.value : undefined,
+    };
+  },
+
+  toJSON(message: CompleteRequest_ProviderOptionsEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== undefined) {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<CompleteRequest_ProviderOptionsEntry>): CompleteRequest_ProviderOptionsEntry {
+    return CompleteRequest_ProviderOptionsEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<CompleteRequest_ProviderOptionsEntry>): CompleteRequest_ProviderOptionsEntry {
+    const message = createBaseCompleteRequest_ProviderOptionsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? undefined;
     return message;
   },
 };
@@ -2054,6 +3289,8 @@ function createBaseStreamCompleteRequest(): StreamCompleteRequest {
     params: undefined,
     requirements: undefined,
     fallbackModels: [],
+    metadata: undefined,
+    providerOptions: {},
   };
 }
 
@@ -2080,6 +3317,17 @@ export const StreamCompleteRequest: MessageFns<StreamCompleteRequest> = {
     for (const v of message.fallbackModels) {
       writer.uint32(58).string(v!);
     }
+    if (message.metadata !== undefined) {
+      RequestMetadata.encode(message.metadata, writer.uint32(66).fork()).join();
+    }
+    globalThis.Object.entries(message.providerOptions).forEach(
+      ([key, value]: [string, { [key: string]: any } | undefined]) => {
+        if (value !== undefined) {
+          StreamCompleteRequest_ProviderOptionsEntry.encode({ key: key as any, value }, writer.uint32(74).fork())
+            .join();
+        }
+      },
+    );
     return writer;
   },
 
@@ -2152,6 +3400,25 @@ export const StreamCompleteRequest: MessageFns<StreamCompleteRequest> = {
             message.fallbackModels.push(reader.string());
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.metadata = RequestMetadata.decode(reader, reader.uint32());
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            const entry9 = StreamCompleteRequest_ProviderOptionsEntry.decode(reader, reader.uint32());
+            if (entry9.value !== undefined) {
+              message.providerOptions[entry9.key] = entry9.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2181,6 +3448,34 @@ export const StreamCompleteRequest: MessageFns<StreamCompleteRequest> = {
         : globalThis.Array.isArray(object?.fallback_models)
         ? object.fallback_models.map((e: any) => globalThis.String(e))
         : [],
+      metadata: isSet(object.metadata) ? RequestMetadata.fromJSON(object.metadata) : undefined,
+      providerOptions: isObject(object.providerOptions)
+        ? (globalThis.Object.entries(object.providerOptions) as [string, any][]).reduce(
+          (acc: { [key: string]: { [key: string]: any } | undefined }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: value as { [key: string]: any } | undefined,
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.provider_options)
+        ? (globalThis.Object.entries(object.provider_options) as [string, any][]).reduce(
+          (acc: { [key: string]: { [key: string]: any } | undefined }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: value as { [key: string]: any } | undefined,
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
     };
   },
 
@@ -2207,6 +3502,21 @@ export const StreamCompleteRequest: MessageFns<StreamCompleteRequest> = {
     if (message.fallbackModels?.length) {
       obj.fallbackModels = message.fallbackModels;
     }
+    if (message.metadata !== undefined) {
+      obj.metadata = RequestMetadata.toJSON(message.metadata);
+    }
+    if (message.providerOptions) {
+      const entries = globalThis.Object.entries(message.providerOptions) as [
+        string,
+        { [key: string]: any } | undefined,
+      ][];
+      if (entries.length > 0) {
+        obj.providerOptions = {};
+        entries.forEach(([k, v]) => {
+          obj.providerOptions[k] = v;
+        });
+      }
+    }
     return obj;
   },
 
@@ -2228,12 +3538,413 @@ export const StreamCompleteRequest: MessageFns<StreamCompleteRequest> = {
       ? Requirements.fromPartial(object.requirements)
       : undefined;
     message.fallbackModels = object.fallbackModels?.map((e) => e) || [];
+    message.metadata = (object.metadata !== undefined && object.metadata !== null)
+      ? RequestMetadata.fromPartial(object.metadata)
+      : undefined;
+    message.providerOptions =
+      (globalThis.Object.entries(object.providerOptions ?? {}) as [string, { [key: string]: any } | undefined][])
+        .reduce(
+          (
+            acc: { [key: string]: { [key: string]: any } | undefined },
+            [key, value]: [string, { [key: string]: any } | undefined],
+          ) => {
+            if (value !== undefined) {
+              acc[key] = value;
+            }
+            return acc;
+          },
+          {},
+        );
+    return message;
+  },
+};
+
+function createBaseStreamCompleteRequest_ProviderOptionsEntry(): StreamCompleteRequest_ProviderOptionsEntry {
+  return { key: "", value: undefined };
+}
+
+export const StreamCompleteRequest_ProviderOptionsEntry: MessageFns<StreamCompleteRequest_ProviderOptionsEntry> = {
+  encode(message: StreamCompleteRequest_ProviderOptionsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== undefined) {
+      Struct.encode(Struct.wrap(message.value), writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StreamCompleteRequest_ProviderOptionsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStreamCompleteRequest_ProviderOptionsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = Struct.unwrap(Struct.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StreamCompleteRequest_ProviderOptionsEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isObject(object.value) ? object.value : undefined,
+    };
+  },
+
+  toJSON(message: StreamCompleteRequest_ProviderOptionsEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== undefined) {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StreamCompleteRequest_ProviderOptionsEntry>): StreamCompleteRequest_ProviderOptionsEntry {
+    return StreamCompleteRequest_ProviderOptionsEntry.fromPartial(base ?? {});
+  },
+  fromPartial(
+    object: DeepPartial<StreamCompleteRequest_ProviderOptionsEntry>,
+  ): StreamCompleteRequest_ProviderOptionsEntry {
+    const message = createBaseStreamCompleteRequest_ProviderOptionsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? undefined;
+    return message;
+  },
+};
+
+function createBaseRequestMetadata(): RequestMetadata {
+  return { endUserId: "", tags: {} };
+}
+
+export const RequestMetadata: MessageFns<RequestMetadata> = {
+  encode(message: RequestMetadata, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.endUserId !== "") {
+      writer.uint32(10).string(message.endUserId);
+    }
+    globalThis.Object.entries(message.tags).forEach(([key, value]: [string, string]) => {
+      RequestMetadata_TagsEntry.encode({ key: key as any, value }, writer.uint32(18).fork()).join();
+    });
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RequestMetadata {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRequestMetadata();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.endUserId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            const entry2 = RequestMetadata_TagsEntry.decode(reader, reader.uint32());
+            if (entry2.value !== undefined) {
+              message.tags[entry2.key] = entry2.value;
+            }
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RequestMetadata {
+    return {
+      endUserId: isSet(object.endUserId)
+        ? globalThis.String(object.endUserId)
+        : isSet(object.end_user_id)
+        ? globalThis.String(object.end_user_id)
+        : "",
+      tags: isObject(object.tags)
+        ? (globalThis.Object.entries(object.tags) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+    };
+  },
+
+  toJSON(message: RequestMetadata): unknown {
+    const obj: any = {};
+    if (message.endUserId !== "") {
+      obj.endUserId = message.endUserId;
+    }
+    if (message.tags) {
+      const entries = globalThis.Object.entries(message.tags) as [string, string][];
+      if (entries.length > 0) {
+        obj.tags = {};
+        entries.forEach(([k, v]) => {
+          obj.tags[k] = v;
+        });
+      }
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RequestMetadata>): RequestMetadata {
+    return RequestMetadata.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RequestMetadata>): RequestMetadata {
+    const message = createBaseRequestMetadata();
+    message.endUserId = object.endUserId ?? "";
+    message.tags = (globalThis.Object.entries(object.tags ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    return message;
+  },
+};
+
+function createBaseRequestMetadata_TagsEntry(): RequestMetadata_TagsEntry {
+  return { key: "", value: "" };
+}
+
+export const RequestMetadata_TagsEntry: MessageFns<RequestMetadata_TagsEntry> = {
+  encode(message: RequestMetadata_TagsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RequestMetadata_TagsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRequestMetadata_TagsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RequestMetadata_TagsEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: RequestMetadata_TagsEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RequestMetadata_TagsEntry>): RequestMetadata_TagsEntry {
+    return RequestMetadata_TagsEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RequestMetadata_TagsEntry>): RequestMetadata_TagsEntry {
+    const message = createBaseRequestMetadata_TagsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseRefusal(): Refusal {
+  return { explanation: "", category: "" };
+}
+
+export const Refusal: MessageFns<Refusal> = {
+  encode(message: Refusal, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.explanation !== "") {
+      writer.uint32(10).string(message.explanation);
+    }
+    if (message.category !== "") {
+      writer.uint32(18).string(message.category);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Refusal {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRefusal();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.explanation = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.category = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Refusal {
+    return {
+      explanation: isSet(object.explanation) ? globalThis.String(object.explanation) : "",
+      category: isSet(object.category) ? globalThis.String(object.category) : "",
+    };
+  },
+
+  toJSON(message: Refusal): unknown {
+    const obj: any = {};
+    if (message.explanation !== "") {
+      obj.explanation = message.explanation;
+    }
+    if (message.category !== "") {
+      obj.category = message.category;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Refusal>): Refusal {
+    return Refusal.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Refusal>): Refusal {
+    const message = createBaseRefusal();
+    message.explanation = object.explanation ?? "";
+    message.category = object.category ?? "";
     return message;
   },
 };
 
 function createBaseUsage(): Usage {
-  return { inputTokens: 0, outputTokens: 0, cachedInputTokens: 0, cacheWriteInputTokens: 0, estimated: false };
+  return {
+    inputTokens: 0,
+    outputTokens: 0,
+    cachedInputTokens: 0,
+    cacheWriteInputTokens: 0,
+    estimated: false,
+    reasoningTokens: 0,
+    cacheWrite1hInputTokens: 0,
+  };
 }
 
 export const Usage: MessageFns<Usage> = {
@@ -2252,6 +3963,12 @@ export const Usage: MessageFns<Usage> = {
     }
     if (message.estimated !== false) {
       writer.uint32(40).bool(message.estimated);
+    }
+    if (message.reasoningTokens !== 0) {
+      writer.uint32(48).int64(message.reasoningTokens);
+    }
+    if (message.cacheWrite1hInputTokens !== 0) {
+      writer.uint32(56).int64(message.cacheWrite1hInputTokens);
     }
     return writer;
   },
@@ -2309,6 +4026,22 @@ export const Usage: MessageFns<Usage> = {
             message.estimated = reader.bool();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.reasoningTokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.cacheWrite1hInputTokens = longToNumber(reader.int64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2344,6 +4077,16 @@ export const Usage: MessageFns<Usage> = {
         ? globalThis.Number(object.cache_write_input_tokens)
         : 0,
       estimated: isSet(object.estimated) ? globalThis.Boolean(object.estimated) : false,
+      reasoningTokens: isSet(object.reasoningTokens)
+        ? globalThis.Number(object.reasoningTokens)
+        : isSet(object.reasoning_tokens)
+        ? globalThis.Number(object.reasoning_tokens)
+        : 0,
+      cacheWrite1hInputTokens: isSet(object.cacheWrite1hInputTokens)
+        ? globalThis.Number(object.cacheWrite1hInputTokens)
+        : isSet(object.cache_write_1h_input_tokens)
+        ? globalThis.Number(object.cache_write_1h_input_tokens)
+        : 0,
     };
   },
 
@@ -2364,6 +4107,12 @@ export const Usage: MessageFns<Usage> = {
     if (message.estimated !== false) {
       obj.estimated = message.estimated;
     }
+    if (message.reasoningTokens !== 0) {
+      obj.reasoningTokens = Math.round(message.reasoningTokens);
+    }
+    if (message.cacheWrite1hInputTokens !== 0) {
+      obj.cacheWrite1hInputTokens = Math.round(message.cacheWrite1hInputTokens);
+    }
     return obj;
   },
 
@@ -2377,6 +4126,8 @@ export const Usage: MessageFns<Usage> = {
     message.cachedInputTokens = object.cachedInputTokens ?? 0;
     message.cacheWriteInputTokens = object.cacheWriteInputTokens ?? 0;
     message.estimated = object.estimated ?? false;
+    message.reasoningTokens = object.reasoningTokens ?? 0;
+    message.cacheWrite1hInputTokens = object.cacheWrite1hInputTokens ?? 0;
     return message;
   },
 };
@@ -2519,6 +4270,7 @@ function createBaseCompleteResponse(): CompleteResponse {
     finishReason: 0,
     usage: undefined,
     cost: undefined,
+    refusal: undefined,
   };
 }
 
@@ -2544,6 +4296,9 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
     }
     if (message.cost !== undefined) {
       Cost.encode(message.cost, writer.uint32(58).fork()).join();
+    }
+    if (message.refusal !== undefined) {
+      Refusal.encode(message.refusal, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -2617,6 +4372,14 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
             message.cost = Cost.decode(reader, reader.uint32());
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.refusal = Refusal.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2646,6 +4409,7 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
         : 0,
       usage: isSet(object.usage) ? Usage.fromJSON(object.usage) : undefined,
       cost: isSet(object.cost) ? Cost.fromJSON(object.cost) : undefined,
+      refusal: isSet(object.refusal) ? Refusal.fromJSON(object.refusal) : undefined,
     };
   },
 
@@ -2672,6 +4436,9 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
     if (message.cost !== undefined) {
       obj.cost = Cost.toJSON(message.cost);
     }
+    if (message.refusal !== undefined) {
+      obj.refusal = Refusal.toJSON(message.refusal);
+    }
     return obj;
   },
 
@@ -2689,12 +4456,15 @@ export const CompleteResponse: MessageFns<CompleteResponse> = {
     message.finishReason = object.finishReason ?? 0;
     message.usage = (object.usage !== undefined && object.usage !== null) ? Usage.fromPartial(object.usage) : undefined;
     message.cost = (object.cost !== undefined && object.cost !== null) ? Cost.fromPartial(object.cost) : undefined;
+    message.refusal = (object.refusal !== undefined && object.refusal !== null)
+      ? Refusal.fromPartial(object.refusal)
+      : undefined;
     return message;
   },
 };
 
 function createBaseStreamStart(): StreamStart {
-  return { requestId: "", model: "", provider: "" };
+  return { requestId: "", model: "", provider: "", providerType: "" };
 }
 
 export const StreamStart: MessageFns<StreamStart> = {
@@ -2707,6 +4477,9 @@ export const StreamStart: MessageFns<StreamStart> = {
     }
     if (message.provider !== "") {
       writer.uint32(26).string(message.provider);
+    }
+    if (message.providerType !== "") {
+      writer.uint32(34).string(message.providerType);
     }
     return writer;
   },
@@ -2748,6 +4521,14 @@ export const StreamStart: MessageFns<StreamStart> = {
             message.provider = reader.string();
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.providerType = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2769,6 +4550,11 @@ export const StreamStart: MessageFns<StreamStart> = {
         : "",
       model: isSet(object.model) ? globalThis.String(object.model) : "",
       provider: isSet(object.provider) ? globalThis.String(object.provider) : "",
+      providerType: isSet(object.providerType)
+        ? globalThis.String(object.providerType)
+        : isSet(object.provider_type)
+        ? globalThis.String(object.provider_type)
+        : "",
     };
   },
 
@@ -2783,6 +4569,9 @@ export const StreamStart: MessageFns<StreamStart> = {
     if (message.provider !== "") {
       obj.provider = message.provider;
     }
+    if (message.providerType !== "") {
+      obj.providerType = message.providerType;
+    }
     return obj;
   },
 
@@ -2794,6 +4583,128 @@ export const StreamStart: MessageFns<StreamStart> = {
     message.requestId = object.requestId ?? "";
     message.model = object.model ?? "";
     message.provider = object.provider ?? "";
+    message.providerType = object.providerType ?? "";
+    return message;
+  },
+};
+
+function createBaseReasoningDelta(): ReasoningDelta {
+  return { index: 0, text: "", signature: "", redactedData: "" };
+}
+
+export const ReasoningDelta: MessageFns<ReasoningDelta> = {
+  encode(message: ReasoningDelta, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.index !== 0) {
+      writer.uint32(8).int32(message.index);
+    }
+    if (message.text !== "") {
+      writer.uint32(18).string(message.text);
+    }
+    if (message.signature !== "") {
+      writer.uint32(26).string(message.signature);
+    }
+    if (message.redactedData !== "") {
+      writer.uint32(34).string(message.redactedData);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ReasoningDelta {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseReasoningDelta();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.index = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.text = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.signature = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.redactedData = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ReasoningDelta {
+    return {
+      index: isSet(object.index) ? globalThis.Number(object.index) : 0,
+      text: isSet(object.text) ? globalThis.String(object.text) : "",
+      signature: isSet(object.signature) ? globalThis.String(object.signature) : "",
+      redactedData: isSet(object.redactedData)
+        ? globalThis.String(object.redactedData)
+        : isSet(object.redacted_data)
+        ? globalThis.String(object.redacted_data)
+        : "",
+    };
+  },
+
+  toJSON(message: ReasoningDelta): unknown {
+    const obj: any = {};
+    if (message.index !== 0) {
+      obj.index = Math.round(message.index);
+    }
+    if (message.text !== "") {
+      obj.text = message.text;
+    }
+    if (message.signature !== "") {
+      obj.signature = message.signature;
+    }
+    if (message.redactedData !== "") {
+      obj.redactedData = message.redactedData;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ReasoningDelta>): ReasoningDelta {
+    return ReasoningDelta.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ReasoningDelta>): ReasoningDelta {
+    const message = createBaseReasoningDelta();
+    message.index = object.index ?? 0;
+    message.text = object.text ?? "";
+    message.signature = object.signature ?? "";
+    message.redactedData = object.redactedData ?? "";
     return message;
   },
 };
@@ -2987,7 +4898,7 @@ export const ToolCallDelta: MessageFns<ToolCallDelta> = {
 };
 
 function createBaseStreamEnd(): StreamEnd {
-  return { finishReason: 0, usage: undefined, cost: undefined };
+  return { finishReason: 0, usage: undefined, cost: undefined, refusal: undefined };
 }
 
 export const StreamEnd: MessageFns<StreamEnd> = {
@@ -3000,6 +4911,9 @@ export const StreamEnd: MessageFns<StreamEnd> = {
     }
     if (message.cost !== undefined) {
       Cost.encode(message.cost, writer.uint32(26).fork()).join();
+    }
+    if (message.refusal !== undefined) {
+      Refusal.encode(message.refusal, writer.uint32(34).fork()).join();
     }
     return writer;
   },
@@ -3041,6 +4955,14 @@ export const StreamEnd: MessageFns<StreamEnd> = {
             message.cost = Cost.decode(reader, reader.uint32());
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.refusal = Refusal.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3062,6 +4984,7 @@ export const StreamEnd: MessageFns<StreamEnd> = {
         : 0,
       usage: isSet(object.usage) ? Usage.fromJSON(object.usage) : undefined,
       cost: isSet(object.cost) ? Cost.fromJSON(object.cost) : undefined,
+      refusal: isSet(object.refusal) ? Refusal.fromJSON(object.refusal) : undefined,
     };
   },
 
@@ -3076,6 +4999,9 @@ export const StreamEnd: MessageFns<StreamEnd> = {
     if (message.cost !== undefined) {
       obj.cost = Cost.toJSON(message.cost);
     }
+    if (message.refusal !== undefined) {
+      obj.refusal = Refusal.toJSON(message.refusal);
+    }
     return obj;
   },
 
@@ -3087,6 +5013,9 @@ export const StreamEnd: MessageFns<StreamEnd> = {
     message.finishReason = object.finishReason ?? 0;
     message.usage = (object.usage !== undefined && object.usage !== null) ? Usage.fromPartial(object.usage) : undefined;
     message.cost = (object.cost !== undefined && object.cost !== null) ? Cost.fromPartial(object.cost) : undefined;
+    message.refusal = (object.refusal !== undefined && object.refusal !== null)
+      ? Refusal.fromPartial(object.refusal)
+      : undefined;
     return message;
   },
 };
@@ -3109,6 +5038,9 @@ export const StreamCompleteResponse: MessageFns<StreamCompleteResponse> = {
         break;
       case "end":
         StreamEnd.encode(message.event.value, writer.uint32(34).fork()).join();
+        break;
+      case "reasoningDelta":
+        ReasoningDelta.encode(message.event.value, writer.uint32(42).fork()).join();
         break;
     }
     return writer;
@@ -3159,6 +5091,14 @@ export const StreamCompleteResponse: MessageFns<StreamCompleteResponse> = {
             message.event = { $case: "end", value: StreamEnd.decode(reader, reader.uint32()) };
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.event = { $case: "reasoningDelta", value: ReasoningDelta.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3185,6 +5125,10 @@ export const StreamCompleteResponse: MessageFns<StreamCompleteResponse> = {
         ? { $case: "toolCallDelta", value: ToolCallDelta.fromJSON(object.tool_call_delta) }
         : isSet(object.end)
         ? { $case: "end", value: StreamEnd.fromJSON(object.end) }
+        : isSet(object.reasoningDelta)
+        ? { $case: "reasoningDelta", value: ReasoningDelta.fromJSON(object.reasoningDelta) }
+        : isSet(object.reasoning_delta)
+        ? { $case: "reasoningDelta", value: ReasoningDelta.fromJSON(object.reasoning_delta) }
         : undefined,
     };
   },
@@ -3199,6 +5143,8 @@ export const StreamCompleteResponse: MessageFns<StreamCompleteResponse> = {
       obj.toolCallDelta = ToolCallDelta.toJSON(message.event.value);
     } else if (message.event?.$case === "end") {
       obj.end = StreamEnd.toJSON(message.event.value);
+    } else if (message.event?.$case === "reasoningDelta") {
+      obj.reasoningDelta = ReasoningDelta.toJSON(message.event.value);
     }
     return obj;
   },
@@ -3230,6 +5176,12 @@ export const StreamCompleteResponse: MessageFns<StreamCompleteResponse> = {
       case "end": {
         if (object.event?.value !== undefined && object.event?.value !== null) {
           message.event = { $case: "end", value: StreamEnd.fromPartial(object.event.value) };
+        }
+        break;
+      }
+      case "reasoningDelta": {
+        if (object.event?.value !== undefined && object.event?.value !== null) {
+          message.event = { $case: "reasoningDelta", value: ReasoningDelta.fromPartial(object.event.value) };
         }
         break;
       }
@@ -4735,7 +6687,7 @@ export const SelectModelResponse: MessageFns<SelectModelResponse> = {
 };
 
 function createBaseEmbedRequest(): EmbedRequest {
-  return { model: "", inputs: [], dimensions: undefined, fallbackModels: [] };
+  return { model: "", inputs: [], dimensions: undefined, fallbackModels: [], requirements: undefined };
 }
 
 export const EmbedRequest: MessageFns<EmbedRequest> = {
@@ -4751,6 +6703,9 @@ export const EmbedRequest: MessageFns<EmbedRequest> = {
     }
     for (const v of message.fallbackModels) {
       writer.uint32(34).string(v!);
+    }
+    if (message.requirements !== undefined) {
+      Requirements.encode(message.requirements, writer.uint32(42).fork()).join();
     }
     return writer;
   },
@@ -4800,6 +6755,14 @@ export const EmbedRequest: MessageFns<EmbedRequest> = {
             message.fallbackModels.push(reader.string());
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.requirements = Requirements.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4822,6 +6785,7 @@ export const EmbedRequest: MessageFns<EmbedRequest> = {
         : globalThis.Array.isArray(object?.fallback_models)
         ? object.fallback_models.map((e: any) => globalThis.String(e))
         : [],
+      requirements: isSet(object.requirements) ? Requirements.fromJSON(object.requirements) : undefined,
     };
   },
 
@@ -4839,6 +6803,9 @@ export const EmbedRequest: MessageFns<EmbedRequest> = {
     if (message.fallbackModels?.length) {
       obj.fallbackModels = message.fallbackModels;
     }
+    if (message.requirements !== undefined) {
+      obj.requirements = Requirements.toJSON(message.requirements);
+    }
     return obj;
   },
 
@@ -4851,6 +6818,9 @@ export const EmbedRequest: MessageFns<EmbedRequest> = {
     message.inputs = object.inputs?.map((e) => e) || [];
     message.dimensions = object.dimensions ?? undefined;
     message.fallbackModels = object.fallbackModels?.map((e) => e) || [];
+    message.requirements = (object.requirements !== undefined && object.requirements !== null)
+      ? Requirements.fromPartial(object.requirements)
+      : undefined;
     return message;
   },
 };
