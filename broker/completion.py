@@ -67,6 +67,8 @@ from broker.types import (
     Output,
     Permissions,
     ProgressEvent,
+    ReasoningDeltaEvent,
+    ReasoningPart,
     Started,
     StartEvent,
     TextDeltaEvent,
@@ -94,6 +96,9 @@ _CAPABILITY_WORDS = {
     Capability.VISION: "vision (image input)",
     Capability.TOOLS: "tools",
     Capability.JSON_MODE: "JSON mode",
+    Capability.REASONING: "reasoning (thinking that can be asked for)",
+    Capability.STRUCTURED_OUTPUTS: "structured outputs (JSON schema, strict tools)",
+    Capability.DOCUMENTS: "documents (PDF input)",
 }
 
 
@@ -485,6 +490,7 @@ class _Reading:
         self.t0 = time.monotonic()
         request = call.upstream(
             target.model,
+            provider_type=cfg.type,
             # Not the model's maximum (64,000 for claude-sonnet-4-5): the provider's configured
             # default, or the protocol's own rule, capped by the model's max output.
             default_max_tokens=cfg.default_max_tokens,
@@ -578,10 +584,14 @@ class _Reading:
                 # Zeros would pass for counts (and bill nothing): estimate, labelled so.
                 usage = estimated_usage(self.call, self.generated_chars)
             cost = compute_cost(self.target.spec.pricing, usage, local=self.target.state.local)
-            outs = [Finished(ev.finish_reason, usage, cost)]
+            outs = [Finished(ev.finish_reason, usage, cost, ev.refusal)]
         elif isinstance(ev, TextDeltaEvent):
             self.generated_chars += len(ev.text)
             outs = list(split_text(ev)) if len(ev.text) > MAX_DELTA_CHARS else [ev]
+        elif isinstance(ev, ReasoningDeltaEvent):
+            # Content: the caller sees it, so after it a failure is an interruption, not a fallback.
+            self.generated_chars += len(ev.text)
+            outs = list(split_reasoning(ev)) if len(ev.text) > MAX_DELTA_CHARS else [ev]
         else:
             self.generated_chars += len(ev.name) + len(ev.arguments_delta)
             outs = list(split_tool_call(ev)) if len(ev.arguments_delta) > MAX_DELTA_CHARS else [ev]
@@ -590,7 +600,12 @@ class _Reading:
             now = time.monotonic()
             self.record.first_token_at = now
             self.latency.observe(self.target.spec.id, now - self.t0)
-            outs.insert(0, Started(self.request_id, self.target.state.name, self.target.model))
+            outs.insert(
+                0,
+                Started(
+                    self.request_id, self.target.state.name, self.target.model, self.target.state.config.type
+                ),
+            )
         outs.reverse()
         first = outs.pop()
         self.pending = outs
@@ -681,6 +696,16 @@ def split_text(ev: TextDeltaEvent, size: int = MAX_DELTA_CHARS) -> list[TextDelt
     return [TextDeltaEvent(text[i : i + size]) for i in range(0, len(text), size)]
 
 
+def split_reasoning(ev: ReasoningDeltaEvent, size: int = MAX_DELTA_CHARS) -> list[ReasoningDeltaEvent]:
+    """An oversize reasoning delta as several of the same block; the signature (or redacted
+    data) stays on the last, where callers expect a block's end."""
+    text = ev.text
+    pieces = [text[i : i + size] for i in range(0, len(text), size)]
+    out = [ReasoningDeltaEvent(ev.index, p) for p in pieces[:-1]]
+    out.append(ReasoningDeltaEvent(ev.index, pieces[-1], ev.signature, ev.redacted_data))
+    return out
+
+
 def split_tool_call(ev: ToolCallDeltaEvent, size: int = MAX_DELTA_CHARS) -> list[ToolCallDeltaEvent]:
     """An oversize tool-call delta as several: the first keeps id and name, the rest carry
     argument fragments with the same index (which callers already concatenate)."""
@@ -718,6 +743,13 @@ class Held:
     def add(self, out: Output) -> None:
         if isinstance(out, TextDeltaEvent):
             self._merge(("text", 0), out.text)
+        elif isinstance(out, ReasoningDeltaEvent):
+            if out.text:
+                self._merge(("reasoning", out.index), out.text)
+            if out.signature or out.redacted_data:
+                self._flush()
+                self.size += _HELD_DELTA_OVERHEAD + len(out.signature) + len(out.redacted_data)
+                self._held.append(ReasoningDeltaEvent(out.index, "", out.signature, out.redacted_data))
         elif isinstance(out, ToolCallDeltaEvent):
             self.size += _HELD_DELTA_OVERHEAD
             if out.id or out.name:
@@ -756,6 +788,8 @@ class Held:
         kind, index = self._key
         if kind == "text":
             self._held.append(TextDeltaEvent(text))
+        elif kind == "reasoning":
+            self._held.append(ReasoningDeltaEvent(index, text))
         else:
             self._held.append(ToolCallDeltaEvent(index=index, arguments_delta=text))
         self._key = None
@@ -775,11 +809,15 @@ class Delivered:
     chunks: int = 0
     text_chars: int = 0
     tool_call_chars: int = 0
+    reasoning_chars: int = 0
 
     def add(self, out: Output) -> None:
         if isinstance(out, TextDeltaEvent):
             self.chunks += 1
             self.text_chars += len(out.text)
+        elif isinstance(out, ReasoningDeltaEvent):
+            self.chunks += 1
+            self.reasoning_chars += len(out.text)
         elif isinstance(out, ToolCallDeltaEvent):
             self.chunks += 1
             self.tool_call_chars += len(out.name) + len(out.arguments_delta)
@@ -818,9 +856,12 @@ def interrupted(
             "delivered_chunks": str(delivered.chunks),
             "delivered_text_chars": str(delivered.text_chars),
             "delivered_tool_call_chars": str(delivered.tool_call_chars),
+            "delivered_reasoning_chars": str(delivered.reasoning_chars),
             # The upstream reports usage only at the end; these are estimates from what was sent.
             "usage_input_tokens": str(estimated_tokens(prompt_chars(call))),
-            "usage_output_tokens": str(estimated_tokens(delivered.text_chars + delivered.tool_call_chars)),
+            "usage_output_tokens": str(
+                estimated_tokens(delivered.text_chars + delivered.tool_call_chars + delivered.reasoning_chars)
+            ),
             "usage_estimated": "true",
         },
     )
@@ -850,16 +891,32 @@ def all_breakers_open(skipped: list[Target]) -> errors.NoHealthyProvider:
 
 @dataclass(slots=True)
 class Accumulated:
+    """A unary answer built from the outputs. Content keeps the order the model produced it:
+    a new part begins whenever text follows reasoning or the reasoning block changes, so
+    [text, thinking, text] (Anthropic's adaptive mode) is sent back as it came."""
+
     started: Started | None = None
-    text: list[str] = field(default_factory=list)
+    # Runs of content: ("text", -1, [pieces]) or ("reasoning", index, [pieces, signature, data]).
+    runs: list[tuple[str, int, list[str]]] = field(default_factory=list)
     tool_calls: dict[int, list[str]] = field(default_factory=dict)  # index -> [id, name, args...]
     finished: Finished | None = None
 
     def add(self, out: Output) -> None:
-        if isinstance(out, Started):
+        if isinstance(out, TextDeltaEvent):
+            if out.text:
+                self._run("text", -1).append(out.text)
+        elif isinstance(out, ReasoningDeltaEvent):
+            run = self._run("reasoning", out.index)
+            if not run:
+                run.extend(("", ""))  # [signature, redacted data, text pieces...]
+            if out.signature:
+                run[0] = out.signature
+            if out.redacted_data:
+                run[1] = out.redacted_data
+            if out.text:
+                run.append(out.text)
+        elif isinstance(out, Started):
             self.started = out
-        elif isinstance(out, TextDeltaEvent):
-            self.text.append(out.text)
         elif isinstance(out, ToolCallDeltaEvent):
             parts = self.tool_calls.setdefault(out.index, ["", ""])
             if out.id:
@@ -870,6 +927,26 @@ class Accumulated:
                 parts.append(out.arguments_delta)
         elif isinstance(out, Finished):
             self.finished = out
+
+    def _run(self, kind: str, index: int) -> list[str]:
+        if self.runs and self.runs[-1][0] == kind and self.runs[-1][1] == index:
+            return self.runs[-1][2]
+        pieces: list[str] = []
+        self.runs.append((kind, index, pieces))
+        return pieces
+
+    def parts(self) -> list[TextPart | ReasoningPart]:
+        ptype = self.started.provider_type if self.started is not None else ""
+        out: list[TextPart | ReasoningPart] = []
+        for kind, _, pieces in self.runs:
+            if kind == "text":
+                out.append(TextPart("".join(pieces)))
+            else:
+                out.append(ReasoningPart("".join(pieces[2:]), pieces[0], pieces[1], ptype))
+        return out
+
+    def text(self) -> str:
+        return "".join("".join(p) for k, _, p in self.runs if k == "text")
 
     def calls(self) -> list[ToolCall]:
         return [

@@ -320,6 +320,9 @@ class ModelOverride(_Strict):
     vision: bool | None = None
     tools: bool | None = None
     json_mode: bool | None = None
+    reasoning: bool | None = None
+    structured_outputs: bool | None = None
+    documents: bool | None = None
     input_usd_per_mtok: float | None = Field(default=None, ge=0)
     output_usd_per_mtok: float | None = Field(default=None, ge=0)
     cached_input_usd_per_mtok: float | None = Field(default=None, ge=0)

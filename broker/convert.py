@@ -17,11 +17,12 @@ import hashlib
 import math
 import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf import struct_pb2
 
+from broker import convert_features as features
 from broker import errors
 from broker.types import (
     Capability,
@@ -36,6 +37,9 @@ from broker.types import (
     Message,
     ModelSpec,
     Output,
+    ReasoningDeltaEvent,
+    ReasoningPart,
+    Refusal,
     Requirements,
     ResponseFormat,
     Role,
@@ -111,11 +115,15 @@ _RESPONSE_FORMAT = {
     pb.RESPONSE_FORMAT_UNSPECIFIED: ResponseFormat.DEFAULT,
     pb.RESPONSE_FORMAT_TEXT: ResponseFormat.TEXT,
     pb.RESPONSE_FORMAT_JSON: ResponseFormat.JSON,
+    pb.RESPONSE_FORMAT_JSON_SCHEMA: ResponseFormat.JSON_SCHEMA,
 }
 CAPABILITY_FROM_PB = {
     pb.CAPABILITY_VISION: Capability.VISION,
     pb.CAPABILITY_TOOLS: Capability.TOOLS,
     pb.CAPABILITY_JSON_MODE: Capability.JSON_MODE,
+    pb.CAPABILITY_REASONING: Capability.REASONING,
+    pb.CAPABILITY_STRUCTURED_OUTPUTS: Capability.STRUCTURED_OUTPUTS,
+    pb.CAPABILITY_DOCUMENTS: Capability.DOCUMENTS,
 }
 CAPABILITY_TO_PB = {v: k for k, v in CAPABILITY_FROM_PB.items()}
 FINISH_TO_PB = {
@@ -124,6 +132,7 @@ FINISH_TO_PB = {
     FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
     FinishReason.CONTENT_FILTER: pb.FINISH_REASON_CONTENT_FILTER,
     FinishReason.OTHER: pb.FINISH_REASON_OTHER,
+    FinishReason.REFUSAL: pb.FINISH_REASON_REFUSAL,
 }
 _PREFERENCES = {
     pb.PREFERENCE_UNSPECIFIED: "priority",
@@ -158,7 +167,12 @@ def completion_from_proto(
     tools = _tools(req, v)
     tool_choice = _tool_choice(req, {t.name for t in tools}, v)
     params = params_from_proto(req.params, v) if req.HasField("params") else GenerationParams()
+    features.check_breakpoints(messages, tools, v)
+    metadata = features.metadata(req.metadata, v)
+    options = features.provider_options(req.provider_options, v, schema_from_proto)
     _fallbacks(req.fallback_models, v)
+    if requirements.min_dimensions or requirements.kind == "embedding":
+        v.append(("requirements", "min_dimensions and kind EMBEDDING select embedding models: use Embed"))
     if v:
         raise errors.InvalidRequest(v)
     return CompletionCall(
@@ -167,6 +181,8 @@ def completion_from_proto(
         tools=tools,
         tool_choice=tool_choice,
         params=params,
+        metadata=metadata,
+        provider_options=options,
         requirements=requirements,
         fallback_models=[f.strip() for f in req.fallback_models],
     )
@@ -176,9 +192,22 @@ def embed_from_proto(req: pb.EmbedRequest, *, max_message_bytes: int) -> EmbedCa
     """An EmbedRequest checked and bounded: a model, 1-2048 non-empty inputs of at most 1 MiB
     each and `max_message_bytes` together, dimensions 1-65536 when set."""
     v: list[tuple[str, str]] = []
-    if not req.model.strip():
-        v.append(("model", "required: name an embedding model (ListModels with kind MODEL_KIND_EMBEDDING)"))
-    else:
+    requirements = requirements_from_proto(req.requirements, "requirements", v)
+    if requirements.capabilities or requirements.min_context_window:
+        v.append(
+            ("requirements", "capabilities and min_context_window are for completions; use min_dimensions")
+        )
+    if requirements.kind == "chat":
+        v.append(("requirements.kind", "Embed selects embedding models: leave kind unset or EMBEDDING"))
+    if not req.model.strip() and not req.HasField("requirements"):
+        v.append(
+            (
+                "model",
+                "required: name an embedding model (ListModels with kind MODEL_KIND_EMBEDDING), "
+                "or give requirements (min_dimensions) to select one",
+            )
+        )
+    elif req.model.strip():
         _model_ref(req.model, "model", v)
     n = len(req.inputs)
     if n == 0:
@@ -207,6 +236,7 @@ def embed_from_proto(req: pb.EmbedRequest, *, max_message_bytes: int) -> EmbedCa
         inputs=tuple(req.inputs),
         dimensions=req.dimensions if req.HasField("dimensions") else None,
         fallback_models=tuple(f.strip() for f in req.fallback_models),
+        requirements=requirements,
     )
 
 
@@ -291,18 +321,36 @@ def _message(m: pb.Message, path: str, v: list[tuple[str, str]], max_bytes: int)
     for j, part in enumerate(m.content[:MAX_CONTENT_PARTS]):
         ppath = f"{path}.content[{j}]"
         kind = part.WhichOneof("part")
+        cache = features.cache_mark(part, ppath, v)
         if kind == "text":
-            parts.append(TextPart(part.text))
+            text_part = TextPart(part.text, cache)
+            features.empty_text_breakpoints(text_part, ppath, v)
+            parts.append(text_part)
             size += _utf8_len(part.text)
         elif kind == "image":
             if role in (Role.SYSTEM, Role.TOOL):
                 v.append(
                     (f"{ppath}.image", f"images are only allowed in user and assistant messages, not {role}")
                 )
-            parts.append(_image(part.image, f"{ppath}.image", v))
+            image = _image(part.image, f"{ppath}.image", v)
+            parts.append(replace(image, cache=cache) if cache is not None else image)
             size += len(part.image.data) + len(part.image.url)
+        elif kind == "document":
+            if role is not Role.USER:
+                v.append((f"{ppath}.document", f"documents are only allowed in user messages, not {role}"))
+            parts.append(features.document(part.document, f"{ppath}.document", v, cache))
+            size += len(part.document.data) + len(part.document.url)
+        elif kind == "reasoning":
+            if cache is not None:
+                v.append((f"{ppath}.cache_control", "reasoning parts cannot carry a cache breakpoint"))
+            parts.append(
+                features.reasoning_part(
+                    part.reasoning, f"{ppath}.reasoning", v, assistant=role is Role.ASSISTANT
+                )
+            )
+            size += features.reasoning_size(part.reasoning)
         else:
-            v.append((ppath, "set text or image"))
+            v.append((ppath, "set text, image, document or reasoning"))
     calls = []
     if len(m.tool_calls) > MAX_TOOL_CALLS_PER_MESSAGE:
         v.append(
@@ -384,7 +432,11 @@ def _tools(req: pb.CompleteRequest | pb.StreamCompleteRequest, v: list[tuple[str
             params = {"type": "object", "properties": {}}
         if params.get("type", "object") != "object":
             v.append((f"tools[{i}].parameters", "must be a JSON Schema of type object"))
-        tools.append(Tool(name=t.name, description=t.description, parameters=params))
+        features.tool_strict(t, params, f"tools[{i}]", v)
+        cache = features.cache_mark(t, f"tools[{i}]", v)
+        tools.append(
+            Tool(name=t.name, description=t.description, parameters=params, strict=t.strict, cache=cache)
+        )
     return tools
 
 
@@ -503,6 +555,19 @@ def params_from_proto(p: pb.GenerationParams, v: list[tuple[str, str]]) -> Gener
     if fmt is None:
         v.append(("params.response_format", f"unknown format {p.response_format}"))
         fmt = ResponseFormat.DEFAULT
+    json_schema = None
+    if p.HasField("json_schema"):
+        schema = schema_from_proto(p.json_schema.schema, "params.json_schema.schema", v)
+        json_schema = features.json_schema(p.json_schema, v, schema)
+        if fmt is ResponseFormat.DEFAULT:
+            fmt = ResponseFormat.JSON_SCHEMA
+        elif fmt is not ResponseFormat.JSON_SCHEMA:
+            v.append(
+                ("params.response_format", "must be RESPONSE_FORMAT_JSON_SCHEMA (or unset) with json_schema")
+            )
+    elif fmt is ResponseFormat.JSON_SCHEMA:
+        v.append(("params.json_schema", "required with RESPONSE_FORMAT_JSON_SCHEMA"))
+    reasoning = features.reasoning(p.reasoning, v) if p.HasField("reasoning") else None
     return GenerationParams(
         temperature=temperature,
         top_p=top_p,
@@ -510,6 +575,8 @@ def params_from_proto(p: pb.GenerationParams, v: list[tuple[str, str]]) -> Gener
         stop=tuple(p.stop),
         seed=p.seed if p.HasField("seed") else None,
         response_format=fmt,
+        json_schema=json_schema,
+        reasoning=reasoning,
     )
 
 
@@ -540,9 +607,21 @@ def requirements_from_proto(r: pb.Requirements, path: str, v: list[tuple[str, st
     if pref is None:
         v.append((f"{path}.preference", f"unknown preference {r.preference}"))
         pref = "priority"
+    if not 0 <= r.min_dimensions <= MAX_EMBED_DIMENSIONS:
+        v.append((f"{path}.min_dimensions", f"must be 0 to {MAX_EMBED_DIMENSIONS}, got {r.min_dimensions}"))
+    kind = KIND_FROM_PB.get(r.kind)
+    if kind is None:
+        v.append((f"{path}.kind", f"unknown model kind {r.kind}"))
+        kind = ""
+    if r.min_dimensions and kind == "chat":
+        v.append((f"{path}.min_dimensions", "applies to embedding models only (kind is CHAT)"))
+    if r.min_dimensions:
+        kind = "embedding"
     return Requirements(
         capabilities=frozenset(caps),
         min_context_window=r.min_context_window,
+        min_dimensions=r.min_dimensions,
+        kind=kind,
         max_input_price_micro_usd_per_mtok=(
             r.max_input_price_micro_usd_per_mtok if r.HasField("max_input_price_micro_usd_per_mtok") else None
         ),
@@ -685,6 +764,8 @@ def usage_to_proto(u: Usage) -> pb.Usage:
         cached_input_tokens=u.cached_input_tokens,
         cache_write_input_tokens=u.cache_write_input_tokens,
         estimated=u.estimated,
+        reasoning_tokens=u.reasoning_tokens,
+        cache_write_1h_input_tokens=u.cache_write_1h_input_tokens,
     )
 
 
@@ -730,12 +811,21 @@ def complete_response(acc: Accumulated) -> pb.CompleteResponse:
     """A unary answer from the accumulated stream."""
     assert acc.started is not None and acc.finished is not None
     message = pb.Message(role=pb.ROLE_ASSISTANT)
-    text = "".join(acc.text)
-    if text:
-        message.content.add(text=text)
+    for part in acc.parts():
+        if isinstance(part, ReasoningPart):
+            message.content.add(
+                reasoning=pb.ReasoningPart(
+                    text=part.text,
+                    signature=part.signature,
+                    redacted_data=part.redacted_data,
+                    provider_type=part.provider_type,
+                )
+            )
+        else:
+            message.content.add(text=part.text)
     for tc in acc.calls():
         message.tool_calls.add(id=tc.id, name=tc.name, arguments=tc.arguments)
-    return pb.CompleteResponse(
+    resp = pb.CompleteResponse(
         request_id=acc.started.request_id,
         model=acc.started.model,
         provider=acc.started.provider,
@@ -744,6 +834,13 @@ def complete_response(acc: Accumulated) -> pb.CompleteResponse:
         usage=usage_to_proto(acc.finished.usage),
         cost=cost_to_proto(acc.finished.cost),
     )
+    if acc.finished.refusal is not None:
+        resp.refusal.CopyFrom(refusal_to_proto(acc.finished.refusal))
+    return resp
+
+
+def refusal_to_proto(r: Refusal) -> pb.Refusal:
+    return pb.Refusal(explanation=r.explanation, category=r.category)
 
 
 def stream_message(out: Output) -> pb.StreamCompleteResponse:
@@ -757,12 +854,26 @@ def stream_message(out: Output) -> pb.StreamCompleteResponse:
                 index=out.index, id=out.id, name=out.name, arguments_delta=out.arguments_delta
             )
         )
-    if isinstance(out, Started):
-        return msg(start=pb.StreamStart(request_id=out.request_id, model=out.model, provider=out.provider))
-    return msg(
-        end=pb.StreamEnd(
-            finish_reason=FINISH_TO_PB[out.finish_reason],
-            usage=usage_to_proto(out.usage),
-            cost=cost_to_proto(out.cost),
+    if isinstance(out, ReasoningDeltaEvent):
+        return msg(
+            reasoning_delta=pb.ReasoningDelta(
+                index=out.index, text=out.text, signature=out.signature, redacted_data=out.redacted_data
+            )
         )
+    if isinstance(out, Started):
+        return msg(
+            start=pb.StreamStart(
+                request_id=out.request_id,
+                model=out.model,
+                provider=out.provider,
+                provider_type=out.provider_type,
+            )
+        )
+    end = pb.StreamEnd(
+        finish_reason=FINISH_TO_PB[out.finish_reason],
+        usage=usage_to_proto(out.usage),
+        cost=cost_to_proto(out.cost),
     )
+    if out.refusal is not None:
+        end.refusal.CopyFrom(refusal_to_proto(out.refusal))
+    return msg(end=end)

@@ -13,6 +13,8 @@ it reported none); cost is the model's input price times the tokens, integer mic
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import structlog
 
 from broker import errors
@@ -59,8 +61,13 @@ class EmbeddingService:
         self.completions = completions
 
     def candidates(self, call: EmbedCall, permissions: Permissions = ALLOW_ALL) -> list[Target]:
+        # Requirements select (empty model) and bind named models too, as for completions;
+        # what is selected is always an embedding model.
+        req = call.requirements
+        if not call.model or not req.is_empty():
+            req = replace(req, kind="embedding")
         as_completion = CompletionCall(
-            model=call.model, messages=[], fallback_models=list(call.fallback_models)
+            model=call.model, messages=[], fallback_models=list(call.fallback_models), requirements=req
         )
         return self.completions.candidates(as_completion, permissions)
 

@@ -132,16 +132,37 @@ class Router:
         ranked: list[Target] = []
         excluded: list[Excluded] = []
         for t in targets:
-            reasons = self.reasons(t, req, set(), 0)
+            reasons = self.reasons(t, req, set(), 0, kind=req.kind)
             if reasons:
                 excluded.append(Excluded(t.spec.id, "; ".join(reasons)))
             else:
                 ranked.append(t)
         return Selection(ranked, excluded)
 
-    def reasons(self, t: Target, req: Requirements, needed: set[Capability], min_context: int) -> list[str]:
-        """Why `t` does not meet the requirements (empty: it does). Provider state is not judged here."""
+    def reasons(
+        self,
+        t: Target,
+        req: Requirements,
+        needed: set[Capability],
+        min_context: int,
+        *,
+        kind: str | None = None,
+    ) -> list[str]:
+        """Why `t` does not meet the requirements (empty: it does). Provider state is not judged here.
+
+        `kind`: the kind of model wanted ("chat" or "embedding"; unknown counts as chat);
+        selection always judges it (req.kind or chat), a named model only when the caller
+        asked (otherwise its own kind check gives the clearer CAPABILITY_MISSING)."""
         spec, out = t.spec, []
+        if kind is None:
+            kind = req.kind or "chat"
+        if kind and (spec.kind or "chat") != kind:
+            return [f"{spec.kind or 'chat'} model, not {kind}"]  # nothing else about it matters
+        if req.min_dimensions:
+            if spec.dimensions is None:
+                out.append("dimensions unknown")
+            elif spec.dimensions < req.min_dimensions:
+                out.append(f"dimensions {spec.dimensions} < {req.min_dimensions}")
         if req.allow_providers and t.state.name not in req.allow_providers:
             out.append("provider not allowed")
         if t.state.name in req.exclude_providers:

@@ -29,12 +29,14 @@ class FinishReason(enum.StrEnum):
     TOOL_CALLS = "tool_calls"
     CONTENT_FILTER = "content_filter"
     OTHER = "other"
+    REFUSAL = "refusal"
 
 
 class ResponseFormat(enum.StrEnum):
     DEFAULT = "default"
     TEXT = "text"
     JSON = "json"
+    JSON_SCHEMA = "json_schema"
 
 
 class ToolChoiceMode(enum.StrEnum):
@@ -49,11 +51,24 @@ class Capability(enum.StrEnum):
     VISION = "vision"
     TOOLS = "tools"
     JSON_MODE = "json_mode"
+    REASONING = "reasoning"
+    STRUCTURED_OUTPUTS = "structured_outputs"
+    DOCUMENTS = "documents"
+
+
+class CacheTTL(enum.StrEnum):
+    """A prompt-cache breakpoint's lifetime; DEFAULT is the provider's (Anthropic: 5m)."""
+
+    DEFAULT = ""
+    FIVE_MINUTES = "5m"
+    ONE_HOUR = "1h"
 
 
 @dataclass(slots=True, frozen=True)
 class TextPart:
     text: str
+    # A prompt-cache breakpoint after this part; None: none.
+    cache: CacheTTL | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -63,9 +78,33 @@ class ImagePart:
     data: bytes | None = None
     url: str | None = None
     media_type: str = ""
+    cache: CacheTTL | None = None
 
 
-ContentPart = TextPart | ImagePart
+@dataclass(slots=True, frozen=True)
+class DocumentPart:
+    """A document by inline bytes (PDF or plain text) or by URL (PDF)."""
+
+    data: bytes | None = None
+    url: str | None = None
+    media_type: str = "application/pdf"
+    title: str = ""
+    cache: CacheTTL | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ReasoningPart:
+    """A model's reasoning as it produced it, kept byte-exact for the provider type that made
+    it (`provider_type`); `CompletionCall.upstream` drops it for any other type.
+    Anthropic: `text` + `signature` (thinking) or `redacted_data` (redacted_thinking)."""
+
+    text: str = ""
+    signature: str = ""
+    redacted_data: str = ""
+    provider_type: str = ""
+
+
+ContentPart = TextPart | ImagePart | DocumentPart | ReasoningPart
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,18 +128,57 @@ class Message:
     def has_image(self) -> bool:
         return any(isinstance(p, ImagePart) for p in self.content)
 
+    def has_document(self) -> bool:
+        return any(isinstance(p, DocumentPart) for p in self.content)
+
+    def reasoning(self) -> list[ReasoningPart]:
+        return [p for p in self.content if isinstance(p, ReasoningPart)]
+
 
 @dataclass(slots=True, frozen=True)
 class Tool:
     name: str
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)  # JSON Schema
+    # Arguments constrained to the schema (checked against the strict rules by convert).
+    strict: bool = False
+    cache: CacheTTL | None = None
 
 
 @dataclass(slots=True, frozen=True)
 class ToolChoice:
     mode: ToolChoiceMode = ToolChoiceMode.DEFAULT
     tool_name: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class JsonSchemaFormat:
+    """A structured-output format: the answer is JSON matching `schema` (root an object)."""
+
+    name: str
+    schema: dict[str, Any]
+    description: str = ""
+    strict: bool = False
+
+
+class ReasoningEffort(enum.StrEnum):
+    MINIMAL = "minimal"
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+
+
+@dataclass(slots=True, frozen=True)
+class ReasoningConfig:
+    """Thinking asked for: exactly one of an effort, a token budget, or disabled."""
+
+    effort: ReasoningEffort | None = None
+    budget_tokens: int | None = None
+    disabled: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return not self.disabled
 
 
 @dataclass(slots=True, frozen=True)
@@ -111,6 +189,19 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     response_format: ResponseFormat = ResponseFormat.DEFAULT
+    # With ResponseFormat.JSON_SCHEMA.
+    json_schema: JsonSchemaFormat | None = None
+    # None: the provider's default (the model may still think; nothing is asked).
+    reasoning: ReasoningConfig | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class RequestMetadata:
+    """Who a request is for: an opaque end-user id (the vendor's user field) and bounded tags
+    (log line, traces). Never a metric label."""
+
+    end_user_id: str = ""
+    tags: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -119,6 +210,10 @@ class Requirements:
 
     capabilities: frozenset[Capability] = frozenset()
     min_context_window: int = 0
+    # Embedding models only: native vector size at least this.
+    min_dimensions: int = 0
+    # "chat" or "embedding": which models selection considers ("" = chat).
+    kind: str = ""
     max_input_price_micro_usd_per_mtok: int | None = None
     max_output_price_micro_usd_per_mtok: int | None = None
     allow_providers: tuple[str, ...] = ()
@@ -141,16 +236,28 @@ class Prompt:
     tools: list[Tool] = field(default_factory=list)
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     params: GenerationParams = field(default_factory=GenerationParams)
+    metadata: RequestMetadata = field(default_factory=RequestMetadata)
+    # Provider type -> vendor parameters merged into that type's upstream body (checked by
+    # convert and by each wire module: they never override what the broker sets).
+    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def needed_capabilities(self) -> set[Capability]:
         """The capabilities this request needs of any model that serves it."""
         needed: set[Capability] = set()
         if any(m.has_image() for m in self.messages):
             needed.add(Capability.VISION)
+        if any(m.has_document() for m in self.messages):
+            needed.add(Capability.DOCUMENTS)
         if self.tools:
             needed.add(Capability.TOOLS)
-        if self.params.response_format is ResponseFormat.JSON:
+        fmt = self.params.response_format
+        if fmt is ResponseFormat.JSON:
             needed.add(Capability.JSON_MODE)
+        if fmt is ResponseFormat.JSON_SCHEMA or any(t.strict for t in self.tools):
+            needed.add(Capability.STRUCTURED_OUTPUTS)
+        reasoning = self.params.reasoning
+        if reasoning is not None and reasoning.enabled:
+            needed.add(Capability.REASONING)
         return needed
 
 
@@ -168,6 +275,7 @@ class CompletionCall(Prompt):
         self,
         model: str,
         *,
+        provider_type: str = "",
         default_max_tokens: int | None,
         max_output_tokens: int | None,
         reasoning_model: bool | None,
@@ -177,10 +285,13 @@ class CompletionCall(Prompt):
         """This call as one provider is asked it: `model` is that provider's own id."""
         return CompletionRequest(
             model=model,
-            messages=self.messages,
+            messages=messages_for(self.messages, provider_type),
             tools=self.tools,
             tool_choice=self.tool_choice,
             params=self.params,
+            metadata=self.metadata,
+            provider_options=self.provider_options.get(provider_type, {}),
+            provider_type=provider_type,
             default_max_tokens=default_max_tokens,
             max_output_tokens=max_output_tokens,
             reasoning_model=reasoning_model,
@@ -189,9 +300,35 @@ class CompletionCall(Prompt):
         )
 
 
+def messages_for(messages: list[Message], provider_type: str) -> list[Message]:
+    """The history as a provider of `provider_type` may see it: reasoning parts another type
+    produced are dropped (a signature is bound to its vendor, and foreign thinking would be
+    rejected or misread); the list is shared, not copied, when there is nothing to drop."""
+    if not any(
+        isinstance(p, ReasoningPart) and p.provider_type != provider_type for m in messages for p in m.content
+    ):
+        return messages
+    out: list[Message] = []
+    for m in messages:
+        if any(isinstance(p, ReasoningPart) and p.provider_type != provider_type for p in m.content):
+            kept = [
+                p
+                for p in m.content
+                if not (isinstance(p, ReasoningPart) and p.provider_type != provider_type)
+            ]
+            m = Message(m.role, kept, m.tool_calls, m.tool_call_id, m.is_error)
+        out.append(m)
+    return out
+
+
 @dataclass(slots=True)
 class CompletionRequest(Prompt):
-    """One completion as a provider sees it: the model is the provider's own id."""
+    """One completion as a provider sees it: the model is the provider's own id, the history
+    holds only reasoning this provider's type produced, and `provider_options` are this
+    type's alone (a dict of vendor parameters, not keyed by type)."""
+
+    # The provider's type ("openai", "anthropic", ...), for reasoning parts it produces.
+    provider_type: str = ""
 
     # The provider's configured output limit for a request that sets none (ProviderConfig
     # default_max_tokens); None: the protocol's own rule (Anthropic, which requires a limit,
@@ -229,6 +366,10 @@ class Usage:
     cache_write_input_tokens: int = 0
     # True when the upstream reported no usage and the counts are the broker's estimate.
     estimated: bool = False
+    # Output tokens spent reasoning, included in output_tokens (billed once, as output).
+    reasoning_tokens: int = 0
+    # Of cache_write_input_tokens, those written with a one-hour TTL (Anthropic: 2x input).
+    cache_write_1h_input_tokens: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -270,9 +411,29 @@ class ToolCallDeltaEvent:
 
 
 @dataclass(slots=True, frozen=True)
+class ReasoningDeltaEvent:
+    """A piece of the model's reasoning, forwarded to the caller (content: after it, no
+    fallback). `index` numbers reasoning blocks in order (0, 1, ...); Anthropic sends the
+    block's `signature` on its last delta and a redacted block whole as `redacted_data`."""
+
+    index: int
+    text: str = ""
+    signature: str = ""
+    redacted_data: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class Refusal:
+    """Why the model or the vendor declined: the explanation and, where given, a category."""
+
+    explanation: str = ""
+    category: str = ""
+
+
+@dataclass(slots=True, frozen=True)
 class ProgressEvent:
-    """The upstream is working but has no answer content to show: a thinking or reasoning
-    delta, a signature, a keep-alive ping. It re-arms the time-to-first-token and stall
+    """The upstream is working but has nothing to show: a keep-alive ping, hidden reasoning
+    (reasoning text is a ReasoningDeltaEvent). It re-arms the time-to-first-token and stall
     timers and is never forwarded to the caller, nor counted as the first content.
     `chars` is the size of generated (hidden) text, for a usage estimate; 0 for pings."""
 
@@ -286,9 +447,13 @@ class EndEvent:
     # False when the stream carried no usage at all (llama.cpp's server with include_usage):
     # the counts are then zeros, not counts, and the broker estimates them.
     usage_reported: bool = True
+    # With FinishReason.REFUSAL (or a content filter that explained itself).
+    refusal: Refusal | None = None
 
 
-CompletionEvent = StartEvent | TextDeltaEvent | ToolCallDeltaEvent | ProgressEvent | EndEvent
+CompletionEvent = (
+    StartEvent | TextDeltaEvent | ReasoningDeltaEvent | ToolCallDeltaEvent | ProgressEvent | EndEvent
+)
 
 
 # --- a completion's outputs: what the completion service yields to the servicer ----------
@@ -301,6 +466,8 @@ class Started:
     request_id: str
     provider: str
     model: str
+    # The provider's type: the provider_type of reasoning parts sent back in history.
+    provider_type: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -310,9 +477,10 @@ class Finished:
     finish_reason: FinishReason
     usage: Usage
     cost: Cost
+    refusal: Refusal | None = None
 
 
-Output = Started | TextDeltaEvent | ToolCallDeltaEvent | Finished
+Output = Started | TextDeltaEvent | ReasoningDeltaEvent | ToolCallDeltaEvent | Finished
 
 
 # --- embeddings ---------------------------------------------------------------------------
@@ -326,6 +494,8 @@ class EmbedCall:
     inputs: tuple[str, ...]
     dimensions: int | None = None
     fallback_models: tuple[str, ...] = ()
+    # With an empty model: what to select (min_dimensions, providers, prices, preference).
+    requirements: Requirements = field(default_factory=Requirements)
 
 
 @dataclass(slots=True, frozen=True)
@@ -371,6 +541,8 @@ class Pricing:
     cached_input_micro_usd_per_mtok: int | None = None
     # Anthropic bills prompt-cache writes at 1.25x input; None means the input price.
     cache_write_input_micro_usd_per_mtok: int | None = None
+    # Writes with a one-hour TTL (Anthropic: 2x input); None means twice the input price.
+    cache_write_1h_input_micro_usd_per_mtok: int | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -21,6 +21,8 @@ models.json schema (version 1):
       "max_output_tokens": int | null,
       "vision": bool, "tools": bool, "json_mode": bool,
       "reasoning": bool,            # a reasoning model (LiteLLM supports_reasoning; see below)
+      "structured_outputs": bool,   # JSON-schema formats / strict tools (see below)
+      "documents": bool,            # PDF input (LiteLLM supports_pdf_input)
       # Prices: integer micro-USD per million tokens (1 USD/Mtok = 1_000_000), exact.
       "input_micro_usd_per_mtok": int | null,
       "output_micro_usd_per_mtok": int | null,
@@ -49,6 +51,11 @@ Field choices (why):
   models (o-series, gpt-5 family) reject `max_tokens` and take `max_completion_tokens`. The
   source omits the flag for o1-mini, an o-series model that rejects `max_tokens` like the
   others; OPENAI_REASONING_GAPS sets it (named in the entry's note).
+- structured_outputs: OpenAI: supports_response_schema. Anthropic: function calling (the
+  broker uses native output_config.format where the model has it and a forced tool where it
+  does not, so every tool-calling Claude can answer to a schema). Ollama: always (the server
+  constrains `format: <schema>` for every model). documents: supports_pdf_input (Ollama:
+  never, it takes no documents). The REASONING capability is the reasoning flag.
 - Anthropic aliases (claude-sonnet-4-5, claude-3-5-haiku-latest, ...) point at a snapshot, so
   they take the snapshot's facts: the source's own alias keys sometimes disagree with the
   snapshot (claude-3-5-haiku-latest at $1/$5 vs $0.80/$4). LiteLLM's claude-4-opus-20250514
@@ -167,6 +174,8 @@ def _embedding_entry(provider_type: str, model: str, raw: dict[str, Any] | None)
         "tools": False,
         "json_mode": False,
         "reasoning": False,
+        "structured_outputs": False,
+        "documents": False,
         "input_micro_usd_per_mtok": prices[0],
         "output_micro_usd_per_mtok": prices[1],
         "cached_input_micro_usd_per_mtok": None,
@@ -199,6 +208,8 @@ def _entry(provider_type: str, model: str, key: str, raw: dict[str, Any]) -> dic
     tools = raw.get("supports_function_calling") is True
     schema = raw.get("supports_response_schema") is True
     reasoning = raw.get("supports_reasoning") is True
+    documents = raw.get("supports_pdf_input") is True
+    structured = schema if provider_type == "openai" else tools if provider_type == "anthropic" else True
     note: str | None = None
     cache_write = micro_usd_per_mtok(raw.get("cache_creation_input_token_cost"))
     if provider_type == "openai":
@@ -223,6 +234,7 @@ def _entry(provider_type: str, model: str, key: str, raw: dict[str, Any]) -> dic
     else:
         json_mode = True
         prices, cache_write = (0, 0, None), None
+        documents = False
         if not key.startswith("ollama/"):
             note = "the same open weights at another host: capabilities and context only; price 0 (local)"
     return {
@@ -234,6 +246,8 @@ def _entry(provider_type: str, model: str, key: str, raw: dict[str, Any]) -> dic
         "tools": tools,
         "json_mode": json_mode,
         "reasoning": reasoning,
+        "structured_outputs": structured,
+        "documents": documents,
         "input_micro_usd_per_mtok": prices[0],
         "output_micro_usd_per_mtok": prices[1],
         "cached_input_micro_usd_per_mtok": prices[2],

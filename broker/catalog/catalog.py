@@ -64,10 +64,19 @@ class CatalogEntry:
     date: str
     kind: str = "chat"  # "chat" or "embedding"
     dimensions: int | None = None
+    structured_outputs: bool = False
+    documents: bool = False
 
     @property
     def capabilities(self) -> frozenset[Capability]:
-        return _capabilities(self.vision, self.tools, self.json_mode)
+        return _capabilities(
+            vision=self.vision,
+            tools=self.tools,
+            json_mode=self.json_mode,
+            reasoning=self.reasoning,
+            structured_outputs=self.structured_outputs,
+            documents=self.documents,
+        )
 
     @property
     def pricing(self) -> Pricing | None:
@@ -90,6 +99,9 @@ class _Override:
     vision: bool | None
     tools: bool | None
     json_mode: bool | None
+    reasoning: bool | None
+    structured_outputs: bool | None
+    documents: bool | None
     input: int | None
     output: int | None
     cached_input: int | None
@@ -105,6 +117,9 @@ class _Override:
             o.vision,
             o.tools,
             o.json_mode,
+            o.reasoning,
+            o.structured_outputs,
+            o.documents,
             micro(o.input_usd_per_mtok),
             micro(o.output_usd_per_mtok),
             micro(o.cached_input_usd_per_mtok),
@@ -112,12 +127,12 @@ class _Override:
 
     @property
     def states_capabilities(self) -> bool:
-        return self.vision is not None or self.tools is not None or self.json_mode is not None
+        return any(getattr(self, c.value) is not None for c in Capability)
 
 
-def _capabilities(vision: bool, tools: bool, json_mode: bool) -> frozenset[Capability]:
-    flags = ((Capability.VISION, vision), (Capability.TOOLS, tools), (Capability.JSON_MODE, json_mode))
-    return frozenset(c for c, on in flags if on)
+def _capabilities(**flags: bool) -> frozenset[Capability]:
+    """Capabilities from flags named as their values (vision=..., structured_outputs=...)."""
+    return frozenset(Capability(name) for name, on in flags.items() if on)
 
 
 def _untagged(provider_type: str, model: str) -> str | None:
@@ -178,6 +193,10 @@ def parse_entries(document: Any) -> tuple[CatalogEntry, ...]:
             date=_field(raw, "date", str, where),
             kind=_field(raw, "kind", str, where) if "kind" in raw else "chat",
             dimensions=_field(raw, "dimensions", int, where, nullable=True),
+            structured_outputs=_field(raw, "structured_outputs", bool, where)
+            if "structured_outputs" in raw
+            else False,
+            documents=_field(raw, "documents", bool, where) if "documents" in raw else False,
             **ints,
         )
         if entry.kind not in ("chat", "embedding"):
@@ -324,10 +343,9 @@ class Catalog:
                 # A config entry that states any capability states them all: for a model
                 # nothing else knows, unstated ones are absent; otherwise they are kept.
                 base = caps if caps_known else frozenset()
+                stated = {c.value: getattr(ov, c.value) for c in Capability}
                 caps = _capabilities(
-                    Capability.VISION in base if ov.vision is None else ov.vision,
-                    Capability.TOOLS in base if ov.tools is None else ov.tools,
-                    Capability.JSON_MODE in base if ov.json_mode is None else ov.json_mode,
+                    **{name: (Capability(name) in base if on is None else on) for name, on in stated.items()}
                 )
                 caps_known = True
             context = ov.context_window if ov.context_window is not None else context

@@ -41,7 +41,9 @@ def compute_cost(pricing: Pricing | None, usage: Usage, *, local: bool = False) 
         output = output * output_price
     each / 1_000_000 tokens-per-Mtok, rounded half-up once. Cache writes (also counted in
     input) are billed at the cache-write price where one is known (Anthropic: 1.25x input),
-    else at the input price.
+    else at the input price; those written with a one-hour TTL (cache_write_1h_input_tokens,
+    a part of the writes) at the 1h price (Anthropic: 2x input, the default when the
+    catalogue has none). Reasoning tokens are part of output_tokens: billed once, as output.
 
     No pricing: unknown (known=False, never a silent 0) unless `local`, where no price means
     free. A local model with a price (config can set one, e.g. for internal chargeback) is
@@ -59,10 +61,15 @@ def compute_cost(pricing: Pricing | None, usage: Usage, *, local: bool = False) 
     write_price = pricing.cache_write_input_micro_usd_per_mtok
     if write_price is None:
         write_price = pricing.input_micro_usd_per_mtok
+    written_1h = min(max(usage.cache_write_1h_input_tokens, 0), written)
+    write_1h_price = pricing.cache_write_1h_input_micro_usd_per_mtok
+    if write_1h_price is None:
+        write_1h_price = 2 * pricing.input_micro_usd_per_mtok
     input_scaled = (
         (total_in - cached - written) * pricing.input_micro_usd_per_mtok
         + cached * cached_price
-        + written * write_price
+        + (written - written_1h) * write_price
+        + written_1h * write_1h_price
     )
     output_scaled = max(usage.output_tokens, 0) * pricing.output_micro_usd_per_mtok
     return Cost(

@@ -186,3 +186,46 @@ async def test_python_client_embed(broker) -> None:
         assert out.cost.known and out.provider == "openai"
         with pytest.raises(FailedPreconditionError):
             await client.embed("openai/gpt-4o", "x")
+
+
+async def test_requirements_select_an_embedding_model_of_at_least_n_dimensions(broker, upstream) -> None:
+    _, s = broker
+    req = pb.Requirements(min_dimensions=1500, allow_providers=["openai"])
+    resp = await s.Embed(pb.EmbedRequest(inputs=["a", "b"], requirements=req), timeout=10)
+    assert (resp.provider, resp.model) == ("openai", "text-embedding-3-small")
+    assert [len(e.values) for e in resp.embeddings] == [1536, 1536]
+    assert upstream.requests[-1].json()["model"] == "text-embedding-3-small"
+    # SelectModel answers the same question without calling anything.
+    sel = await s.SelectModel(pb.SelectModelRequest(requirements=req), timeout=10)
+    assert sel.selected.id == SMALL
+    assert all(m.kind == pb.MODEL_KIND_EMBEDDING for m in sel.alternatives)
+
+
+async def test_requirements_bind_a_named_embedding_model_and_nothing_fits_is_explained(broker) -> None:
+    _, s = broker
+    too_big = pb.Requirements(min_dimensions=4000)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.Embed(pb.EmbedRequest(inputs=["a"], requirements=too_big), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+    assert details(err.value)[0].reason == "NO_MODEL_MATCHES"
+    assert "openai/text-embedding-3-small: dimensions 1536 < 4000" in err.value.details()
+    assert "openai/gpt-4o-mini: chat model, not embedding" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.Embed(
+            pb.EmbedRequest(model=SMALL, inputs=["a"], requirements=pb.Requirements(min_dimensions=2000)),
+            timeout=10,
+        )
+    assert "dimensions 1536 < 2000" in err.value.details()
+    # Completion-only requirements are refused on Embed, embedding ones on completions.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.Embed(
+            pb.EmbedRequest(inputs=["a"], requirements=pb.Requirements(min_context_window=10)), timeout=10
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    msg = pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text="hi")])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.Complete(
+            pb.CompleteRequest(messages=[msg], requirements=pb.Requirements(min_dimensions=10)), timeout=10
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "use Embed" in err.value.details()
