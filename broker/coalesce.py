@@ -29,9 +29,9 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from broker.types import TextDeltaEvent, ToolCallDeltaEvent
+from broker.types import ReasoningDeltaEvent, TextDeltaEvent, ToolCallDeltaEvent
 
 T = TypeVar("T")
 
@@ -49,11 +49,33 @@ MAX_MERGED_CHARS = 64 * 1024
 
 
 def _chars(item: object) -> int:
-    if isinstance(item, TextDeltaEvent):
+    if isinstance(item, (TextDeltaEvent, ReasoningDeltaEvent)):
         return len(item.text)
     if isinstance(item, ToolCallDeltaEvent):
         return len(item.arguments_delta)
     return 0
+
+
+def _joins(first: ReasoningDeltaEvent, nxt: object) -> bool:
+    """`nxt` continues `first`'s block: same index, and neither ends it nor is opaque."""
+    return (
+        isinstance(nxt, ReasoningDeltaEvent)
+        and nxt.index == first.index
+        and not (first.signature or first.redacted_data or nxt.redacted_data)
+    )
+
+
+def _merge_reasoning(item: ReasoningDeltaEvent, queue: deque[Any]) -> tuple[ReasoningDeltaEvent, int]:
+    """A run of one block's reasoning deltas as one; a signature (the block's last delta)
+    ends the run and stays on the merged delta. Returns it and the characters taken."""
+    parts, size, taken, signature = [item.text], len(item.text), 0, ""
+    while queue and size < MAX_MERGED_CHARS and not signature and _joins(item, queue[0]):
+        nxt = queue.popleft()
+        parts.append(nxt.text)
+        size += len(nxt.text)
+        taken += len(nxt.text)
+        signature = nxt.signature
+    return ReasoningDeltaEvent(item.index, "".join(parts), signature), taken
 
 
 async def coalesced(source: AsyncIterator[T]) -> AsyncGenerator[T, None]:
@@ -128,6 +150,13 @@ async def coalesced(source: AsyncIterator[T]) -> AsyncGenerator[T, None]:
                     size += len(nxt.text)
                     queued_chars -= len(nxt.text)
                 item = TextDeltaEvent("".join(parts))  # type: ignore[assignment]
+            elif (
+                isinstance(item, ReasoningDeltaEvent)
+                and len(queue) + 1 >= COALESCE_BACKLOG
+                and _joins(item, queue[0])
+            ):
+                item, merged = _merge_reasoning(item, queue)  # type: ignore[assignment]
+                queued_chars -= merged
             if (
                 reader_waiting is not None
                 and not reader_waiting.done()

@@ -237,9 +237,10 @@ class Prompt:
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     params: GenerationParams = field(default_factory=GenerationParams)
     metadata: RequestMetadata = field(default_factory=RequestMetadata)
-    # Provider type -> vendor parameters merged into that type's upstream body (checked by
-    # convert and by each wire module: they never override what the broker sets).
-    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Vendor parameters (checked by convert and by each wire module: they never override what
+    # the broker sets). A CompletionCall holds provider type -> that type's options; a
+    # CompletionRequest holds its own type's options only (CompletionCall.upstream picks them).
+    provider_options: dict[str, Any] = field(default_factory=dict)
 
     def needed_capabilities(self) -> set[Capability]:
         """The capabilities this request needs of any model that serves it."""
@@ -276,22 +277,26 @@ class CompletionCall(Prompt):
         model: str,
         *,
         provider_type: str = "",
+        reasoning_origin: str = "",
         default_max_tokens: int | None,
         max_output_tokens: int | None,
         reasoning_model: bool | None,
         timeout: float | None,
         caller_times_reads: bool = False,
     ) -> CompletionRequest:
-        """This call as one provider is asked it: `model` is that provider's own id."""
+        """This call as one provider is asked it: `model` is that provider's own id;
+        `reasoning_origin` (Provider.reasoning_origin, default the type) decides which history
+        reasoning it may see and is the request's provider_type."""
+        origin = reasoning_origin or provider_type
         return CompletionRequest(
             model=model,
-            messages=messages_for(self.messages, provider_type),
+            messages=messages_for(self.messages, origin),
             tools=self.tools,
             tool_choice=self.tool_choice,
             params=self.params,
             metadata=self.metadata,
             provider_options=self.provider_options.get(provider_type, {}),
-            provider_type=provider_type,
+            provider_type=origin,
             default_max_tokens=default_max_tokens,
             max_output_tokens=max_output_tokens,
             reasoning_model=reasoning_model,

@@ -369,7 +369,7 @@ async def test_usage_counts_cached_input(fake, provider):
         ("max_tokens", FinishReason.LENGTH),
         ("model_context_window_exceeded", FinishReason.LENGTH),
         ("tool_use", FinishReason.TOOL_CALLS),
-        ("refusal", FinishReason.CONTENT_FILTER),
+        ("refusal", FinishReason.REFUSAL),
         ("something_new", FinishReason.OTHER),
     ],
 )

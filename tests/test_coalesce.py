@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from broker.coalesce import COALESCE_BACKLOG, MAX_MERGED_CHARS, MAX_QUEUED, coalesced
-from broker.types import TextDeltaEvent, ToolCallDeltaEvent
+from broker.types import ReasoningDeltaEvent, TextDeltaEvent, ToolCallDeltaEvent
 
 T = TextDeltaEvent
 
@@ -68,6 +68,28 @@ async def test_a_backlog_is_merged_in_order_with_other_events_kept_apart() -> No
         T("".join(f"a{i}" for i in range(20))),
         call,
         T("".join(f"b{i}" for i in range(20))),
+        "end",
+    ]
+
+
+async def test_a_reasoning_backlog_merges_per_block_and_keeps_the_signature_last() -> None:
+    R = ReasoningDeltaEvent
+    items: list[Any] = [
+        "start",
+        *[R(0, f"x{i}") for i in range(12)],
+        R(0, signature="SIG0"),
+        R(1, redacted_data="OPAQUE"),
+        *[R(2, f"y{i}") for i in range(12)],
+        *[T(f"t{i}") for i in range(12)],
+        "end",
+    ]
+    out = await collect(burst(items), write_time=0.01)
+    assert out == [
+        "start",
+        R(0, "".join(f"x{i}" for i in range(12)), "SIG0"),  # the signature ends its block's run
+        R(1, redacted_data="OPAQUE"),  # opaque blocks are never merged
+        R(2, "".join(f"y{i}" for i in range(12))),
+        T("".join(f"t{i}" for i in range(12))),
         "end",
     ]
 

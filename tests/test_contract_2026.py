@@ -306,7 +306,7 @@ def test_provider_options_reach_only_their_type() -> None:
 def test_unary_answer_keeps_text_and_reasoning_in_order() -> None:
     # Anthropic adaptive mode: text "\n\n", a thinking block, then the answer.
     held = Held(1 << 20)
-    events = [
+    events: list[TextDeltaEvent | ReasoningDeltaEvent] = [
         TextDeltaEvent("\n\n"),
         ReasoningDeltaEvent(0, "Brief "),
         ReasoningDeltaEvent(0, "answer."),
@@ -363,3 +363,22 @@ def test_one_hour_cache_writes_bill_at_twice_input_reasoning_once_as_output() ->
     cost = compute_cost(price, usage)
     # 1.0 + 0.4*0.10 + 0.4*1.25 + 0.2*2.00 = 1.94 USD in; 5 USD out.
     assert (cost.input_micro_usd, cost.output_micro_usd) == (1_940_000, 5_000_000)
+
+
+def test_reasoning_origin_splits_one_type_that_serves_two_vendors() -> None:
+    history = [
+        Message(Role.USER, [TextPart("q")]),
+        Message(
+            Role.ASSISTANT, [ReasoningPart("claude thought", "sig", "", "vertex.anthropic"), TextPart("a")]
+        ),
+        Message(Role.USER, [TextPart("more")]),
+    ]
+    call = CompletionCall(model="m", messages=history, provider_options={"vertex": {"labels": {"team": "x"}}})
+    kw: dict[str, Any] = dict(
+        default_max_tokens=None, max_output_tokens=None, reasoning_model=None, timeout=None
+    )
+    to_gemini = call.upstream("gemini-2.5-pro", provider_type="vertex", reasoning_origin="vertex", **kw)
+    assert to_gemini.messages[1].content == [TextPart("a")]
+    to_claude = call.upstream("claude", provider_type="vertex", reasoning_origin="vertex.anthropic", **kw)
+    assert to_claude.messages is history and to_claude.provider_type == "vertex.anthropic"
+    assert to_claude.provider_options == {"labels": {"team": "x"}}  # options are keyed by the type

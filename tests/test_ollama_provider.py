@@ -320,9 +320,11 @@ async def test_discovery_reads_capabilities_and_context_length(provider):
 
     # The embedding-only model cannot chat, so it is not offered for completions.
     assert set(models) == {"llama3.2", "llava"}
-    assert models["llama3.2"].capabilities == {Capability.TOOLS, Capability.JSON_MODE}
+    # A format (json or a schema) works with every chat model; no "thinking" listed, no REASONING.
+    formats = {Capability.JSON_MODE, Capability.STRUCTURED_OUTPUTS}
+    assert models["llama3.2"].capabilities == {Capability.TOOLS, *formats}
     assert models["llama3.2"].context_window == 131072
-    assert models["llava"].capabilities == {Capability.VISION, Capability.JSON_MODE}
+    assert models["llava"].capabilities == {Capability.VISION, *formats}
     assert models["llava"].context_window == 32768
 
 

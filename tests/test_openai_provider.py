@@ -27,7 +27,7 @@ from broker.types import (
     GenerationParams,
     ImagePart,
     Message,
-    ProgressEvent,
+    ReasoningDeltaEvent,
     ResponseFormat,
     Role,
     StartEvent,
@@ -301,7 +301,8 @@ async def test_reported_model_name_does_not_replace_the_requested_one(
 
 
 def test_parser_whole_tool_calls_and_compat_quirks() -> None:
-    # Ollama /v1 sends whole calls at once and may say "stop" after them; reasoning is not text.
+    # Ollama /v1 sends whole calls at once and may say "stop" after them; reasoning is not text
+    # but a reasoning delta of its own.
     parser = ChunkParser(provider="ollama", model="qwen3")
     events = parser.feed(
         {"choices": [{"index": 0, "delta": {"reasoning": "hmm", "content": ""}}], "obfuscation": "x"}
@@ -334,7 +335,7 @@ def test_parser_whole_tool_calls_and_compat_quirks() -> None:
     )
     events += parser.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     assert events == [
-        ProgressEvent(3),  # the reasoning: progress for the timers, never text
+        ReasoningDeltaEvent(0, text="hmm"),  # the reasoning: relayed apart, never as text
         ToolCallDeltaEvent(0, "call_a", "f", '{"x":1}'),
         ToolCallDeltaEvent(1, "call_b", "g", "{}"),
     ]

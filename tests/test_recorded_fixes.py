@@ -26,6 +26,8 @@ from broker.types import (
     GenerationParams,
     Message,
     ProgressEvent,
+    ReasoningDeltaEvent,
+    Refusal,
     Role,
     TextDeltaEvent,
     TextPart,
@@ -217,7 +219,7 @@ def test_an_empty_user_turn_is_still_refused() -> None:
 # --- 4. an OpenAI refusal is not answer text ---------------------------------------------------
 
 
-def test_a_refusal_is_not_relayed_as_text_and_ends_as_content_filter() -> None:
+def test_a_refusal_is_not_relayed_as_text_and_ends_as_refusal() -> None:
     # No recording carries a non-null refusal; this is the recorded gpt-5 stream's first chunk
     # with its `"refusal": null` filled in, as the API streams a refusal.
     chunks = [json.loads(d) for _, d in sse_events(body("oa-gpt5-stream")) if d != "[DONE]"]
@@ -232,8 +234,9 @@ def test_a_refusal_is_not_relayed_as_text_and_ends_as_content_filter() -> None:
     events += parser.feed(chunks[4])  # usage
     end = parser.end()
     assert not [e for e in events if isinstance(e, TextDeltaEvent)]
-    assert all(isinstance(e, ProgressEvent) for e in events)
-    assert end.finish_reason == FinishReason.CONTENT_FILTER and end.usage_reported
+    assert all(isinstance(e, ProgressEvent) for e in events)  # timers only, never forwarded
+    assert end.finish_reason == FinishReason.REFUSAL and end.usage_reported
+    assert end.refusal == Refusal(explanation="I'm sorry, I can't help with that.")
 
 
 # --- 5. Anthropic: the listing's max_tokens, and the default limit -------------------------------
@@ -320,49 +323,68 @@ def test_the_raw_detail_is_bounded() -> None:
 # --- 7. thinking, reasoning and pings are progress ----------------------------------------------
 
 
-def test_anthropic_thinking_pings_and_signatures_are_progress_not_text() -> None:
+def test_anthropic_thinking_is_reasoning_apart_from_the_text_and_pings_are_progress() -> None:
     parser = anthropic_wire.StreamParser(provider="anthropic", model="claude-sonnet-4-5")
     events: list[CompletionEvent] = []
     for name, data in SSEDecoder().feed(body("an-thinking").encode()):
         events += parser.feed(name, data.decode())
-    progress = [e for e in events if isinstance(e, ProgressEvent)]
     assert text_of(events) == "- Captain\n- Scoop"  # the answer only, never the thoughts
-    # The thinking block start, a ping, every thinking_delta and the signature_delta.
-    assert len(progress) >= 20
-    thoughts = sum(e.chars for e in progress)
-    assert thoughts > 100
-    # Every progress event comes before the first text, as the recording streams it.
+    thinking = [e for e in events if isinstance(e, ReasoningDeltaEvent)]
+    assert {e.index for e in thinking} == {0}
+    assert "".join(e.text for e in thinking).startswith("The user wants two names for a pet pelican")
+    signatures = [e.signature for e in thinking if e.signature]
+    assert len(signatures) == 1 and len(signatures[0]) == 512 and thinking[-1].signature  # last, before stop
+    # Pings stay progress: they re-arm the timers and reach no caller.
+    assert any(isinstance(e, ProgressEvent) for e in events)
+    # All thinking comes before the first text, as the recording streams it.
     first_text = next(i for i, e in enumerate(events) if isinstance(e, TextDeltaEvent))
-    assert all(isinstance(e, ProgressEvent) for e in events[:first_text])
+    assert all(not isinstance(e, ReasoningDeltaEvent) for e in events[first_text:])
     assert events[-1] == EndEvent(FinishReason.STOP, Usage(46, 84), usage_reported=True)
 
 
 @pytest.mark.parametrize(
-    ("name", "answer"),
+    ("name", "answer", "reasoning", "usage"),
     [
-        ("oa-groq-reasoning", "The tool returned the expected result for the valid call."),
-        ("oa-openrouter-reasoning", "2 + 2 = 4"),
+        (
+            "oa-groq-reasoning",
+            "The tool returned the expected result for the valid call.",
+            "The user wants to test error handling by calling tool with non-existent parameters first "
+            "(we did) and then second try with valid args. We have succeeded. Now respond concisely.",
+            Usage(339, 58, reasoning_tokens=38),
+        ),
+        (
+            "oa-openrouter-reasoning",
+            "2 + 2 = 4",
+            "This is a simple arithmetic question. 2+2 equals 4.",
+            Usage(43, 36, reasoning_tokens=13),
+        ),
     ],
 )
-def test_openai_compatible_reasoning_is_progress_not_text(name: str, answer: str) -> None:
+def test_openai_compatible_reasoning_is_a_reasoning_delta_not_text(
+    name: str, answer: str, reasoning: str, usage: Usage
+) -> None:
     events, err = openai_events(name)
     assert err is None
     assert text_of(events) == answer  # the reasoning is not in it
+    thoughts = [e for e in events if isinstance(e, ReasoningDeltaEvent)]
+    assert "".join(e.text for e in thoughts) == reasoning and {e.index for e in thoughts} == {0}
     first_text = next(i for i, e in enumerate(events) if isinstance(e, TextDeltaEvent))
-    assert first_text >= 3 and all(isinstance(e, ProgressEvent) for e in events[:first_text])
-    assert isinstance(events[-1], EndEvent) and events[-1].finish_reason == FinishReason.STOP
+    assert first_text >= 3 and all(isinstance(e, ReasoningDeltaEvent) for e in events[:first_text])
+    assert events[-1] == EndEvent(FinishReason.STOP, usage)
 
 
-def test_reasoning_content_is_progress_too() -> None:
+def test_reasoning_content_is_a_reasoning_delta_too() -> None:
     parser = openai_wire.ChunkParser(provider="vllm", model="deepseek-r1")
     events = parser.feed({"choices": [{"index": 0, "delta": {"reasoning_content": "Let me think"}}]})
-    assert events == [ProgressEvent(12)]
+    assert events == [ReasoningDeltaEvent(0, text="Let me think")]
 
 
-def test_ollama_thinking_is_progress_not_text() -> None:
+def test_ollama_thinking_is_a_reasoning_delta_not_text() -> None:
     parser = ollama_wire.ChatStreamParser(provider="ollama", model="qwen3:1.7b")
     events = parser.feed(body("ol-thinking-toolcall").strip())
-    assert isinstance(events[0], ProgressEvent) and events[0].chars > 500
+    assert isinstance(events[0], ReasoningDeltaEvent) and events[0].index == 0
+    assert events[0].text.startswith("Okay, the user is asking about the weather in New York.")
+    assert len(events[0].text) > 500
     assert isinstance(events[1], ToolCallDeltaEvent) and json.loads(events[1].arguments_delta) == {
         "location": "New York"
     }

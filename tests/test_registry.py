@@ -16,7 +16,7 @@ import broker.providers
 from broker import errors
 from broker.catalog import Catalog, parse_entries
 from broker.config import ConfigError, settings_from_dict, settings_from_env
-from broker.providers import SUPPORT_MODULES, kinds, provider_types, register
+from broker.providers import SUPPORT_MODULES, is_part_of_a_protocol, kinds, provider_types, register
 from broker.providers.base import Provider
 from broker.registry import Registry
 from broker.types import Pricing
@@ -26,7 +26,10 @@ from tests.conftest import Daemon, broker_settings, stub
 
 def test_every_provider_module_is_registered() -> None:
     modules = {m.name for m in pkgutil.iter_modules(broker.providers.__path__)}
-    protocol_modules = {m for m in modules if m not in SUPPORT_MODULES and not m.endswith("_wire")}
+    declared = {k.module.removeprefix("broker.providers.") for k in kinds.KINDS.values()}
+    protocol_modules = {
+        m for m in modules if m not in SUPPORT_MODULES and not is_part_of_a_protocol(m, declared)
+    }
     declared_modules = {k.module.removeprefix("broker.providers.") for k in kinds.KINDS.values()}
     assert protocol_modules == set(declared_modules), (
         "a module in providers/ is missing from the declarations in providers/kinds.py"
@@ -45,7 +48,17 @@ def test_every_declaration_is_what_config_uses(monkeypatch: pytest.MonkeyPatch) 
     for kind in kinds.KINDS.values():
         if kind.host_env:
             monkeypatch.delenv(kind.host_env, raising=False)
-        config = settings_from_dict({"providers": [{"name": "p", "type": kind.name}]}, env={}).providers[0]
+        if not kind.default_base_url:
+            # A type with an endpoint per customer resource (azure_openai) has no default.
+            with pytest.raises(ConfigError, match="base_url: required"):
+                settings_from_dict({"providers": [{"name": "p", "type": kind.name}]}, env={})
+            continue
+        # A regional type (bedrock) needs its region; its default URL is the default region's.
+        extra: dict[str, str] = {"region": "us-east-1"} if kind.regional_base_url else {}
+        if kind.name == "vertex":
+            extra = {"project": "my-project"}  # its default URL is the global location's
+        raw = {"providers": [{"name": "p", "type": kind.name, **extra}]}
+        config = settings_from_dict(raw, env={}).providers[0]
         assert config.kind is kind and config.resolved_base_url() == kind.default_base_url
     for vendor in kinds.VENDORS.values():
         assert vendor.name not in kinds.KINDS and kinds.kind(vendor.kind) and vendor.facts
@@ -160,7 +173,8 @@ def test_a_new_wire_protocol_is_one_module_plus_one_declaration(toy: kinds.Provi
     settings = settings_from_dict({"providers": [{"name": "t", "type": "toy"}]}, env={})
     with pytest.raises(ConfigError) as e:
         settings_from_dict({"providers": [{"name": "x", "type": "nope"}]}, env={})
-    assert e.value.problems == ["providers[0].type: Input should be 'openai', 'anthropic', 'ollama' or 'toy'"]
+    assert e.value.problems == [f"providers[0].type: {kinds.one_of(kinds.names())}"]
+    assert e.value.problems[0].endswith("'ollama', 'bedrock', 'azure_openai', 'gemini', 'vertex' or 'toy'")
 
     # registry: builds it from the declared module (imported on first use), at the declared base URL
     assert "toy_protocol" not in sys.modules
@@ -182,7 +196,8 @@ def test_a_new_wire_protocol_is_one_module_plus_one_declaration(toy: kinds.Provi
 
     # auto-config: its declared variables make a provider, after the built-in types
     [p] = settings_from_env({"TOY_API_KEY": "toy-key-123456", "TOY_HOST": "127.0.0.1:7"}).providers
-    assert (p.name, p.type, p.priority, p.base_url) == ("toy", "toy", 40, "http://127.0.0.1:7")
+    after_builtins = 10 * len(kinds.KINDS)  # declared last: the lowest auto-config priority
+    assert (p.name, p.type, p.priority, p.base_url) == ("toy", "toy", after_builtins, "http://127.0.0.1:7")
     assert p.resolved_api_key() == "toy-key-123456"
 
 

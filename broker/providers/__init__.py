@@ -24,7 +24,23 @@ _TYPES: dict[str, type[Provider]] = {}
 P = TypeVar("P", bound="type[Provider]")
 # Shared machinery that is not a protocol: a module in providers/ is one of these, a declared
 # kind's module, or a protocol's `<name>_wire` mapping (a test holds this).
-SUPPORT_MODULES = ("base", "checks", "kinds", "sse", "transport")
+SUPPORT_MODULES = (
+    "aws_auth",
+    "base",
+    "checks",
+    "eventstream",
+    "google_auth",
+    "kinds",
+    "options",
+    "sse",
+    "transport",
+)
+
+
+def is_part_of_a_protocol(module: str, protocol_modules: set[str]) -> bool:
+    """`<type>_wire`, `<type>_request`, ...: a protocol's own helpers, beside its module
+    (the type's name may hold an underscore itself: azure_openai_wire)."""
+    return any(module.startswith(f"{p}_") for p in protocol_modules)
 
 
 def register(cls: P) -> P:

@@ -1,7 +1,8 @@
 """Anthropic's Messages API (`POST /v1/messages`, streamed as SSE).
 
-The JSON mapping lives in anthropic_wire; this module is the HTTP side: headers, the one
-streamed request per completion, model listing and the health probe.
+The JSON mapping lives in anthropic_wire (and its request half, anthropic_request, with the
+model rules in anthropic_rules); this module is the HTTP side: headers, the one streamed
+request per completion, model listing and the health probe.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncGenerator
 
+import structlog
+
 from broker import errors
 from broker.providers import anthropic_wire as wire
 from broker.providers import register
 from broker.providers.base import Provider, UpstreamErrorInfo
+from broker.providers.options import option_keys
 from broker.providers.sse import SSEDecoder
 from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
 
@@ -21,6 +25,8 @@ from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, St
 _DRAIN_SECONDS = 1.0
 # A listing longer than this many pages is a server looping on its cursor.
 _MAX_MODEL_PAGES = 50
+
+log = structlog.get_logger("broker.providers.anthropic")
 
 
 @register
@@ -35,11 +41,19 @@ class AnthropicProvider(Provider):
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionEvent, None]:
         model = request.model
+        notes: list[str] = []
         try:
-            body = wire.build_body(request)
+            body = wire.build_body(request, notes)
         except errors.BrokerError as exc:
             raise exc.with_target(self.name, model) from None
-        parser = wire.StreamParser(provider=self.name, model=model)
+        for note in notes:
+            log.debug("anthropic request adjusted", provider=self.name, model=model, note=note)
+        if request.provider_options:
+            # By key only: the values are the caller's and may hold anything.
+            log.debug(
+                "provider options merged", provider=self.name, keys=option_keys(request.provider_options)
+            )
+        parser = wire.StreamParser(provider=self.name, model=model, json_tool=wire.forced_json_tool(request))
         async with self.open("POST", "v1/messages", json=body, request=request) as resp:
             content_type = resp.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):

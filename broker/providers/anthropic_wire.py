@@ -1,240 +1,82 @@
 """Anthropic Messages API <-> neutral types: pure mapping, no I/O.
 
-`build_body` turns a CompletionRequest into a `POST /v1/messages` body; `StreamParser` turns
-the SSE events of the answer into neutral events; `parse_error_body` and `models_page` read
-the error and model-listing documents. Field rules are in PROTOCOLS.md section B.
+`build_body` (from anthropic_request) turns a CompletionRequest into a `POST /v1/messages`
+body; `StreamParser` turns the SSE events of the answer into neutral events (`message_events`
+does the same for a whole, non-streamed message); `parse_error_body` and `models_page` read
+the error and model-listing documents. Field rules are in PROTOCOLS.md section B and PROTOCOLS-2026 (thinking, structured
+outputs, caching, documents, refusals); the model-dependent rules for thinking and structured
+outputs are in anthropic_rules.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from broker import errors
 from broker.providers import checks
+from broker.providers.anthropic_request import (  # re-exported: the request half of this wire
+    FALLBACK_MAX_TOKENS,
+    PROVIDER_TYPE,
+    RESERVED_OPTIONS,
+    build_body,
+    forced_json_tool,
+)
 from broker.providers.base import UpstreamErrorInfo, classify_error
 from broker.redact import redact
 from broker.types import (
     Capability,
     CompletionEvent,
-    CompletionRequest,
     DiscoveredModel,
     EndEvent,
     FinishReason,
-    ImagePart,
-    Message,
     ProgressEvent,
-    Role,
+    ReasoningDeltaEvent,
+    Refusal,
     TextDeltaEvent,
-    TextPart,
     ToolCallDeltaEvent,
-    ToolChoiceMode,
     Usage,
 )
 
+__all__ = [
+    "API_VERSION",
+    "FALLBACK_MAX_TOKENS",
+    "PROVIDER_TYPE",
+    "RESERVED_OPTIONS",
+    "StreamParser",
+    "build_body",
+    "finish_reason",
+    "forced_json_tool",
+    "message_events",
+    "models_page",
+    "models_path",
+    "parse_error_body",
+    "stream_error",
+    "usage_from",
+]
+
 API_VERSION = "2023-06-01"
-# Anthropic requires max_tokens on every request: sent when neither the caller nor the
-# provider's `default_max_tokens` says, capped by the model's max output. Not the model's
-# maximum (64,000 for claude-sonnet-4-5): that would reserve, and risk billing, far more
-# than most answers need, and some clients time out on long non-streamed answers.
-FALLBACK_MAX_TOKENS = 4096
 MODELS_PAGE_LIMIT = 1000
 
-Block = dict[str, Any]
-# The usage fields that are token counts (checked: integers in range, else a protocol error).
+# The usage fields that are token counts (checked: integers in range, else a protocol error),
+# and the nested ones, kept under their own names (output_tokens_details.thinking_tokens,
+# cache_creation.ephemeral_1h_input_tokens).
 _COUNT_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+_NESTED_COUNTS = {
+    "output_tokens_details": ("thinking_tokens",),
+    "cache_creation": ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"),
+}
+# A thinking signature or a redacted block's data: opaque, a few hundred bytes to some KB.
+MAX_SIGNATURE_CHARS = 1 << 20
+# A refusal's explanation and category as the API gives them (a few hundred characters).
+MAX_REFUSAL_CHARS = 8192
 # content_block_* events without an `index`: keyed here, never a real block's index.
 _NO_INDEX = -1
-
-
-# --- request ---------------------------------------------------------------------------------
-
-
-def build_body(request: CompletionRequest) -> dict[str, Any]:
-    """The Messages API body for `request` (always streamed). Raises errors.InvalidRequest."""
-    system: list[str] = []
-    turns: list[_Turn] = []
-    for i, msg in enumerate(request.messages):
-        if msg.role == Role.SYSTEM:
-            system.append(_system_text(msg, i))
-            continue
-        role = "assistant" if msg.role == Role.ASSISTANT else "user"
-        results, blocks = _blocks(msg, i)
-        if not results and not blocks:
-            if msg.role == Role.ASSISTANT:
-                # An empty assistant turn in history (a model that said nothing) is valid
-                # elsewhere; Anthropic rejects empty content, and leaving the turn out says
-                # the same thing (the user turns around it merge into one).
-                continue
-            raise errors.InvalidRequest([(f"messages[{i}].content", "Anthropic rejects an empty message")])
-        # Anthropic wants alternating roles: consecutive same-role turns become one turn.
-        if not turns or turns[-1].role != role:
-            turns.append(_Turn(role))
-        turns[-1].tool_results += results
-        turns[-1].blocks += blocks
-
-    body: dict[str, Any] = {
-        "model": request.model,
-        "max_tokens": _max_tokens(request),
-        "messages": [t.render() for t in turns],
-        "stream": True,
-    }
-    if system:
-        body["system"] = "\n\n".join(system)
-    p = request.params
-    if p.temperature is not None:
-        if not 0.0 <= p.temperature <= 1.0:
-            raise errors.InvalidRequest(
-                [("params.temperature", f"Anthropic accepts 0 to 1, got {p.temperature:g}")]
-            )
-        body["temperature"] = p.temperature
-    if p.top_p is not None:
-        body["top_p"] = p.top_p
-    if p.stop:
-        body["stop_sequences"] = list(p.stop)
-    # No `seed` (the API has none) and no JSON mode: the Messages API has no response_format
-    # field and rejects unknown ones, so ResponseFormat.JSON is left to the prompt.
-    if request.tools:
-        body["tools"] = [
-            {
-                "name": t.name,
-                **({"description": t.description} if t.description else {}),
-                "input_schema": t.parameters or {"type": "object", "properties": {}},
-            }
-            for t in request.tools
-        ]
-    choice = _tool_choice(request)
-    if choice is not None:
-        body["tool_choice"] = choice
-    return body
-
-
-@dataclass(slots=True)
-class _Turn:
-    role: str
-    # tool_result blocks must open the user turn that follows a tool_use turn.
-    tool_results: list[Block] = field(default_factory=list)
-    blocks: list[Block] = field(default_factory=list)
-
-    def render(self) -> dict[str, Any]:
-        return {"role": self.role, "content": self.tool_results + self.blocks}
-
-
-def _max_tokens(request: CompletionRequest) -> int:
-    wanted = request.params.max_tokens
-    if wanted is not None and wanted < 1:
-        raise errors.InvalidRequest([("params.max_tokens", f"must be at least 1, got {wanted}")])
-    return request.output_limit(FALLBACK_MAX_TOKENS) or FALLBACK_MAX_TOKENS
-
-
-def _system_text(msg: Message, i: int) -> str:
-    for j, part in enumerate(msg.content):
-        if isinstance(part, ImagePart):
-            raise errors.InvalidRequest(
-                [(f"messages[{i}].content[{j}]", "Anthropic accepts only text in system messages")]
-            )
-    return msg.text()
-
-
-def _blocks(msg: Message, i: int) -> tuple[list[Block], list[Block]]:
-    """(tool_result blocks, other blocks) for one non-system message."""
-    content = [
-        block
-        for j, part in enumerate(msg.content)
-        if (block := _content_block(part, f"messages[{i}].content[{j}]")) is not None
-    ]
-    if msg.role == Role.TOOL:
-        if not msg.tool_call_id:
-            raise errors.InvalidRequest([(f"messages[{i}].tool_call_id", "required on a tool message")])
-        only_text = all(b["type"] == "text" for b in content)
-        result: Block = {
-            "type": "tool_result",
-            "tool_use_id": msg.tool_call_id,
-            # A plain string when it is all text, as the API documents; blocks when images are in it.
-            "content": "".join(b["text"] for b in content) if only_text else content,
-            "is_error": msg.is_error,
-        }
-        return [result], []
-    if msg.role == Role.ASSISTANT:
-        for j, call in enumerate(msg.tool_calls):
-            content.append(
-                {
-                    "type": "tool_use",
-                    "id": call.id,
-                    "name": call.name,
-                    "input": _tool_input(call.arguments, i, j),
-                }
-            )
-    return [], content
-
-
-def _content_block(part: TextPart | ImagePart, where: str) -> Block | None:
-    if isinstance(part, TextPart):
-        # The API rejects empty text blocks; an empty part carries nothing anyway.
-        return {"type": "text", "text": part.text} if part.text else None
-    if part.data is not None:
-        if not part.media_type:
-            raise errors.InvalidRequest([(f"{where}.media_type", "required with inline image bytes")])
-        return _b64_image(part.media_type, base64.b64encode(part.data).decode("ascii"))
-    if part.url:
-        if part.url.startswith("data:"):
-            # A data: URL is inline bytes in disguise; the API's url source fetches over HTTP only.
-            return _data_url_image(part.url, where)
-        return {"type": "image", "source": {"type": "url", "url": part.url}}
-    raise errors.InvalidRequest([(where, "an image needs bytes or a URL")])
-
-
-def _b64_image(media_type: str, data: str) -> Block:
-    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
-
-
-def _data_url_image(url: str, where: str) -> Block:
-    head, sep, data = url.partition(",")
-    media_type = head.removeprefix("data:").removesuffix(";base64")
-    if not sep or not head.endswith(";base64") or not media_type:
-        raise errors.InvalidRequest([(f"{where}.url", "a data: URL must be data:<media type>;base64,<data>")])
-    try:
-        base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise errors.InvalidRequest([(f"{where}.url", "the data: URL is not valid base64")]) from None
-    return _b64_image(media_type, data)
-
-
-def _tool_input(arguments: str, i: int, j: int) -> dict[str, Any]:
-    where = f"messages[{i}].tool_calls[{j}].arguments"
-    try:
-        value = checks.strict_json(arguments) if arguments.strip() else {}
-    except ValueError as exc:
-        raise errors.InvalidRequest([(where, f"not valid JSON ({exc})")]) from None
-    if not isinstance(value, dict):
-        raise errors.InvalidRequest([(where, "must be a JSON object (Anthropic's tool input is an object)")])
-    return value
-
-
-def _tool_choice(request: CompletionRequest) -> dict[str, Any] | None:
-    choice = request.tool_choice
-    if choice.mode == ToolChoiceMode.DEFAULT:
-        return None
-    if not request.tools:
-        if choice.mode in (ToolChoiceMode.AUTO, ToolChoiceMode.NONE):
-            return None  # nothing to choose from: the same as not saying
-        raise errors.InvalidRequest([("tool_choice", f"{choice.mode.value} needs at least one tool")])
-    if choice.mode == ToolChoiceMode.AUTO:
-        return {"type": "auto"}
-    if choice.mode == ToolChoiceMode.REQUIRED:
-        return {"type": "any"}
-    if choice.mode == ToolChoiceMode.NONE:
-        return {"type": "none"}
-    if not choice.tool_name:
-        raise errors.InvalidRequest([("tool_choice.tool_name", "required when the mode is tool")])
-    return {"type": "tool", "name": choice.tool_name}
 
 
 # --- streamed answer -------------------------------------------------------------------------
@@ -246,7 +88,7 @@ _FINISH = {
     "max_tokens": FinishReason.LENGTH,
     "model_context_window_exceeded": FinishReason.LENGTH,
     "tool_use": FinishReason.TOOL_CALLS,
-    "refusal": FinishReason.CONTENT_FILTER,
+    "refusal": FinishReason.REFUSAL,
 }
 
 # The HTTP status each error type comes with (PROTOCOLS.md B "Errors"), so an `event: error`
@@ -265,7 +107,7 @@ _STATUS_OF_ERROR_TYPE = {
 }
 
 
-# One instance for every ping and signature: they carry no size.
+# One instance for every ping and empty delta: they carry no size.
 _ALIVE = ProgressEvent()
 
 
@@ -277,6 +119,8 @@ def finish_reason(stop_reason: str | None) -> FinishReason:
 class _ToolBlock:
     index: int  # the neutral index: tool_use blocks counted from 0
     got_arguments: bool = False
+    # The forced tool of a JSON-schema answer: its input is the answer's text.
+    as_text: bool = False
 
 
 class StreamParser:
@@ -284,17 +128,24 @@ class StreamParser:
 
     StartEvent is the caller's to send when the 200 arrives. `finished` says whether
     message_stop came, so a stream that just stops can be told from a complete one.
+    `json_tool` names the forced tool of a JSON-schema answer (`forced_json_tool`): its
+    input streams out as text and the answer ends STOP, not TOOL_CALLS.
     Raises BrokerError for `event: error` and for anything that is not the protocol.
     """
 
-    def __init__(self, *, provider: str, model: str) -> None:
+    def __init__(self, *, provider: str, model: str, json_tool: str | None = None) -> None:
         self.provider = provider
         self.model = model
+        self.json_tool = json_tool
         self.started = False
         self.finished = False
         self._usage: dict[str, int] = {}
         self._stop_reason: str | None = None
+        self._stop_details: Any = None
         self._tools: dict[int, _ToolBlock] = {}  # by the block's `index` in content[]
+        self._answered_as_text = False
+        # Block `index` -> the reasoning block's ordinal (thinking and redacted, from 0).
+        self._reasoning: dict[int, int] = {}
 
     def feed(self, event: str, data: str) -> list[CompletionEvent]:
         if self.finished:
@@ -307,6 +158,9 @@ class StreamParser:
         )
         if not isinstance(payload, dict):
             raise self._protocol_error(f"event {event!r} carries {type(payload).__name__}, not an object")
+        return self.feed_payload(event, payload)
+
+    def feed_payload(self, event: str, payload: dict[str, Any]) -> list[CompletionEvent]:
         kind = str(payload.get("type") or event)
         if kind == "error" or event == "error":
             raise stream_error(payload, provider=self.provider, model=self.model)
@@ -346,42 +200,69 @@ class StreamParser:
 
     def _on_block_start(self, payload: Mapping[str, Any]) -> list[CompletionEvent]:
         block = payload.get("content_block") or {}
-        if block.get("type") == "tool_use":
-            where = {"provider": self.provider, "model": self.model}
-            if len(self._tools) >= checks.MAX_TOOL_CALLS:
-                raise self._protocol_error(f"more than {checks.MAX_TOOL_CALLS} tool_use blocks")
-            tool = _ToolBlock(index=len(self._tools))
-            self._tools[self._block_index(payload)] = tool
-            call_id = checks.text(
-                block.get("id", ""), field="a tool_use id", limit=checks.MAX_TOOL_CALL_ID_CHARS, **where
-            )
-            name = checks.text(
-                block.get("name", ""), field="a tool_use name", limit=checks.MAX_TOOL_NAME_CHARS, **where
-            )
-            return [ToolCallDeltaEvent(index=tool.index, id=call_id, name=name)]
-        if block.get("type") == "text" and block.get("text"):
-            return [TextDeltaEvent(str(block["text"]))]
-        if block.get("type") == "text":
+        kind = block.get("type")
+        if kind == "tool_use":
+            return self._on_tool_start(payload, block)
+        if kind == "text":
+            return [TextDeltaEvent(str(block["text"]))] if block.get("text") else []
+        if kind == "thinking":
+            k = self._reasoning_ordinal(payload)
+            text = str(block.get("thinking") or "")
+            signature = self._signature(block.get("signature"))
+            if not text and not signature:
+                return [_ALIVE]  # the block opens empty; its deltas follow
+            return [ReasoningDeltaEvent(k, text=text, signature=signature)]
+        if kind == "redacted_thinking":
+            # Arrives whole, with no deltas: the opaque data goes back upstream as it came.
+            k = self._reasoning_ordinal(payload)
+            data = self._signature(block.get("data"), what="a redacted_thinking block's data")
+            return [ReasoningDeltaEvent(k, redacted_data=data)]
+        # Server tools and their results: not carried by the neutral stream, but the model is
+        # working (progress for the TTFT and stall timers).
+        return [_ALIVE]
+
+    def _on_tool_start(self, payload: Mapping[str, Any], block: Mapping[str, Any]) -> list[CompletionEvent]:
+        where = {"provider": self.provider, "model": self.model}
+        name = checks.text(
+            block.get("name", ""), field="a tool_use name", limit=checks.MAX_TOOL_NAME_CHARS, **where
+        )
+        if self.json_tool is not None and name == self.json_tool:
+            self._tools[self._block_index(payload)] = _ToolBlock(index=-1, as_text=True)
+            self._answered_as_text = True
             return []
-        # thinking, redacted_thinking, server tools and their results: not carried by the
-        # neutral stream, but the model is working (progress for the TTFT and stall timers).
-        return [ProgressEvent(len(str(block.get("thinking") or "")))]
+        if len(self._tools) >= checks.MAX_TOOL_CALLS:
+            raise self._protocol_error(f"more than {checks.MAX_TOOL_CALLS} tool_use blocks")
+        tool = _ToolBlock(index=sum(not t.as_text for t in self._tools.values()))
+        self._tools[self._block_index(payload)] = tool
+        call_id = checks.text(
+            block.get("id", ""), field="a tool_use id", limit=checks.MAX_TOOL_CALL_ID_CHARS, **where
+        )
+        return [ToolCallDeltaEvent(index=tool.index, id=call_id, name=name)]
 
     def _on_block_delta(self, payload: Mapping[str, Any]) -> list[CompletionEvent]:
         delta = payload.get("delta") or {}
-        if delta.get("type") == "text_delta" and delta.get("text"):
+        kind = delta.get("type")
+        if kind == "text_delta" and delta.get("text"):
             return [TextDeltaEvent(str(delta["text"]))]
-        if delta.get("type") == "input_json_delta":
+        if kind == "input_json_delta":
             tool = self._tools.get(self._block_index(payload))
             fragment = str(delta.get("partial_json") or "")
             if tool is not None and fragment:
                 tool.got_arguments = True
+                if tool.as_text:
+                    return [TextDeltaEvent(fragment)]
                 return [ToolCallDeltaEvent(index=tool.index, arguments_delta=fragment)]
             # A server tool's input (server_tool_use, e.g. web search): the model is working.
             return [ProgressEvent(len(fragment))] if tool is None else []
-        if delta.get("type") == "thinking_delta":
-            return [ProgressEvent(len(str(delta.get("thinking") or "")))]
-        if delta.get("type") in ("signature_delta", "citations_delta"):
+        if kind == "thinking_delta":
+            text = str(delta.get("thinking") or "")
+            # An empty thinking_delta occurs (recording an-adaptive-thinking): progress only.
+            return [ReasoningDeltaEvent(self._reasoning_ordinal(payload), text=text)] if text else [_ALIVE]
+        if kind == "signature_delta":
+            signature = self._signature(delta.get("signature"))
+            k = self._reasoning_ordinal(payload)
+            return [ReasoningDeltaEvent(k, signature=signature)] if signature else [_ALIVE]
+        if kind == "citations_delta":
             return [_ALIVE]
         return []  # delta types newer than this code
 
@@ -390,6 +271,8 @@ class StreamParser:
         if tool is not None and not tool.got_arguments:
             # A tool without parameters streams no JSON at all; "{}" keeps arguments valid JSON.
             tool.got_arguments = True
+            if tool.as_text:
+                return [TextDeltaEvent("{}")]
             return [ToolCallDeltaEvent(index=tool.index, arguments_delta="{}")]
         return []
 
@@ -397,26 +280,66 @@ class StreamParser:
         delta = payload.get("delta") or {}
         if delta.get("stop_reason"):
             self._stop_reason = str(delta["stop_reason"])
+        if delta.get("stop_details") is not None:
+            self._stop_details = delta["stop_details"]
         self._merge_usage(payload.get("usage"))
         return []
 
     def _on_message_stop(self, payload: Mapping[str, Any]) -> list[CompletionEvent]:
         self.finished = True
-        return [
-            EndEvent(
-                finish_reason(self._stop_reason), usage_from(self._usage), usage_reported=bool(self._usage)
-            )
-        ]
+        finish = finish_reason(self._stop_reason)
+        if finish is FinishReason.TOOL_CALLS and self._answered_as_text:
+            # The forced tool of a JSON-schema answer: its input was the answer, not a call.
+            if not any(not t.as_text for t in self._tools.values()):
+                finish = FinishReason.STOP
+        refusal = self._refusal() if finish is FinishReason.REFUSAL else None
+        usage = usage_from(self._usage)
+        return [EndEvent(finish, usage, usage_reported=bool(self._usage), refusal=refusal)]
+
+    def _refusal(self) -> Refusal:
+        """stop_details {"type": "refusal", "category", "explanation"} (either may be null)."""
+        details = self._stop_details if isinstance(self._stop_details, dict) else {}
+        return Refusal(
+            explanation=self._bounded(details.get("explanation"), "stop_details.explanation"),
+            category=self._bounded(details.get("category"), "stop_details.category"),
+        )
+
+    def _bounded(self, value: Any, what: str) -> str:
+        return checks.text(
+            value, field=what, limit=MAX_REFUSAL_CHARS, provider=self.provider, model=self.model
+        )
 
     def _merge_usage(self, usage: Any) -> None:
         # message_delta counts are cumulative: a later value replaces an earlier one.
-        if isinstance(usage, dict):
-            for key, value in usage.items():
-                if key in _COUNT_FIELDS and value is not None:
-                    # A count must be one (an integer in range), else the stream is not the protocol.
-                    value = checks.count(value, field=key, provider=self.provider, model=self.model)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    self._usage[key] = value
+        if not isinstance(usage, dict):
+            return
+        for key, value in usage.items():
+            if key in _NESTED_COUNTS:
+                if isinstance(value, dict):
+                    for sub in _NESTED_COUNTS[key]:
+                        if value.get(sub) is not None:
+                            self._usage[sub] = self._count(value[sub], f"{key}.{sub}")
+                continue
+            if key in _COUNT_FIELDS and value is not None:
+                # A count must be one (an integer in range), else the stream is not the protocol.
+                value = self._count(value, key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                self._usage[key] = value
+
+    def _count(self, value: Any, field: str) -> int:
+        return checks.count(value, field=field, provider=self.provider, model=self.model)
+
+    def _reasoning_ordinal(self, payload: Mapping[str, Any]) -> int:
+        """The reasoning block's ordinal for this content block, numbered as blocks open."""
+        index = self._block_index(payload)
+        if index not in self._reasoning:
+            self._reasoning[index] = len(self._reasoning)
+        return self._reasoning[index]
+
+    def _signature(self, value: Any, *, what: str = "a thinking signature") -> str:
+        return checks.text(
+            value, field=what, limit=MAX_SIGNATURE_CHARS, provider=self.provider, model=self.model
+        )
 
     def _block_index(self, payload: Mapping[str, Any]) -> int:
         """A content block's `index`: an integer in range; absent is _NO_INDEX (no block)."""
@@ -437,15 +360,58 @@ class StreamParser:
         )
 
 
+def message_events(
+    doc: Any, *, provider: str, model: str, json_tool: str | None = None
+) -> list[CompletionEvent]:
+    """A whole (non-streamed) Message as the events its stream would have given: the same
+    parser, fed the stream events the message stands for, so both paths map alike."""
+    parser = StreamParser(provider=provider, model=model, json_tool=json_tool)
+    if not isinstance(doc, dict) or doc.get("type") == "error":
+        if isinstance(doc, dict):
+            raise stream_error(doc, provider=provider, model=model)
+        raise parser._protocol_error("a message that is not a JSON object")
+    content = doc.get("content")
+    if not isinstance(content, list):
+        raise parser._protocol_error("a message without a content list")
+    start = {
+        key: value for key, value in doc.items() if key not in ("content", "stop_reason", "stop_details")
+    }
+    out = parser.feed_payload("message_start", {"type": "message_start", "message": start})
+    for index, block in enumerate(content):
+        if not isinstance(block, dict):
+            raise parser._protocol_error(f"content[{index}] is not an object")
+        out += parser.feed_payload(
+            "content_block_start", {"type": "content_block_start", "index": index, "content_block": block}
+        )
+        if block.get("type") == "tool_use":
+            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False)
+            delta = {"type": "input_json_delta", "partial_json": arguments}
+            out += parser.feed_payload(
+                "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+            )
+        out += parser.feed_payload("content_block_stop", {"type": "content_block_stop", "index": index})
+    end: dict[str, Any] = {"stop_reason": doc.get("stop_reason"), "stop_details": doc.get("stop_details")}
+    out += parser.feed_payload("message_delta", {"type": "message_delta", "delta": end})
+    out += parser.feed_payload("message_stop", {"type": "message_stop"})
+    return out
+
+
 def usage_from(usage: Mapping[str, Any]) -> Usage:
-    """Anthropic's input_tokens excludes cached tokens; the neutral input count includes them."""
+    """Anthropic's input_tokens excludes cached tokens; the neutral input count includes them.
+    Thinking tokens are part of output_tokens (Anthropic bills them there); the 1h cache
+    writes are part of cache_creation_input_tokens."""
     cache_read = int(usage.get("cache_read_input_tokens") or 0)
-    cache_write = int(usage.get("cache_creation_input_tokens") or 0)
+    one_hour = int(usage.get("ephemeral_1h_input_tokens") or 0)
+    five_minutes = int(usage.get("ephemeral_5m_input_tokens") or 0)
+    cache_write = int(usage.get("cache_creation_input_tokens") or 0) or one_hour + five_minutes
+    output = int(usage.get("output_tokens") or 0)
     return Usage(
         input_tokens=int(usage.get("input_tokens") or 0) + cache_read + cache_write,
-        output_tokens=int(usage.get("output_tokens") or 0),
+        output_tokens=output,
         cached_input_tokens=cache_read,
         cache_write_input_tokens=cache_write,
+        reasoning_tokens=min(int(usage.get("thinking_tokens") or 0), output),
+        cache_write_1h_input_tokens=min(one_hour, cache_write),
     )
 
 

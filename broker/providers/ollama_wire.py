@@ -3,7 +3,16 @@
 `build_body` turns a CompletionRequest into a `POST /api/chat` body; `ChatStreamParser` turns
 the NDJSON lines of the answer into neutral events; `parse_error_body`, `parse_tags` and
 `parse_show` read the error, listing and model-detail documents. Field rules are in
-PROTOCOLS.md section C.
+PROTOCOLS.md section C and PROTOCOLS-2026.md 1.3, 2.3.
+
+Reasoning: an effort is `think: "low" | "medium" | "high"` (minimal is low), off is
+`think: false`; Ollama has no token budget. The answer's `message.thinking` is one reasoning
+block (index 0), and a ReasoningPart sent back in history goes back as the assistant
+message's `thinking`. A JSON-schema format is `format: <schema>` (Ollama constrains the
+output to it; the docs advise putting the schema in the prompt too). Left out, by what
+Ollama has: strict tools (no such field: the tool is sent without it), documents
+(InvalidRequest), cache breakpoints (Ollama reuses its KV prefix by itself), request
+metadata and refusals (none on this API).
 """
 
 from __future__ import annotations
@@ -20,18 +29,22 @@ import orjson
 from broker import errors
 from broker.providers import checks
 from broker.providers.base import UpstreamErrorInfo, classify_error
+from broker.providers.options import merge_options
 from broker.redact import redact
 from broker.types import (
     Capability,
     CompletionEvent,
     CompletionRequest,
     DiscoveredModel,
+    DocumentPart,
     EmbedResult,
     EndEvent,
     FinishReason,
     ImagePart,
     Message,
-    ProgressEvent,
+    ReasoningConfig,
+    ReasoningDeltaEvent,
+    ReasoningEffort,
     ResponseFormat,
     Role,
     TextDeltaEvent,
@@ -41,6 +54,14 @@ from broker.types import (
 )
 
 Json = dict[str, Any]
+
+# Ollama's levels (it also takes "max", which the neutral efforts do not reach).
+_THINK_LEVEL = {
+    ReasoningEffort.MINIMAL: "low",
+    ReasoningEffort.LOW: "low",
+    ReasoningEffort.MEDIUM: "medium",
+    ReasoningEffort.HIGH: "high",
+}
 
 # --- request ---------------------------------------------------------------------------------
 
@@ -58,16 +79,59 @@ def build_body(request: CompletionRequest) -> Json:
     tools = _tools(request)
     if tools:
         body["tools"] = tools
-    if request.params.response_format == ResponseFormat.JSON:
+    p = request.params
+    if p.response_format == ResponseFormat.JSON:
         body["format"] = "json"
+    elif p.response_format == ResponseFormat.JSON_SCHEMA:
+        if p.json_schema is None:
+            raise errors.InvalidRequest(
+                [("params.json_schema", "is required with response_format RESPONSE_FORMAT_JSON_SCHEMA")]
+            )
+        body["format"] = p.json_schema.schema
+    if p.reasoning is not None and (think := _think(p.reasoning)) is not None:
+        body["think"] = think
     options = _options(request)
     if options:
         body["options"] = options
-    return body
+    # Last, into the finished body: `{"options": {"num_ctx": 8192}}` adds to the options;
+    # a format or think the broker set is the request's own and may not be replaced.
+    reserved = {"tools", *(k for k in ("format", "think") if k in body)}
+    return merge_options(
+        body, request.provider_options, provider_type=request.provider_type or "ollama", reserved=reserved
+    )
+
+
+def _think(r: ReasoningConfig) -> bool | str | None:
+    if r.disabled:
+        return False
+    if r.budget_tokens is not None:
+        raise errors.InvalidRequest(
+            [
+                (
+                    "params.reasoning.budget_tokens",
+                    "Ollama takes a reasoning effort (low, medium, high) or off, not a token budget",
+                )
+            ]
+        )
+    return _THINK_LEVEL[r.effort] if r.effort is not None else None
 
 
 def _message(msg: Message, i: int, names_by_call_id: Mapping[str, str]) -> Json:
     out: Json = {"role": msg.role.value, "content": msg.text()}
+    for j, part in enumerate(msg.content):
+        if isinstance(part, DocumentPart):
+            raise errors.InvalidRequest(
+                [
+                    (
+                        f"messages[{i}].content[{j}].document",
+                        "Ollama takes no documents; send the text (or page images) instead",
+                    )
+                ]
+            )
+    # Only this type's reasoning reaches here (CompletionCall.upstream drops foreign parts).
+    thinking = "".join(p.text for p in msg.reasoning())
+    if thinking:
+        out["thinking"] = thinking
     images = [
         _image_base64(part, f"messages[{i}].content[{j}].image")
         for j, part in enumerate(msg.content)
@@ -217,11 +281,10 @@ class ChatStreamParser:
         events: list[CompletionEvent] = []
         message = doc.get("message")
         if isinstance(message, dict):
-            # `thinking` is not relayed (the neutral stream carries only the answer), but the
-            # model is working: progress for the time-to-first-token and stall timers.
+            # Ollama streams `thinking` before the content of the same answer.
             thinking = message.get("thinking")
             if isinstance(thinking, str) and thinking:
-                events.append(ProgressEvent(len(thinking)))
+                events.append(ReasoningDeltaEvent(0, text=thinking))
             if content := message.get("content"):
                 events.append(TextDeltaEvent(str(content)))
             calls = message.get("tool_calls")
@@ -377,7 +440,11 @@ class ListedModel:
     def discovered(self) -> DiscoveredModel:
         caps: frozenset[Capability] | None = None
         if self.capabilities is not None:
-            found = {Capability.JSON_MODE}  # `format: "json"` works with every chat model
+            # `format: "json"` and `format: <schema>` work with every chat model (the output is
+            # constrained by a grammar, not by the model's training).
+            found = {Capability.JSON_MODE, Capability.STRUCTURED_OUTPUTS}
+            if "thinking" in self.capabilities:
+                found.add(Capability.REASONING)
             if "vision" in self.capabilities:
                 found.add(Capability.VISION)
             if "tools" in self.capabilities:

@@ -1,6 +1,9 @@
-"""OpenAI Chat Completions, and every server that speaks it (Ollama /v1, vLLM, llama.cpp).
+"""OpenAI Chat Completions, and every server that speaks it (Ollama /v1, vLLM, llama.cpp, Groq,
+OpenRouter).
 
-The JSON mapping lives in `openai_wire`; this module is the HTTP side: auth, the SSE
+The JSON mapping lives in `openai_wire` (the request body in `openai_request`, shaped by
+`WireTarget`: api.openai.com itself, or a vendor row of kinds.py such as OpenRouter, found
+from `vendor:` or the base URL's host); this module is the HTTP side: auth, the SSE
 stream (decoded by `sse.SSEDecoder` a network read at a time, line-capped, payloads parsed by orjson),
 and the rules of the stream (events only after a 200, exactly one EndEvent, and only
 after `data: [DONE]`).
@@ -20,6 +23,7 @@ from broker.providers import register
 from broker.providers.base import Provider, UpstreamErrorInfo
 from broker.providers.openai_wire import (
     ChunkParser,
+    WireTarget,
     build_body,
     build_embed_body,
     error_from_payload,
@@ -46,6 +50,8 @@ class OpenAIProvider(Provider):
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
         self.max_tokens_field = self.config.max_tokens_field
+        # Decided once: the base URL and vendor do not change for the provider's lifetime.
+        self.target = WireTarget.of(self.base_url, self.config.vendor)
 
     def auth_headers(self) -> dict[str, str]:
         # Local compatible servers usually run without a key; sending "Bearer " would be noise.
@@ -53,7 +59,8 @@ class OpenAIProvider(Provider):
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionEvent, None]:
         model = request.model
-        body = build_body(request, max_tokens_field=self.max_tokens_field)
+        # InvalidRequest (a request this protocol cannot express) before any I/O.
+        body = build_body(request, max_tokens_field=self.max_tokens_field, target=self.target)
         parser = ChunkParser(provider=self.name, model=model)
 
         def feed(event: tuple[str, bytes]) -> list[CompletionEvent]:

@@ -1,16 +1,23 @@
 """OpenAI Chat Completions wire format <-> neutral types. Pure functions, no I/O.
 
-Also serves OpenAI-compatible servers (Ollama /v1, vLLM, llama.cpp), so every reader is
-lenient: unknown fields are ignored, optional fields may be missing or null, and the
-error shapes of the common servers are all understood (PROTOCOLS.md section A).
+Also serves OpenAI-compatible servers (Ollama /v1, vLLM, llama.cpp, Groq, OpenRouter), so
+every reader is lenient: unknown fields are ignored, optional fields may be missing or null,
+and the error shapes of the common servers are all understood (PROTOCOLS.md section A).
+The request body is built in `openai_request` (re-exported here); this module reads what
+comes back: stream chunks (answer text, tool calls, reasoning, refusals, usage), errors,
+model listings and embeddings.
+
+Reasoning arrives as `delta.reasoning` (Groq, OpenRouter, vLLM, Ollama /v1) or
+`delta.reasoning_content` (llama.cpp, DeepSeek, older vLLM), the same keys on a `message`:
+one reasoning block, index 0 (PROTOCOLS-2026.md 1.4). OpenRouter's `reasoning_details`
+(with an Anthropic signature in it) is ignored: the signature cannot be sent back through
+Chat Completions by the broker, so keeping it would promise what the API cannot do.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import math
-import re
 from typing import Any
 
 import orjson
@@ -18,31 +25,48 @@ import orjson
 from broker import errors
 from broker.providers import checks
 from broker.providers.base import UpstreamErrorInfo, classify_error
+from broker.providers.openai_request import (
+    AUTO,
+    MAX_COMPLETION_TOKENS,
+    MAX_TOKENS,
+    WireTarget,
+    build_body,
+    is_reasoning_model_id,
+    limit_field,
+)
 from broker.redact import redact
 from broker.types import (
     CompletionEvent,
-    CompletionRequest,
     DiscoveredModel,
     EmbedResult,
     EndEvent,
     FinishReason,
-    ImagePart,
-    Message,
     ProgressEvent,
-    ResponseFormat,
-    Role,
+    ReasoningDeltaEvent,
+    Refusal,
     TextDeltaEvent,
     ToolCallDeltaEvent,
-    ToolChoiceMode,
     Usage,
 )
 
-MAX_COMPLETION_TOKENS = "max_completion_tokens"
-MAX_TOKENS = "max_tokens"
-AUTO = "auto"  # decided per request by the model: see limit_field()
-# OpenAI's reasoning families by id, for models the catalogue does not know (a dated snapshot
-# it lacks, a gateway's "openai/gpt-5"): o1, o3-mini, o4-mini-2025-04-16, gpt-5, gpt-5.1-codex...
-_REASONING_ID = re.compile(r"^(?:o[1-9][0-9]*|gpt-5)(?:[-.:]|$)")
+__all__ = [
+    "AUTO",
+    "MAX_COMPLETION_TOKENS",
+    "MAX_REFUSAL_CHARS",
+    "MAX_TOKENS",
+    "ChunkParser",
+    "WireTarget",
+    "build_body",
+    "build_embed_body",
+    "error_from_payload",
+    "is_reasoning_model_id",
+    "limit_field",
+    "parse_embeddings",
+    "parse_error",
+    "parse_models",
+    "usage_from",
+]
+
 # Bound on an upstream's nested error detail (OpenRouter's error.metadata.raw) in a message.
 _RAW_DETAIL_CHARS = 500
 
@@ -54,122 +78,9 @@ _FINISH = {
     "function_call": FinishReason.TOOL_CALLS,  # the deprecated name of the same thing
 }
 _SNIPPET = 200
-
-
-# --- request ---------------------------------------------------------------------------------
-
-
-def is_reasoning_model_id(model: str) -> bool:
-    """An OpenAI reasoning family by its id (the last path segment, so "openai/gpt-5" counts)."""
-    return bool(_REASONING_ID.match(model.rsplit("/", 1)[-1].lower()))
-
-
-def limit_field(request: CompletionRequest, setting: str = AUTO) -> str:
-    """Which output-limit field to send for this request's model.
-
-    OpenAI's reasoning models (o-series, gpt-5 family) reject `max_tokens` with a 400
-    ("Unsupported parameter: 'max_tokens'"), wherever they are served (api.openai.com, Azure,
-    a gateway), and take `max_completion_tokens`. Every other model, and every compatible
-    server (Ollama /v1, vLLM, llama.cpp), takes `max_tokens`; Ollama silently drops
-    `max_completion_tokens`, so the limit would vanish. The catalogue's `reasoning` flag
-    decides; for a model it lacks, the id's family does. `setting` (the provider's
-    `max_tokens_field`) other than "auto" overrides both.
-    """
-    if setting in (MAX_TOKENS, MAX_COMPLETION_TOKENS):
-        return setting
-    reasoning = request.reasoning_model
-    if reasoning is None:
-        reasoning = is_reasoning_model_id(request.model)
-    return MAX_COMPLETION_TOKENS if reasoning else MAX_TOKENS
-
-
-def build_body(request: CompletionRequest, *, max_tokens_field: str = AUTO) -> dict[str, Any]:
-    """The JSON body of POST chat/completions. Always streamed, always asking for usage.
-
-    max_tokens_field: "auto" (by the model, see limit_field), "max_tokens" or "max_completion_tokens".
-    """
-    body: dict[str, Any] = {
-        "model": request.model,
-        "messages": [_message(i, m) for i, m in enumerate(request.messages)],
-    }
-    if request.tools:
-        body["tools"] = [_tool(t.name, t.description, t.parameters) for t in request.tools]
-    choice = request.tool_choice
-    if choice.mode == ToolChoiceMode.TOOL:
-        body["tool_choice"] = {"type": "function", "function": {"name": choice.tool_name}}
-    elif choice.mode != ToolChoiceMode.DEFAULT:
-        body["tool_choice"] = choice.mode.value  # "auto" | "none" | "required"
-    p = request.params
-    if p.temperature is not None:
-        body["temperature"] = p.temperature
-    if p.top_p is not None:
-        body["top_p"] = p.top_p
-    # The caller's own limit, else the provider's configured default_max_tokens; with neither,
-    # no limit (the server's own default), since a guessed one only risks a 400.
-    limit = request.output_limit(None)
-    if limit is not None:
-        body[limit_field(request, max_tokens_field)] = limit
-    if p.stop:
-        body["stop"] = list(p.stop)
-    if p.seed is not None:
-        body["seed"] = p.seed
-    if p.response_format == ResponseFormat.JSON:
-        body["response_format"] = {"type": "json_object"}
-    elif p.response_format == ResponseFormat.TEXT:
-        body["response_format"] = {"type": "text"}
-    body["stream"] = True
-    # Without this OpenAI sends no usage at all when streaming, and cost needs it.
-    body["stream_options"] = {"include_usage": True}
-    return body
-
-
-def _message(i: int, m: Message) -> dict[str, Any]:
-    if m.role == Role.TOOL:
-        return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.text()}
-    if m.role != Role.USER and m.has_image():
-        raise errors.InvalidRequest([(f"messages[{i}].content", "images are only accepted in user messages")])
-    if m.role == Role.ASSISTANT:
-        out: dict[str, Any] = {"role": "assistant", "content": m.text()}
-        if m.tool_calls:
-            out["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                for c in m.tool_calls
-            ]
-            # The spec's shape for a pure tool-call turn: content is null, not "".
-            out["content"] = out["content"] or None
-        return out
-    role = "system" if m.role == Role.SYSTEM else "user"
-    if not m.has_image() and (role == "system" or len(m.content) <= 1):
-        # A plain string is what every OpenAI-compatible server accepts.
-        return {"role": role, "content": m.text()}
-    parts: list[dict[str, Any]] = []
-    for j, part in enumerate(m.content):
-        if isinstance(part, ImagePart):
-            parts.append(
-                {"type": "image_url", "image_url": {"url": _image_url(part, f"messages[{i}].content[{j}]")}}
-            )
-        else:
-            parts.append({"type": "text", "text": part.text})
-    return {"role": role, "content": parts}
-
-
-def _image_url(part: ImagePart, where: str) -> str:
-    if part.data is not None:
-        if not part.media_type:
-            raise errors.InvalidRequest([(where, "an inline image needs a media_type")])
-        return f"data:{part.media_type};base64,{base64.b64encode(part.data).decode('ascii')}"
-    if part.url:
-        return part.url
-    raise errors.InvalidRequest([(where, "an image needs data or a url")])
-
-
-def _tool(name: str, description: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    fn: dict[str, Any] = {"name": name}
-    if description:
-        fn["description"] = description
-    if parameters:  # omitted means "takes no arguments" in the spec
-        fn["parameters"] = parameters
-    return {"type": "function", "function": fn}
+# A refusal's explanation is kept up to this many characters (the fragments are concatenated;
+# a refusal is a sentence or two, and the rest would only grow the answer).
+MAX_REFUSAL_CHARS = 16384
 
 
 # --- streaming response ----------------------------------------------------------------------
@@ -189,7 +100,9 @@ class ChunkParser:
         self._usage = Usage()
         self._usage_reported = False
         self._content = False  # any answer text or tool call seen
-        self._refused = False
+        # The refusal's fragments (delta.refusal), concatenated for the EndEvent.
+        self._refusal: list[str] = []
+        self._refusal_chars = 0
         # Upstream tool-call index -> (id sent, name sent); ids keep index-less servers keyed.
         self._calls: dict[int, tuple[bool, bool]] = {}
         self._ids: dict[str, int] = {}
@@ -209,7 +122,8 @@ class ChunkParser:
             # n is never sent, so only choice 0 exists; ignore anything else defensively.
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
+            # `message` is the whole-answer shape (a server that answers a stream in one piece).
+            delta = choice.get("delta") or choice.get("message") or {}
             if isinstance(delta, dict):
                 events.extend(self._delta(delta))
             reason = choice.get("finish_reason")
@@ -227,22 +141,24 @@ class ChunkParser:
 
     def _delta(self, delta: dict[str, Any]) -> list[CompletionEvent]:
         events: list[CompletionEvent] = []
+        # Reasoning first: a server that sends reasoning and content in one chunk thought first.
+        reasoning = _reasoning_text(delta)
+        if reasoning:
+            events.append(ReasoningDeltaEvent(0, text=reasoning))
         text = delta.get("content")
         if isinstance(text, str) and text:
             self._content = True
             events.append(TextDeltaEvent(text))
-        # Not answer text, so never relayed as such (the API has no field for them yet), but
-        # the model is working: progress for the time-to-first-token and stall timers.
-        # `refusal` is the model declining (OpenAI; the stream ends with finish "stop"): the
-        # answer ends as content_filter, which is what the API can say today.
-        # reasoning (Groq, OpenRouter, Ollama /v1) and reasoning_content (vLLM, llama.cpp,
-        # DeepSeek) are its hidden thinking.
-        for key in ("refusal", "reasoning", "reasoning_content"):
-            hidden = delta.get(key)
-            if isinstance(hidden, str) and hidden:
-                if key == "refusal":
-                    self._refused = True
-                events.append(ProgressEvent(len(hidden)))
+        # `refusal` is the model declining (OpenAI; the stream then ends with finish "stop"):
+        # not answer text, so kept for the EndEvent; meanwhile the model is working, which is
+        # progress for the time-to-first-token and stall timers.
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            room = MAX_REFUSAL_CHARS - self._refusal_chars
+            if room > 0:
+                self._refusal.append(refusal[:room])
+                self._refusal_chars += min(len(refusal), room)
+            events.append(ProgressEvent(len(refusal)))
         for call in delta.get("tool_calls") or ():
             if isinstance(call, dict) and (ev := self._tool_delta(call)) is not None:
                 self._content = True
@@ -291,18 +207,22 @@ class ChunkParser:
         [DONE] with no finish_reason (llama-cpp-python's server): `[DONE]` is the server's
         own word that the answer is complete, and a server that cut it at a limit would say
         "length"; so an answer with content ends as "stop" (tool_calls when it called
-        tools), and one with nothing in it as "other". A refusal is content_filter.
-        Without a usage chunk `usage_reported` is False: zeros are not counts.
+        tools), and one with nothing in it as "other". A refusal ends as REFUSAL with its
+        explanation (a content_filter finish stays that, with the refusal attached). Without a
+        usage chunk `usage_reported` is False: zeros are not counts.
         """
         reason = self._finish
-        if self._refused and reason in (None, FinishReason.STOP):
-            reason = FinishReason.CONTENT_FILTER
+        refusal = Refusal(explanation="".join(self._refusal)) if self._refusal else None
+        if refusal is not None and reason in (None, FinishReason.STOP):
+            reason = FinishReason.REFUSAL
         elif reason is None:
             reason = FinishReason.STOP if self._content else FinishReason.OTHER
         if reason == FinishReason.STOP and self._calls:
             # Some compatible servers report "stop" after tool calls; callers loop on tool_calls.
             reason = FinishReason.TOOL_CALLS
-        return EndEvent(finish_reason=reason, usage=self._usage, usage_reported=self._usage_reported)
+        return EndEvent(
+            finish_reason=reason, usage=self._usage, usage_reported=self._usage_reported, refusal=refusal
+        )
 
     def _protocol(self, message: str) -> errors.UpstreamProtocolError:
         return errors.UpstreamProtocolError(
@@ -310,15 +230,38 @@ class ChunkParser:
         )
 
 
+def _reasoning_text(delta: dict[str, Any]) -> str:
+    """`reasoning ?? reasoning_content`: the current name first (vLLM renamed it), then the
+    DeepSeek-style one; OpenRouter sends `"reasoning": null` beside its details."""
+    for key in ("reasoning", "reasoning_content"):
+        value = delta.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
 def usage_from(u: dict[str, Any], *, provider: str = "", model: str = "") -> Usage:
-    """The usage object; every count an integer in range (checks.count), else a protocol error."""
+    """The usage object; every count an integer in range (checks.count), else a protocol error.
+
+    `completion_tokens_details.reasoning_tokens` are inside completion_tokens (billed once, as
+    output); `prompt_tokens_details.cache_write_tokens` (GPT-5.6 and later) where present."""
     details = u.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    details = details if isinstance(details, dict) else {}
+    out_details = u.get("completion_tokens_details")
+    out_details = out_details if isinstance(out_details, dict) else {}
     where = {"provider": provider, "model": model}
     return Usage(
         input_tokens=checks.count(u.get("prompt_tokens"), field="prompt_tokens", **where),
         output_tokens=checks.count(u.get("completion_tokens"), field="completion_tokens", **where),
-        cached_input_tokens=checks.count(cached, field="prompt_tokens_details.cached_tokens", **where),
+        cached_input_tokens=checks.count(
+            details.get("cached_tokens"), field="prompt_tokens_details.cached_tokens", **where
+        ),
+        cache_write_input_tokens=checks.count(
+            details.get("cache_write_tokens"), field="prompt_tokens_details.cache_write_tokens", **where
+        ),
+        reasoning_tokens=checks.count(
+            out_details.get("reasoning_tokens"), field="completion_tokens_details.reasoning_tokens", **where
+        ),
     )
 
 

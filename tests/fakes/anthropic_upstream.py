@@ -6,6 +6,16 @@ message when `stream` is false, lists models with Anthropic's pagination, and va
 what the real API rejects cheaply (key, version header, required fields, extra fields,
 unknown model, tool_use without tool_result). A `Reply` says what to answer and each
 `Fault` in `faults` (first in, first out; one per request) says how to fail instead.
+
+The 2026 surface, as the recordings show it (an-thinking, an-adaptive-thinking,
+an-redacted-thinking, an-refusal, an-thinking-tool-cache): thinking blocks streamed as
+thinking_delta pieces and one signature_delta, redacted_thinking blocks whole, a refusal's
+stop_details, usage with cache_creation and output_tokens_details.thinking_tokens. The fake
+signs the thinking it sends (an HMAC of the text) and remembers the redacted data it made,
+so a request that sends thinking back edited, foreign or re-encoded gets the API's 400; the
+thinking, sampling, tool_choice and cache_control rules are checked as the API does
+(`tests/fakes/anthropic_checks.py`). Every request body is kept (`message_bodies`, and the raw
+bytes in `requests`) for tests to assert exactly what went out.
 """
 
 from __future__ import annotations
@@ -13,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from tests.fakes.anthropic_checks import Signatures, validate
 from tests.fakes.http import FakeHTTPServer, Request, Response, sse
 from tests.fakes.script import Fault, Reply
 
@@ -51,14 +62,42 @@ _STOP_REASONS = {
     "tool_calls": "tool_use",
     "content_filter": "refusal",
 }
-# Top-level fields the Messages API accepts; anything else is "Extra inputs are not permitted".
-_KNOWN_FIELDS = {
-    "model", "max_tokens", "messages", "system", "temperature", "top_p", "top_k", "stop_sequences",
-    "stream", "metadata", "tools", "tool_choice", "thinking", "service_tier", "container",
-    "mcp_servers", "context_management",
-}  # fmt: skip
-_TOOL_RESULT_MESSAGE = (
-    "messages.{i}: Messages following tool_use blocks must begin with a matching number of tool_result blocks"
+
+
+@dataclass
+class Thinking:
+    """A thinking block: its text as thinking_delta pieces, then one signature_delta."""
+
+    chunks: list[str]
+    # None: the fake signs the text (an HMAC it checks when the block comes back).
+    signature: str | None = None
+    # Sonnet 4 opens the block without the signature key (recording an-thinking-tool-cache).
+    signature_key_in_start: bool = True
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+
+@dataclass
+class RedactedThinking:
+    """A redacted_thinking block: whole in content_block_start, no deltas (an-redacted-thinking)."""
+
+    data: str | None = None  # None: the fake makes up opaque data (and accepts it back)
+
+
+@dataclass
+class _Answer:
+    """One reply rendered: the blocks in order, with the signatures made for this request."""
+
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    chunks: list[list[str]] = field(default_factory=list)  # the streamed pieces per block
+    no_signature_key: set[int] = field(default_factory=set)  # thinking opened without "signature"
+
+
+_ADAPTIVE_ONLY = (
+    '"thinking.type.enabled" is not supported for this model. Use "thinking.type.adaptive" and '
+    '"output_config.effort" to control thinking behavior.'
 )
 _ids = itertools.count(1)
 
@@ -82,11 +121,26 @@ class FakeAnthropic:
         self.faults: list[Fault] = []
         # Prompt-cache writes have no neutral Reply field; set here to exercise that usage path.
         self.cache_creation_input_tokens = 0
-        # Extended thinking (no neutral Reply field either): a thinking block before the
-        # answer, one thinking_delta per chunk `thinking_delay` seconds apart, then its
-        # signature_delta, as the API streams it with `thinking` enabled (recording an-thinking).
+        # Of those, written with the one-hour TTL (usage.cache_creation.ephemeral_1h_input_tokens).
+        self.cache_creation_1h_input_tokens = 0
+        # Reasoning (no neutral Reply field either): blocks before the answer's text, each
+        # thinking_delta `thinking_delay` seconds apart, as the API streams them with thinking
+        # on (recordings an-thinking, an-redacted-thinking). `thinking_chunks` is one signed
+        # Thinking block, kept for the suites that only need some thinking.
+        self.reasoning: list[Thinking | RedactedThinking] = []
         self.thinking_chunks: list[str] = []
         self.thinking_delay = 0.0
+        # A text block before the reasoning, as adaptive thinking may start (an-adaptive-thinking).
+        self.leading_text_chunks: list[str] = []
+        # usage.output_tokens_details.thinking_tokens in message_delta (None: not reported).
+        self.thinking_tokens: int | None = None
+        # message_delta.delta.stop_details (a refusal's {"type","category","explanation"}).
+        self.stop_details: dict[str, Any] | None = None
+        # Models that reject thinking.type "enabled" (Opus 4.7, Claude 5, Fable), when listed.
+        self.adaptive_only = {"claude-opus-4-7", "claude-fable-5-1", "claude-sonnet-5"}
+        self.signatures = Signatures()
+        # The content blocks of every answer sent, in order (thinking with its signature).
+        self.answers: list[list[dict[str, Any]]] = []
         self.server = _CountingServer(self._handle, port=port)
 
     @property
@@ -105,7 +159,12 @@ class FakeAnthropic:
 
     @property
     def message_bodies(self) -> list[Any]:
+        """Every `POST /v1/messages` body received, parsed (the raw bytes: `message_raw_bodies`)."""
         return [r.json() for r in self.requests if r.method == "POST" and r.path == "/v1/messages"]
+
+    @property
+    def message_raw_bodies(self) -> list[bytes]:
+        return [r.body for r in self.requests if r.method == "POST" and r.path == "/v1/messages"]
 
     async def start(self) -> FakeAnthropic:
         await self.server.start()  # the same port again after stop()
@@ -148,32 +207,65 @@ class FakeAnthropic:
             body = req.json()
         except ValueError:
             return await self._error(resp, 400, "There was an error parsing the body.")
-        problem = _validate(body) if isinstance(body, dict) else "body: Input should be an object"
+        problem = (
+            validate(body, self.signatures) if isinstance(body, dict) else "body: Input should be an object"
+        )
         if problem:
             return await self._error(resp, 400, problem)
         if body["model"] not in self.models:
             return await self._error(resp, 404, f"model: {body['model']}")
+        thinking = body.get("thinking") or {}
+        if body["model"] in self.adaptive_only and thinking.get("type") == "enabled":
+            return await self._error(resp, 400, _ADAPTIVE_ONLY)
         if body.get("stream"):
             return await self._stream(resp, self.reply, body["model"], fault)
         await self._send_doc(resp, self._whole_message(self.reply, body["model"]), fault)
 
     # --- answers ---------------------------------------------------------------------------
 
-    def _usage(self, reply: Reply, output_tokens: int) -> dict[str, Any]:
+    def _usage(self, reply: Reply, output_tokens: int, *, final: bool = False) -> dict[str, Any]:
         # The neutral input count includes cached tokens; Anthropic's input_tokens does not.
         cache_write = self.cache_creation_input_tokens
-        return {
+        one_hour = self.cache_creation_1h_input_tokens
+        usage: dict[str, Any] = {
             "input_tokens": max(reply.input_tokens - reply.cached_input_tokens - cache_write, 0),
             "cache_creation_input_tokens": cache_write,
             "cache_read_input_tokens": reply.cached_input_tokens,
-            "output_tokens": output_tokens,
-            "service_tier": "standard",
         }
+        if not final:  # message_start and whole messages carry the TTL split (an-thinking)
+            usage["cache_creation"] = {
+                "ephemeral_5m_input_tokens": cache_write - one_hour,
+                "ephemeral_1h_input_tokens": one_hour,
+            }
+        usage["output_tokens"] = output_tokens
+        if final and self.thinking_tokens is not None:
+            usage["output_tokens_details"] = {"thinking_tokens": self.thinking_tokens}
+        if not final:
+            usage["service_tier"] = "standard"
+        return usage
 
-    def _whole_message(self, reply: Reply, model: str) -> dict[str, Any]:
-        content: list[dict[str, Any]] = [{"type": "text", "text": reply.text}] if reply.text else []
+    def _answer(self, reply: Reply) -> _Answer:
+        """The reply's content blocks in order; thinking signed now, so each request's are fresh."""
+        out = _Answer()
+        if self.leading_text_chunks:
+            out.blocks.append({"type": "text", "text": "".join(self.leading_text_chunks)})
+            out.chunks.append(self.leading_text_chunks)
+        reasoning = list(self.reasoning) or ([Thinking(self.thinking_chunks)] if self.thinking_chunks else [])
+        for block in reasoning:
+            if isinstance(block, RedactedThinking):
+                out.blocks.append({"type": "redacted_thinking", "data": self.signatures.redacted(block.data)})
+                out.chunks.append([])
+                continue
+            signature = self.signatures.sign(block.text, block.signature)
+            if not block.signature_key_in_start:
+                out.no_signature_key.add(len(out.blocks))
+            out.blocks.append({"type": "thinking", "thinking": block.text, "signature": signature})
+            out.chunks.append(block.chunks)
+        if reply.text_chunks:
+            out.blocks.append({"type": "text", "text": reply.text})
+            out.chunks.append(reply.text_chunks)
         for call in reply.tool_calls:
-            content.append(
+            out.blocks.append(
                 {
                     "type": "tool_use",
                     "id": call.id,
@@ -181,54 +273,74 @@ class FakeAnthropic:
                     "input": json.loads(call.arguments or "{}"),
                 }
             )
+            out.chunks.append(call.argument_chunks)
+        self.answers.append(out.blocks)
+        return out
+
+    def _whole_message(self, reply: Reply, model: str, answer: _Answer | None = None) -> dict[str, Any]:
+        answer = answer or self._answer(reply)
+        usage = self._usage(reply, reply.output_tokens)
+        if self.thinking_tokens is not None:
+            usage["output_tokens_details"] = {"thinking_tokens": self.thinking_tokens}
         return {
             "id": f"msg_{next(_ids):024d}",
             "type": "message",
             "role": "assistant",
             "model": reply.model or model,
-            "content": content,
+            "content": answer.blocks,
             "stop_reason": _STOP_REASONS.get(reply.finish, reply.finish),
             "stop_sequence": None,
-            "usage": self._usage(reply, reply.output_tokens),
+            "stop_details": self.stop_details,
+            "usage": usage,
         }
 
     def _stream_events(self, reply: Reply, model: str) -> list[tuple[bytes, bool]]:
-        """The SSE events of a reply, each flagged whether it is a content delta."""
-        start = {**self._whole_message(reply, model), "content": [], "stop_reason": None}
+        """The SSE events of a reply, each flagged whether it is a content delta (thinking is
+        not: the faults' `after_chunks` count the answer's deltas, as they always did)."""
+        answer = self._answer(reply)
+        start = {**self._whole_message(reply, model, answer), "content": [], "stop_reason": None}
+        start["stop_details"] = None
         start["usage"] = self._usage(reply, 1)
         out: list[tuple[bytes, bool]] = [
             (sse({"type": "message_start", "message": start}, "message_start"), False)
         ]
         ping = (sse('{"type": "ping"}', "ping"), False)
-        index = 0
-        if self.thinking_chunks:
-            out.append(_block_start(index, {"type": "thinking", "thinking": "", "signature": ""}))
-            out.append(ping)
-            for chunk in self.thinking_chunks:
-                out.append((_delta(index, {"type": "thinking_delta", "thinking": chunk})[0], False))
-            signature = {"type": "signature_delta", "signature": "EqQBCkgIARABGAIiQL2fake0signature"}
-            out.append((_delta(index, signature)[0], False))
+        pinged = False
+        for index, (block, chunks) in enumerate(zip(answer.blocks, answer.chunks, strict=True)):
+            kind = block["type"]
+            opening: dict[str, Any] = block  # redacted_thinking: whole, no deltas
+            if kind == "thinking":
+                opening = {"type": "thinking", "thinking": ""}
+                if index not in answer.no_signature_key:
+                    opening["signature"] = ""
+            elif kind == "text":
+                opening = {"type": "text", "text": ""}
+            elif kind == "tool_use":
+                opening = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+            out.append(_block_start(index, opening))
+            if not pinged:  # the API pings once, after the first block opens
+                out.append(ping)
+                pinged = True
+            if kind == "thinking":
+                for chunk in chunks:
+                    out.append((_delta(index, {"type": "thinking_delta", "thinking": chunk})[0], False))
+                signature = {"type": "signature_delta", "signature": block["signature"]}
+                out.append((_delta(index, signature)[0], False))
+            elif kind == "text":
+                for chunk in chunks:
+                    out.append(_delta(index, {"type": "text_delta", "text": chunk}))
+            elif kind == "tool_use":
+                for fragment in ["", *chunks]:  # the API opens with an empty fragment
+                    out.append(_delta(index, {"type": "input_json_delta", "partial_json": fragment}))
             out.append(_block_stop(index))
-            index += 1
-        if reply.text_chunks:
-            out.append(_block_start(index, {"type": "text", "text": ""}))
+        if not pinged:
             out.append(ping)
-            for chunk in reply.text_chunks:
-                out.append(_delta(index, {"type": "text_delta", "text": chunk}))
-            out.append(_block_stop(index))
-            index += 1
-        else:
-            out.append(ping)
-        for call in reply.tool_calls:
-            out.append(
-                _block_start(index, {"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
-            )
-            for fragment in ["", *call.argument_chunks]:  # the API opens with an empty fragment
-                out.append(_delta(index, {"type": "input_json_delta", "partial_json": fragment}))
-            out.append(_block_stop(index))
-            index += 1
-        delta = {"stop_reason": _STOP_REASONS.get(reply.finish, reply.finish), "stop_sequence": None}
-        usage = {"output_tokens": reply.output_tokens}
+        delta = {
+            "stop_reason": _STOP_REASONS.get(reply.finish, reply.finish),
+            "stop_sequence": None,
+            "stop_details": self.stop_details,
+        }
+        usage = self._usage(reply, reply.output_tokens, final=True)
         out.append((sse({"type": "message_delta", "delta": delta, "usage": usage}, "message_delta"), False))
         out.append((sse({"type": "message_stop"}, "message_stop"), False))
         return out
@@ -361,37 +473,3 @@ def _delta(index: int, delta: dict[str, Any]) -> tuple[bytes, bool]:
 
 def _block_stop(index: int) -> tuple[bytes, bool]:
     return sse({"type": "content_block_stop", "index": index}, "content_block_stop"), False
-
-
-def _validate(body: dict[str, Any]) -> str | None:
-    """The first problem the real API would report, in its words, or None."""
-    for name in ("model", "max_tokens", "messages"):
-        if name not in body:
-            return f"{name}: Field required"
-    for name in body:
-        if name not in _KNOWN_FIELDS:
-            return f"{name}: Extra inputs are not permitted"
-    temperature = body.get("temperature")
-    if isinstance(temperature, (int, float)) and not 0 <= temperature <= 1:
-        return "temperature: Input should be less than or equal to 1"
-    messages = body["messages"]
-    for i, msg in enumerate(messages):
-        content = msg.get("content")
-        if content in ("", []) and not (i + 1 == len(messages) and msg.get("role") == "assistant"):
-            return (
-                f"messages.{i}: all messages must have non-empty content except for the "
-                "optional final assistant message"
-            )
-        if msg.get("role") != "assistant" or not isinstance(content, list):
-            continue
-        uses = [b.get("id") for b in content if b.get("type") == "tool_use"]
-        if not uses:
-            continue
-        if i + 1 == len(messages):
-            continue  # a trailing assistant turn is a prefill, not a conversation yet
-        following = messages[i + 1].get("content")
-        following = following if isinstance(following, list) else []
-        results = [b.get("tool_use_id") for b in following[: len(uses)] if b.get("type") == "tool_result"]
-        if messages[i + 1].get("role") != "user" or sorted(results) != sorted(uses):
-            return _TOOL_RESULT_MESSAGE.format(i=i + 1)
-    return None

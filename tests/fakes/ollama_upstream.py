@@ -1,9 +1,14 @@
 """A byte-faithful fake of Ollama's native API on loopback (PROTOCOLS.md section C).
 
-`POST /api/chat` streams NDJSON (`application/x-ndjson`) the way Ollama does: one line per
-content piece, tool calls whole in one line with arguments as an object, then a `done`
-line with done_reason, durations in nanoseconds and the token counts; `stream: false`
-answers one object. Also `GET /api/tags`, `POST /api/show`, `GET /api/version` and `GET /`.
+`POST /api/chat` streams NDJSON (`application/x-ndjson`) the way Ollama does: `thinking`
+lines first (`{"role":"assistant","content":"","thinking":...}`), one line per content
+piece, tool calls whole in one line with arguments as an object, then a `done` line with
+done_reason, durations in nanoseconds and the token counts; `stream: false` answers one
+object (`thinking`, `content` and `tool_calls` in one message, as recording
+ol-thinking-toolcall). `think` is checked as server/routes.go does: a value other than
+true, false or a level is a 400, and thinking asked of a model without the "thinking"
+capability is `"<model>" does not support thinking`. Also `GET /api/tags`, `POST /api/show`,
+`GET /api/version` and `GET /`. Every request is kept (`requests`, `chat_bodies`).
 
 Scripting follows the other fakes: `.reply` is what the next chats answer, `.faults` is a
 FIFO of failures consumed one per `/api/chat` request (only chat, so a background health
@@ -38,6 +43,9 @@ DEFAULT_MODELS = (
     FakeModel("llava", ("completion", "vision"), 32768, "llama", "7B"),
     FakeModel("nomic-embed-text", ("embedding",), 2048, "nomic-bert", "137M"),
 )
+
+# What `think` takes besides true and false (api/types.go ThinkValue).
+_THINK_LEVELS = ("high", "medium", "low", "max")
 
 _DEFAULT_ERRORS = {
     400: "invalid request",
@@ -96,6 +104,8 @@ class FakeOllama:
         # A bare name is a chat model with tools, as most pulled models are today.
         self.models = [m if isinstance(m, FakeModel) else FakeModel(m) for m in models]
         self.reply = Reply()
+        # The model's thinking, streamed before the content (no neutral Reply field).
+        self.thinking_chunks: list[str] = []
         # Consumed one per /api/chat only, so a background health loop cannot eat a fault.
         self.faults: list[Fault] = []
         self.broken_show: set[str] = set()  # models whose /api/show answers 500
@@ -268,6 +278,20 @@ class FakeOllama:
                 resp, 400, {"error": f"registry.ollama.ai/library/{m.name}:latest does not support tools"}
             )
             return
+        think = body.get("think")
+        if think is not None and not isinstance(think, bool) and think not in _THINK_LEVELS:
+            shown = json.dumps(think, ensure_ascii=False)
+            await _send_json(
+                resp,
+                400,
+                {
+                    "error": f'invalid think value: {shown} (must be "high", "medium", "low", "max", true, or false)'
+                },
+            )
+            return
+        if think not in (None, False) and "thinking" not in m.capabilities:
+            await _send_json(resp, 400, {"error": f'"{name}" does not support thinking'})
+            return
         reply = self.reply
         model = reply.model or name
         calls = [
@@ -294,10 +318,13 @@ class FakeOllama:
             "eval_count": reply.output_tokens,
             "eval_duration": 115959084,
         }
+        # Thinking is on by default for a model that has it; `think: false` turns it off.
+        thoughts = self.thinking_chunks if think is not False and "thinking" in m.capabilities else []
         if body.get("stream", True) is False:
             final["message"] = {
                 "role": "assistant",
                 "content": reply.text,
+                **({"thinking": "".join(thoughts)} if thoughts else {}),
                 **({"tool_calls": calls} if calls else {}),
             }
             await _send_json(resp, 200, final)
@@ -309,6 +336,8 @@ class FakeOllama:
         # A mid-stream fault strikes after `after_chunks` content lines; no_terminator after all.
         cut = None if fault is None else fault.after_chunks if fault.kind != "no_terminator" else 1 << 30
         await resp.start_stream(200, content_type="application/x-ndjson")
+        for thought in thoughts:
+            await resp.write(line({"role": "assistant", "content": "", "thinking": thought}))
         for n, chunk in enumerate(reply.text_chunks):
             if fault is not None and n == cut:
                 await self._fail_mid_stream(fault, resp, model)

@@ -55,13 +55,15 @@ async def _command(fake: FakeOpenAI, line: str, disconnects: list[float]) -> dic
         fake.reply = _reply(json.loads(arg))
     elif verb == "fault":
         fake.faults.append(Fault(**json.loads(arg)))
+    elif verb == "reasoning":
+        fake.reasoning_chunks = list(json.loads(arg))
     elif verb == "stats":
         while not fake.server.disconnects.empty():
             disconnects.append(fake.server.disconnects.get_nowait())
         chats = sum(1 for r in fake.requests if r.path == CHAT_PATH)
         return {"ok": verb, "chat_requests": chats, "disconnects": len(disconnects)}
     else:
-        return {"error": f"unknown command {verb!r}: use stop, start, reply, fault or stats"}
+        return {"error": f"unknown command {verb!r}: use stop, start, reply, fault, reasoning or stats"}
     return {"ok": verb}
 
 

@@ -48,10 +48,15 @@ async def test_groq_tool_use_failed_mid_stream_is_invalid_argument_and_not_retri
         broker = await broker_for(daemon, channel_to, openai_provider("groq", f"{groq.url}/v1"))
         req = ask("groq/openai/gpt-oss-120b")
         out = await stream(broker, req)
-        assert out.status == "INVALID_ARGUMENT UPSTREAM_INVALID_REQUEST", out
-        assert out.metadata["upstream_status"] == "400"
+        # The caller saw the reasoning, so the in-stream error ends the stream as an
+        # interruption that names its cause (never a retry that would splice two answers).
+        assert out.status == "UNAVAILABLE STREAM_INTERRUPTED", out
+        assert out.metadata["cause"] == "UPSTREAM_INVALID_REQUEST"
+        assert int(out.metadata["delivered_reasoning_chars"]) > 0
         assert len(groq.posts()) == 1, "the caller's error is not retried"
         assert not [m for m in out.messages if m.HasField("text_delta")], "reasoning is not answer text"
+        assert [m for m in out.messages if m.HasField("reasoning_delta")]
+        # Unary holds everything until the end: the upstream's verdict, as it was.
         alone = await unary(broker, unary_of(req))
         assert alone.status == "INVALID_ARGUMENT UPSTREAM_INVALID_REQUEST"
         assert len(groq.posts()) == 2
@@ -201,24 +206,32 @@ async def test_openai_compatible_reasoning_keeps_the_ttft_timer_alive(daemon, ch
         assert (out.status, out.text) == ("OK", "Hello there!")
 
 
-async def test_progress_is_not_a_start_so_a_silent_thinker_still_falls_back(daemon, channel_to) -> None:
+async def test_reasoning_is_content_a_thinker_that_stalls_is_interrupted_unary_falls_back(
+    daemon, channel_to
+) -> None:
     async with FakeAnthropic(api_key=ANTHROPIC_KEY) as ant, FakeOpenAI(api_key=OPENAI_TEST_KEY) as oai:
         ant.thinking_chunks = ["hmm", " let me see"]
         broker = await broker_for(
             daemon,
             channel_to,
-            anthropic_provider("ant", ant.url, ttft_timeout_seconds=0.3),
+            anthropic_provider("ant", ant.url, ttft_timeout_seconds=0.3, stall_timeout_seconds=0.3),
             openai_provider("oai", oai.url),
         )
-        # Thinks, then goes silent before its first text: a TTFT timeout, retryable.
+        # Thinks (streamed to the caller), then goes silent before its first text.
         ant.faults = [Fault("stall_mid_stream", after_chunks=0, seconds=5.0)] * 2
         out = await stream(broker, ask("ant/claude-sonnet-4-5", fallback_models=["oai/gpt-4o-mini"]))
-        assert (out.status, out.provider, out.text) == ("OK", "oai", "Hello there!")
-        assert [m.start.provider for m in out.messages if m.HasField("start")] == ["oai"]
+        assert out.status == "UNAVAILABLE STREAM_INTERRUPTED", out
+        assert out.metadata["cause"] == "UPSTREAM_TIMEOUT"
+        assert [m.start.provider for m in out.messages if m.HasField("start")] == ["ant"]
+        thought = "".join(m.reasoning_delta.text for m in out.messages if m.HasField("reasoning_delta"))
+        assert thought == "hmm let me see" and not out.text, "no answer from another model spliced on"
+        chats = [r for r in oai.requests if r.path.endswith("/chat/completions")]
+        assert not chats, "no fallback after the caller saw this model's reasoning"
+        # Unary: nothing reached the caller, so the fallback answers.
         ant.faults = [Fault("stall_mid_stream", after_chunks=0, seconds=5.0)] * 2
-        alone = await stream(broker, ask("ant/claude-sonnet-4-5"))
-        assert alone.status == "DEADLINE_EXCEEDED UPSTREAM_TIMEOUT"
-        assert not alone.messages, "the caller saw nothing of the thinking attempt"
+        req = ask("ant/claude-sonnet-4-5", fallback_models=["oai/gpt-4o-mini"])
+        resp = await broker.Complete(unary_of(req), timeout=10)
+        assert (resp.provider, resp.message.content[0].text) == ("oai", "Hello there!")
 
 
 # --- 8. a clean end without usage: estimated, marked so -----------------------------------------
