@@ -1,29 +1,102 @@
-"""Admission limits for completions: per-caller rates and streams, and the daemon's own cap.
+"""Admission limits: what a key is allowed (`KeyPolicy`), the refusals, and the daemon's own cap.
 
-Everything here lives in this process. Behind `serve --workers N` or N replicas a caller
-can get N times its configured rate; limits shared across processes belong in Redis
-(DESIGN.md: state shared across replicas lives in Redis, never in a home-made store),
-which is out of scope here.
+Where a key's usage is counted is the state store's (broker/state/): per process by default,
+or in Redis (`state.redis_url`), where every limit holds across all processes and replicas.
+Both build their refusals here, so a caller reads the same status whichever is in use.
 
 Token buckets refill continuously, so a caller over `requests_per_minute` waits only until
 the next request's worth has refilled (RetryInfo says how long), not for a minute boundary.
 Tokens are known only after a request finishes, so `tokens_per_minute` is charged after
 the fact: the bucket may go negative, and new requests are refused until it is back to zero.
+
+The daemon-wide cap (`server.max_concurrent_streams`) is this process's capacity, so it
+stays in the process whatever the store.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from broker import errors
+from broker.catalog.cost import micro_usd_from_usd
 from broker.config import CallerKey
 
 # No clock tells when a stream slot frees up; this is a nominal "try again soon".
 STREAM_RETRY_SECONDS = 1.0
 
-Release = Callable[[], None]
+# Called once when an admitted RPC ends; done once its usage is charged (bounded).
+Release = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """One key's configured limits and budgets (None: unlimited)."""
+
+    name: str
+    requests_per_minute: int | None = None
+    burst: int | None = None  # set whenever requests_per_minute is
+    tokens_per_minute: int | None = None
+    max_streams: int | None = None
+    budget_day_micro_usd: int | None = None
+    budget_month_micro_usd: int | None = None
+
+    @classmethod
+    def from_config(cls, key: CallerKey) -> KeyPolicy:
+        burst = None
+        if key.requests_per_minute is not None:
+            burst = key.burst if key.burst is not None else key.requests_per_minute
+        return cls(
+            key.name,
+            key.requests_per_minute,
+            burst,
+            key.tokens_per_minute,
+            key.max_concurrent_streams,
+            None if key.budget_usd_per_day is None else micro_usd_from_usd(key.budget_usd_per_day),
+            None if key.budget_usd_per_month is None else micro_usd_from_usd(key.budget_usd_per_month),
+        )
+
+    @property
+    def has_budget(self) -> bool:
+        return self.budget_day_micro_usd is not None or self.budget_month_micro_usd is not None
+
+    @property
+    def limited(self) -> bool:
+        """Any limit or budget: admission has something to enforce for this key."""
+        return self.has_budget or any(
+            v is not None for v in (self.requests_per_minute, self.tokens_per_minute, self.max_streams)
+        )
+
+
+# --- refusals (the same words from every store) ------------------------------------------------
+
+
+def too_many_streams(policy: KeyPolicy, in_flight: int) -> errors.CallerTooManyStreams:
+    return errors.CallerTooManyStreams(
+        f"key {policy.name!r} already has {in_flight} completions in flight "
+        f"(max_concurrent_streams {policy.max_streams})",
+        retry_after=STREAM_RETRY_SECONDS,
+        metadata={"caller": policy.name, "limit": "max_concurrent_streams"},
+    )
+
+
+def over_tokens(policy: KeyPolicy, wait: float) -> errors.CallerTokenLimited:
+    return errors.CallerTokenLimited(
+        f"key {policy.name!r} is over its tokens_per_minute ({policy.tokens_per_minute}); "
+        f"retry in {wait:.2f}s",
+        retry_after=wait,
+        metadata={"caller": policy.name, "limit": "tokens_per_minute"},
+    )
+
+
+def over_rate(policy: KeyPolicy, wait: float) -> errors.CallerRateLimited:
+    return errors.CallerRateLimited(
+        f"key {policy.name!r} is over its requests_per_minute ({policy.requests_per_minute}); "
+        f"retry in {wait:.2f}s",
+        retry_after=wait,
+        metadata={"caller": policy.name, "limit": "requests_per_minute"},
+    )
 
 
 class TokenBucket:
@@ -58,62 +131,8 @@ class TokenBucket:
         return 0.0 if level >= 0 else -level / self.per_second
 
 
-@dataclass(eq=False)
-class CallerLimits:
-    """One key's limits and what it is using now."""
-
-    name: str
-    requests: TokenBucket | None = None
-    tokens: TokenBucket | None = None
-    max_streams: int | None = None
-    streams: int = field(default=0)
-
-    @classmethod
-    def from_config(cls, key: CallerKey) -> CallerLimits:
-        requests = tokens = None
-        if key.requests_per_minute is not None:
-            burst = key.burst if key.burst is not None else key.requests_per_minute
-            requests = TokenBucket(burst, key.requests_per_minute / 60.0)
-        if key.tokens_per_minute is not None:
-            tokens = TokenBucket(key.tokens_per_minute, key.tokens_per_minute / 60.0)
-        return cls(key.name, requests, tokens, key.max_concurrent_streams)
-
-    def check(self) -> None:
-        """Raise if a new completion is over a limit; takes a request token only when all pass."""
-        meta = {"caller": self.name}
-        if self.max_streams is not None and self.streams >= self.max_streams:
-            raise errors.CallerTooManyStreams(
-                f"key {self.name!r} already has {self.streams} completions in flight "
-                f"(max_concurrent_streams {self.max_streams})",
-                retry_after=STREAM_RETRY_SECONDS,
-                metadata={**meta, "limit": "max_concurrent_streams"},
-            )
-        if self.tokens is not None:
-            wait = self.tokens.debt_seconds()
-            if wait > 0:
-                raise errors.CallerTokenLimited(
-                    f"key {self.name!r} is over its tokens_per_minute "
-                    f"({self.tokens.capacity:g}); retry in {wait:.2f}s",
-                    retry_after=wait,
-                    metadata={**meta, "limit": "tokens_per_minute"},
-                )
-        if self.requests is not None:
-            wait = self.requests.take()
-            if wait > 0:
-                raise errors.CallerRateLimited(
-                    f"key {self.name!r} is over its requests_per_minute "
-                    f"({self.requests.per_second * 60:g}); retry in {wait:.2f}s",
-                    retry_after=wait,
-                    metadata={**meta, "limit": "requests_per_minute"},
-                )
-
-    def record_tokens(self, n: int) -> None:
-        if self.tokens is not None and n > 0:
-            self.tokens.charge(n)
-
-
 class StreamCap:
-    """The daemon-wide cap on completions in flight."""
+    """The daemon-wide cap on completions in flight (this process's capacity)."""
 
     def __init__(self, maximum: int) -> None:
         self.maximum = maximum
@@ -127,28 +146,3 @@ class StreamCap:
                 retry_after=STREAM_RETRY_SECONDS,
                 metadata={"limit": "max_concurrent_streams"},
             )
-
-
-def admit(cap: StreamCap, caller: CallerLimits | None) -> Release:
-    """Admit one completion or raise; the returned function must be called once when it ends.
-
-    Checks and counts happen with no await in between, so concurrent calls on the event
-    loop cannot both squeeze into the last slot.
-    """
-    cap.check()
-    if caller is not None:
-        caller.check()
-        caller.streams += 1
-    cap.in_flight += 1
-    released = False
-
-    def release() -> None:
-        nonlocal released
-        if released:
-            return
-        released = True
-        cap.in_flight -= 1
-        if caller is not None:
-            caller.streams -= 1
-
-    return release
