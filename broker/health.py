@@ -9,8 +9,15 @@ Each provider gets a cheap active check (listing models or a version endpoint, n
 paid completion) every `health.interval_seconds`; a failure flips it to NOT_SERVING at
 once, so a provider that goes away is seen within one interval plus the check timeout.
 A provider is SERVING only while its check passes and its circuit breaker (passive health
-from real requests, broker/breaker.py) is not open; readiness follows the same view. On
-shutdown every name turns NOT_SERVING and open Watch streams end.
+from real requests, broker/breaker.py) is not open; readiness follows the same view, and
+the shared state's policy too (`state_ready`: Redis unavailable under
+state.on_unavailable: fail_closed is NOT_SERVING; broker/state/redis_state.py).
+
+On shutdown every name turns NOT_SERVING and every open Watch stream is sent its final
+status (NOT_SERVING, or SERVICE_UNKNOWN for a name it does not know; sent again even when
+unchanged, so a watcher always sees the stream's end coming), then ends with status OK and
+the trailer `x-health-ended: server shutting down`. A `Check` of an unknown name is NOT_FOUND
+naming the known ones.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -34,6 +42,10 @@ SERVICE_NAME = "modelbroker.v1.ModelBroker"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_LIST = 100  # grpc.health.v1 List: at most 100 entries, else RESOURCE_EXHAUSTED
+SHUTTING_DOWN = "server shutting down"
+ENDED_TRAILER = "x-health-ended"  # why a Watch ended, in its trailing metadata
+# NOT_FOUND names at most this many known services, and echoes at most this much of the asked one.
+MAX_NAMED, MAX_ECHO = 20, 120
 
 
 def provider_service(name: str) -> str:
@@ -57,14 +69,33 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
     def status(self, service: str) -> int | None:
         return self._server_status.get(service)  # type: ignore[no-any-return]
 
+    def unknown_service(self, service: str) -> str:
+        """NOT_FOUND's message: the name asked for (bounded) and the names that exist."""
+        known = sorted(self._server_status)
+        shown = ", ".join(repr(n) if n == "" else n for n in known[:MAX_NAMED])
+        more = f" and {len(known) - MAX_NAMED} more" if len(known) > MAX_NAMED else ""
+        asked = service if len(service) <= MAX_ECHO else service[:MAX_ECHO] + "..."
+        return f"unknown health service {asked!r}; known: {shown}{more} ('' is liveness)"
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        """The library's Check, except that NOT_FOUND says which names there are."""
+        status = self._server_status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, self.unknown_service(request.service))
+        return health_pb2.HealthCheckResponse(status=status)
+
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        """The library's Watch, except that it ends (OK) once it has sent NOT_SERVING for shutdown.
+        """The library's Watch, except that at shutdown it sends the final status (even one
+        it sent already) and ends with OK, trailer `x-health-ended: server shutting down`.
 
         A Watch never ends by itself, so during a drain every open one would hold
         server.stop() for the whole grace period; the health spec has watchers reconnect
-        (elsewhere) after any ending but UNIMPLEMENTED.
+        (elsewhere) after any ending but UNIMPLEMENTED. Without the repeated status, a
+        watcher of a name that was NOT_SERVING already would see only a bare end of stream.
         """
         service = request.service
         condition = self._server_watchers[service]
@@ -74,10 +105,12 @@ class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
             async with condition:
                 while True:
                     status = self._server_status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-                    if status != last:
+                    if status != last or self._gracefully_shutting_down:
                         await context.write(health_pb2.HealthCheckResponse(status=status))
                     last = status
                     if self._gracefully_shutting_down:
+                        # grpc.aio drops the details of an OK status: the reason goes in a trailer.
+                        context.set_trailing_metadata(((ENDED_TRAILER, SHUTTING_DOWN),))
                         return
                     await condition.wait()
         finally:
@@ -103,6 +136,8 @@ class HealthMonitor:
         self.servicer = servicer or HealthServicer()
         self._task: asyncio.Task[None] | None = None
         self._shutting_down = False
+        # False while the caller state cannot admit (set by the server from its state store).
+        self.state_ready: Callable[[], bool] | None = None
 
     async def start(self) -> None:
         """Register every name as NOT_SERVING, run the first round of checks, then keep checking."""
@@ -172,7 +207,13 @@ class HealthMonitor:
         await self.servicer.set(provider_service(s.name), SERVING if self.serving(s) else NOT_SERVING)
         await self._update_readiness()
 
+    async def update_readiness(self) -> None:
+        """Re-publish readiness now (the state store's availability changed)."""
+        await self._update_readiness()
+
     def ready(self) -> bool:
+        if self.state_ready is not None and not self.state_ready():
+            return False
         states = [self.serving(s) for s in self.registry.providers]
         if not states:
             return False

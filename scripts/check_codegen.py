@@ -1,4 +1,4 @@
-"""Check that proto/ still generates and compiles for Go, Java and TypeScript.
+"""Check that proto/ still generates, compiles and RUNS for Go, Java and TypeScript.
 
     .venv/bin/python scripts/check_codegen.py      (or `make codegen-check`)
 
@@ -10,15 +10,26 @@ installed here, then compiles each language's output:
 | Java       | protoc's java (+ grpc_java_plugin)             | javac, Debian's protobuf-java/grpc-java |
 | Go         | protoc-gen-go (+ protoc-gen-go-grpc)           | go vet, GOPATH mode, Debian's modules   |
 
-A language whose generator or runtime is not installed is reported as skipped with what to
-install (`make codegen-tools` installs the Debian packages). Java needs a real protoc:
-grpc_tools' bundled protoc has only the Python generators (`--java_out` fails with
-"protoc-gen-java: program not found"). Exits 1 when anything that ran failed. No network:
-plugins are local, Go runs with GOPROXY=off.
+Then a Go and a Java caller written from proto/ alone (scripts/codegen_clients/) are built
+against that output and run against a live daemon this check starts (`model-broker serve`
+on 127.0.0.1:0, its provider tests/fakes/serve_fake.py): one StreamComplete and one
+grpc.health.v1 Check each, their output printed and checked. Compiling is not enough:
+with Debian's default golang-github-golang-protobuf-1-3-dev, code that passes `go vet`
+panics in makeOneOfMarshaler at the first call (grpc-go 1.33 marshals through
+github.com/golang/protobuf, which must be 1.4+, i.e. google.golang.org/protobuf underneath),
+and Java fails at its first call without netty, perfmark and the JSR-250 annotations.
+(The TypeScript output runs in `make test-node`.)
+
+A language whose generator or compiler is not installed is reported as skipped with what to
+install (`make codegen-tools` installs the Debian packages); one that compiles but cannot run
+fails, naming what is missing. Java needs a real protoc: grpc_tools' bundled protoc has only
+the Python generators (`--java_out` fails with "protoc-gen-java: program not found"). Exits 1
+when anything that ran failed. No network: plugins are local, Go runs with GOPROXY=off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -29,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import codegen_run  # scripts/codegen_run.py, beside this file
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,8 +105,24 @@ def check_typescript(out: Path) -> tuple[bool, str]:
     return ok, "tsc --noEmit (strict) ok" if ok else log
 
 
-def check_java(out: Path, protoc: str | None) -> tuple[bool, str] | str:
-    """(ok, detail) after javac, or a reason it was not compiled."""
+def java_classpath(sources: list[str]) -> list[Path] | str:
+    """The jars the generated Java compiles against, or why they are not all here."""
+    jar = next(iter(sorted(JAVA_JARS.glob("protobuf-[0-9]*.jar"))), None)
+    assert jar is not None  # checked by the caller
+    classpath = [jar]
+    if any(s.endswith("Grpc.java") for s in sources):
+        # grpc-java's stubs; Debian's plugin (1.41) still emits javax.annotation.Generated,
+        # which JDK 9+ lacks: a JSR-250 jar provides it.
+        names = ("grpc-api", "grpc-stub", "grpc-protobuf", "guava", "geronimo-annotation-1.3-spec")
+        missing = [n for n in names if not (JAVA_JARS / f"{n}.jar").exists()]
+        if missing:
+            return f"grpc-java jars missing ({', '.join(missing)}; Debian: libgrpc-java libgeronimo-annotation-1.3-spec-java): generated only"
+        classpath += [JAVA_JARS / f"{n}.jar" for n in names]
+    return classpath
+
+
+def check_java(out: Path, protoc: str | None) -> tuple[bool, str, list[Path]] | str:
+    """(ok, detail, classpath) after javac, or a reason it was not compiled."""
     javac = shutil.which("javac")
     jar = next(iter(sorted(JAVA_JARS.glob("protobuf-[0-9]*.jar"))), None)
     if javac is None:
@@ -104,23 +132,26 @@ def check_java(out: Path, protoc: str | None) -> tuple[bool, str] | str:
     jar_version = jar.stem.removeprefix("protobuf-")
     if jar_version.split(".")[:2] != protoc.split(".")[:2]:
         return f"protoc {protoc} and protobuf-java {jar_version} differ: generated only"
-    classpath = [jar]
     sources = [str(p) for p in (out / "gen" / "java").rglob("*.java")]
-    grpc = any(s.endswith("Grpc.java") for s in sources)
-    if grpc:
-        # grpc-java's stubs; Debian's plugin (1.41) still emits javax.annotation.Generated,
-        # which JDK 9+ lacks: a JSR-250 jar provides it.
-        names = ("grpc-api", "grpc-stub", "grpc-protobuf", "guava", "geronimo-annotation-1.3-spec")
-        missing = [n for n in names if not (JAVA_JARS / f"{n}.jar").exists()]
-        if missing:
-            return f"grpc-java jars missing ({', '.join(missing)}; Debian: libgrpc-java): generated only"
-        classpath += [JAVA_JARS / f"{n}.jar" for n in names]
+    classpath = java_classpath(sources)
+    if isinstance(classpath, str):
+        return classpath
     classes = out / "classes"
     classes.mkdir()
     cmd = [javac, "-nowarn", "-d", str(classes), "-cp", os.pathsep.join(map(str, classpath)), *sources]
     ok, log = run(cmd, cwd=out)
-    what = "messages + gRPC stubs" if grpc else "messages"
-    return ok, f"javac ok ({what}; protobuf-java {jar_version})" if ok else log
+    what = "messages + gRPC stubs" if len(classpath) > 1 else "messages"
+    return ok, f"javac ok ({what}; protobuf-java {jar_version})" if ok else log, classpath
+
+
+def go_env(out: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "GO111MODULE": "off",  # Debian ships the modules as GOPATH sources, not a module cache
+        "GOPATH": f"{out / 'gopath'}{os.pathsep}{GOPATH_DEPS}",
+        "GOPROXY": "off",
+        "GOFLAGS": "",
+    }
 
 
 def check_go(out: Path) -> tuple[bool, str] | str:
@@ -134,20 +165,37 @@ def check_go(out: Path) -> tuple[bool, str] | str:
     missing = [n for n in needs if not (GOPATH_DEPS / "src" / n).is_dir()]
     if missing:
         return f"Go modules missing from {GOPATH_DEPS} ({', '.join(missing)}; {TOOLS_HINT}): generated only"
+    # The generated code must be APIv2 (google.golang.org/protobuf), never the legacy runtime.
+    legacy = [f.name for f in files if '"github.com/golang/protobuf/' in f.read_text()]
+    if legacy:
+        return False, f"generated code imports the legacy github.com/golang/protobuf: {', '.join(legacy)}"
     pkg = out / "gopath" / "src" / GO_IMPORT
     pkg.mkdir(parents=True)
     for f in files:
         shutil.copy(f, pkg / f.name)
-    env = {
-        **os.environ,
-        "GO111MODULE": "off",  # Debian ships the modules as GOPATH sources, not a module cache
-        "GOPATH": f"{out / 'gopath'}{os.pathsep}{GOPATH_DEPS}",
-        "GOPROXY": "off",
-        "GOFLAGS": "",
-    }
+    env = go_env(out)
     ok, log = run([go, "vet", GO_IMPORT], cwd=out, env=env)
     _, version = run([go, "version"], cwd=out)
     return ok, f"go vet ok ({version.removeprefix('go version ')})" if ok else log
+
+
+def run_client(lang: str, out: Path, target: str, classpath: list[Path]) -> bool:
+    """Build and run the `lang` caller against the live daemon; print what it printed."""
+    began = time.monotonic()
+    if lang == "go":
+        ok, output = codegen_run.run_go(out / "gopath", go_env(out), target, GOPATH_DEPS)
+    else:
+        ok, output = codegen_run.run_java(out, classpath, JAVA_JARS, target)
+    lacking = codegen_run.check_output(output) if ok else []
+    for line in output.splitlines():
+        print(f"codegen: {lang:<10} | {line}", flush=True)
+    took = f"{time.monotonic() - began:.1f}s"
+    if ok and not lacking:
+        say(lang, f"ran against the daemon at {target}: one StreamComplete, one health Check, in {took}")
+        return True
+    why = f"its output lacks {lacking}" if ok else "it failed"
+    say(lang, f"FAILED against the daemon at {target}: {why}")
+    return False
 
 
 def main() -> int:
@@ -162,7 +210,7 @@ def main() -> int:
         else:
             skipped.setdefault(language(plugin), []).append(why)
     failed = False
-    with tempfile.TemporaryDirectory(prefix="mb-codegen-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mb-codegen-") as tmp, contextlib.ExitStack() as stack:
         out = Path(tmp)
         (out / "buf.gen.yaml").write_text(yaml.safe_dump({**template, "plugins": kept}, sort_keys=False))
         ok, log = run(
@@ -172,6 +220,7 @@ def main() -> int:
             print(log, file=sys.stderr)
             say("all", "FAILED: buf generate")
             return 1
+        target = ""
         for lang in ("typescript", "java", "go"):
             count = sum(1 for _ in (out / "gen" / {"typescript": "ts"}.get(lang, lang)).rglob("*.*"))
             generated = any(language(p) == lang for p in kept)
@@ -180,7 +229,7 @@ def main() -> int:
                 continue
             partial = f" (without: {'; '.join(skipped[lang])})" if lang in skipped else ""
             began = time.monotonic()
-            result: tuple[bool, str] | str
+            result: tuple[bool, str] | tuple[bool, str, list[Path]] | str
             if lang == "typescript":
                 result = check_typescript(out)
             elif lang == "java":
@@ -190,12 +239,23 @@ def main() -> int:
             took = f"{time.monotonic() - began:.1f}s"
             if isinstance(result, str):
                 say(lang, f"generated {count} files{partial}; {result}")
-            elif result[0]:
-                say(lang, f"generated {count} files{partial}; {result[1]} in {took}")
-            else:
+                continue
+            if not result[0]:
                 print(result[1], file=sys.stderr)
                 say(lang, f"generated {count} files{partial}; FAILED to compile")
                 failed = True
+                continue
+            say(lang, f"generated {count} files{partial}; {result[1]} in {took}")
+            if lang == "typescript":
+                continue  # the Node client runs against a daemon in `make test-node`
+            if lang == "java" and partial:
+                say(lang, "not run: the gRPC stubs were not generated")
+                continue
+            if not target:
+                target = stack.enter_context(codegen_run.live_daemon())
+                say("daemon", f"model-broker serve at {target}, provider: tests/fakes/serve_fake.py")
+            classpath = result[2] if len(result) == 3 else []
+            failed |= not run_client(lang, out, target, classpath)
     return 1 if failed else 0
 
 

@@ -129,6 +129,8 @@ async def test_sigterm_stops_cleanly_with_json_logs(served) -> None:
 async def test_no_providers_warns_and_is_not_ready() -> None:
     port = free_port()
     env = env_without("OPENAI_", "ANTHROPIC_", "OLLAMA_")
+    # Not the real local ports (tests/test_first_run.py probes fakes instead).
+    env["MODEL_BROKER_DISCOVER_LOCAL"] = "0"
     proc = await start_serve(None, f"127.0.0.1:{port}", env=env, stdin=None, stdout=asyncio.subprocess.PIPE)
     try:
         await answers_health(f"127.0.0.1:{port}")
