@@ -1,1 +1,1 @@
-"""`make bench`: the broker side by side with a direct call and with LiteLLM's proxy."""
+"""`make bench`: the broker side by side with a direct call, LiteLLM's proxy and Portkey's gateway."""

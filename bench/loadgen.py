@@ -1,12 +1,15 @@
 """The load generator: one workload against one target, in its own process.
 
     python -m bench.loadgen --proto http|grpc --target 127.0.0.1:PORT --kind unary|stream|hold \
-        --model bench-20 --concurrency 32 --warmup 1 --duration 5 --max-requests 100000
+        --model bench-20 --concurrency 32 --warmup 1 --duration 5 --max-requests 100000 \
+        [--header 'x-portkey-provider: openai' ...]
 
 It prints `MARK start` when the measured window opens and `MARK end` when it closes (the
 runner samples the servers' CPU time and memory at those marks), then one `RESULT {json}`
 line. Every answer is checked: the text a caller receives must be exactly the text the
-upstream sent (bench.upstream.expected_text), or the request counts as an error.
+upstream sent (bench.upstream.expected_text), and a stream's reasoning exactly the
+reasoning it sent (bench.upstream.expected_reasoning), or the request counts as an error.
+Time to first token is to the first reasoning or text delta, whichever comes first.
 
 The HTTP client is a bare asyncio.Protocol that parses the chunked body and every
 SSE event (JSON included), so that it is cheap next to the servers it measures; the gRPC
@@ -29,7 +32,7 @@ from typing import Any, cast
 
 import orjson
 
-from bench.upstream import expected_text, parse_model
+from bench.upstream import expected_reasoning, expected_text, parse_model
 
 
 @dataclass(slots=True)
@@ -37,7 +40,8 @@ class Outcome:
     """What one request delivered."""
 
     text: str = ""
-    ttft: float | None = None  # seconds from sending to the first content
+    reasoning: str = ""
+    ttft: float | None = None  # seconds from sending to the first content (reasoning or text)
     messages: int = 0  # content-bearing messages received (SSE events or gRPC messages)
 
 
@@ -68,6 +72,7 @@ class HttpConnection(asyncio.Protocol):
         self.body = bytearray()
         self.out = Outcome()
         self.parts: list[str] = []
+        self.rparts: list[str] = []
         self.t0 = 0.0
         self.done_seen = False
         self.on_first: Callable[[], None] | None = None
@@ -162,14 +167,20 @@ class HttpConnection(asyncio.Protocol):
                     continue
                 doc = orjson.loads(payload)
                 choices = doc.get("choices") or ()
-                text = choices[0].get("delta", {}).get("content") if choices else None
-                if text:
+                delta = choices[0].get("delta") or {} if choices else {}
+                text = delta.get("content")
+                # DeepSeek's name, which LiteLLM also uses; vLLM's newer one.
+                thought = delta.get("reasoning_content") or delta.get("reasoning")
+                if text or thought:
                     if self.out.ttft is None:
                         self.out.ttft = time.perf_counter() - self.t0
                         if self.on_first is not None:
                             self.on_first()
                     self.out.messages += 1
-                    self.parts.append(text)
+                    if thought:
+                        self.rparts.append(thought)
+                    if text:
+                        self.parts.append(text)
 
     def _finish(self) -> None:
         waiter, self.waiter = self.waiter, None
@@ -192,14 +203,19 @@ class HttpConnection(asyncio.Protocol):
                 waiter.set_exception(RequestFailed("stream ended without [DONE]"))
                 return
             self.out.text = "".join(self.parts)
+            self.out.reasoning = "".join(self.rparts)
         waiter.set_result(self.out)
 
 
 class HttpTarget:
     """Chat completions over HTTP/1.1 keep-alive; one connection per concurrent caller."""
 
-    def __init__(self, host: str, port: int, prefix: str, api_key: str) -> None:
+    def __init__(
+        self, host: str, port: int, prefix: str, api_key: str, headers: list[str] | None = None
+    ) -> None:
         self.host, self.port, self.prefix, self.api_key = host, port, prefix, api_key
+        # Extra request header lines (Portkey's routing headers), sent on every request.
+        self.extra = "".join(f"{h.strip()}\r\n" for h in headers or ())
         self.idle: list[HttpConnection] = []
         self.embed_inputs = 0  # > 0: POST /embeddings with this many inputs instead of a chat
 
@@ -223,7 +239,7 @@ class HttpTarget:
             return (
                 f"POST {self.prefix}/embeddings HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
                 f"authorization: Bearer {self.api_key}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(data)}\r\n\r\n"
+                f"{self.extra}content-length: {len(data)}\r\n\r\n"
             ).encode() + data
         body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Say hi"}]}
         if stream:
@@ -233,7 +249,7 @@ class HttpTarget:
         return (
             f"POST {self.prefix}/chat/completions HTTP/1.1\r\nhost: {self.host}:{self.port}\r\n"
             f"authorization: Bearer {self.api_key}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(data)}\r\n\r\n"
+            f"{self.extra}content-length: {len(data)}\r\n\r\n"
         ).encode() + data
 
     async def call(self, model: str, stream: bool, on_first: Callable[[], None] | None = None) -> Outcome:
@@ -300,24 +316,29 @@ class GrpcTarget:
             out.text = "".join(p.text for p in resp.message.content)
             return out
         parts: list[str] = []
+        rparts: list[str] = []
         ended = False
         call = self._stub().StreamComplete(
             pb.StreamCompleteRequest(model=model, messages=self.messages), timeout=120
         )
         async for m in call:
             kind = m.WhichOneof("event")
-            if kind == "text_delta":
+            if kind == "text_delta" or kind == "reasoning_delta":
                 if out.ttft is None:
                     out.ttft = time.perf_counter() - t0
                     if on_first is not None:
                         on_first()
                 out.messages += 1
-                parts.append(m.text_delta.text)
+                if kind == "text_delta":
+                    parts.append(m.text_delta.text)
+                else:
+                    rparts.append(m.reasoning_delta.text)
             elif kind == "end":
                 ended = True
         if not ended:
             raise RequestFailed("stream ended without its end message")
         out.text = "".join(parts)
+        out.reasoning = "".join(rparts)
         return out
 
     async def close(self) -> None:
@@ -340,11 +361,28 @@ class Run:
     measuring: bool = False
     stop: bool = False
     capped: asyncio.Event = field(default_factory=asyncio.Event)
+    answered: asyncio.Event = field(default_factory=asyncio.Event)  # min_ok reached
 
     def fail(self, exc: BaseException) -> None:
         self.errors += 1
         if len(self.error_samples) < 5:
             self.error_samples.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+
+
+@dataclass(frozen=True)
+class Want:
+    """What every answer must hold: the upstream's text and, for streams, its reasoning."""
+
+    text: str
+    reasoning: str | None = None  # None: not checked (unary answers, embeddings)
+
+    def check(self, out: Outcome) -> None:
+        if out.text != self.text:
+            raise RequestFailed(f"content mismatch: got {len(out.text)} chars, want {len(self.text)}")
+        if self.reasoning is not None and out.reasoning != self.reasoning:
+            raise RequestFailed(
+                f"reasoning mismatch: got {len(out.reasoning)} chars, want {len(self.reasoning)}"
+            )
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -370,13 +408,19 @@ async def closed_loop(
     call: Call,
     model: str,
     stream: bool,
-    want: str,
+    want: Want,
     concurrency: int,
     warmup: float,
     duration: float,
     cap: int,
+    min_ok: int = 0,
+    extra: float = 0.0,
 ) -> dict[str, Any]:
-    """`concurrency` callers back to back: warm up, then measure for `duration` (or `cap` requests)."""
+    """`concurrency` callers back to back: warm up, then measure for `duration` (or `cap` requests).
+
+    With `min_ok`, the window stays open past `duration` (by `extra` seconds at most) until that
+    many requests have completed: a quick run's short window still proves a slow way answers.
+    """
     run = Run()
 
     async def caller() -> None:
@@ -387,11 +431,12 @@ async def closed_loop(
             t0 = time.perf_counter()
             try:
                 out = await call(model, stream)
-                if out.text != want:
-                    raise RequestFailed(f"content mismatch: got {len(out.text)} chars, want {len(want)}")
+                want.check(out)
             except Exception as exc:
                 if run.measuring:
                     run.fail(exc)
+                    if run.ok + run.errors >= min_ok:
+                        run.answered.set()
                 continue
             if run.measuring:
                 run.ok += 1
@@ -399,6 +444,8 @@ async def closed_loop(
                 if out.ttft is not None:
                     run.ttfts.append(out.ttft)
                 run.messages += out.messages
+                if run.ok + run.errors >= min_ok:
+                    run.answered.set()
 
     tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
     await asyncio.sleep(warmup)
@@ -409,6 +456,9 @@ async def closed_loop(
     # Ends at `duration`, or sooner when a caller reaches the request cap.
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(run.capped.wait(), duration)
+    if min_ok and not run.capped.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run.answered.wait(), extra)
     run.measuring = False
     elapsed = time.perf_counter() - t0
     cpu = _cpu() - cpu0
@@ -433,7 +483,7 @@ async def closed_loop(
     }
 
 
-async def held_streams(call: Call, model: str, want: str, count: int, deadline: float) -> dict[str, Any]:
+async def held_streams(call: Call, model: str, want: Want, count: int, deadline: float) -> dict[str, Any]:
     """Open `count` long streams at once; report how many were open together and every error."""
     run = Run()
     state = {"open": 0, "max_open": 0}
@@ -457,8 +507,7 @@ async def held_streams(call: Call, model: str, want: str, count: int, deadline: 
 
         try:
             out = await call(model, True, on_first)
-            if out.text != want:
-                raise RequestFailed(f"content mismatch: got {len(out.text)} chars, want {len(want)}")
+            want.check(out)
             run.ok += 1
         except Exception as exc:
             run.fail(exc)
@@ -495,22 +544,23 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     host, _, port = args.target.rpartition(":")
     target: HttpTarget | GrpcTarget
     if args.proto == "http":
-        target = HttpTarget(host, int(port), args.prefix, args.api_key)
+        target = HttpTarget(host, int(port), args.prefix, args.api_key, args.header)
         # HTTP streams only carry the upstream's own content chunks; no extra connections needed.
     else:
         target = GrpcTarget(args.target, args.channels)
     shape = parse_model(args.model.rpartition("/")[2])
     if shape is None:
         raise SystemExit(f"not a bench model: {args.model}")
-    if shape[0] < 1 and args.kind != "unary":
+    if shape.chunks < 1 and args.kind != "unary":
         raise SystemExit("a stream needs at least one chunk")
-    want = expected_text(shape[0])
+    streams = args.kind in ("stream", "hold")
+    want = Want(expected_text(shape.chunks), expected_reasoning(shape.reasoning) if streams else None)
     if args.kind == "embed":
         # bench-N: N inputs per call, one EMBED_DIMS vector each (bench/upstream.py).
         from bench.upstream import EMBED_DIMS
 
-        target.embed_inputs = shape[0]
-        want = f"{shape[0]}x{EMBED_DIMS}"
+        target.embed_inputs = shape.chunks
+        want = Want(f"{shape.chunks}x{EMBED_DIMS}")
     try:
         if args.kind == "hold":
             return await held_streams(target.call, args.model, want, args.concurrency, args.deadline)
@@ -523,9 +573,20 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             args.warmup,
             args.duration,
             args.max_requests,
+            args.min_ok,
+            args.min_ok_wait,
         )
     finally:
         await target.close()
+
+
+def raise_fd_limit() -> int:
+    """The soft open-file limit raised to the hard one (held streams need a socket each); the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def main() -> int:
@@ -542,7 +603,13 @@ def main() -> int:
     p.add_argument("--max-requests", type=int, default=200_000)
     p.add_argument("--deadline", type=float, default=60.0, help="hold: give up on streams after this")
     p.add_argument("--channels", type=int, default=1, help="gRPC: HTTP/2 connections to spread calls over")
+    p.add_argument("--min-ok", type=int, default=0, help="keep the window open until this many answered...")
+    p.add_argument("--min-ok-wait", type=float, default=10.0, help="...for at most this many more seconds")
+    p.add_argument(
+        "--header", action="append", default=[], help="HTTP: an extra 'name: value' request header"
+    )
     args = p.parse_args()
+    raise_fd_limit()
     result = asyncio.run(amain(args))
     print("RESULT " + json.dumps(result), flush=True)
     return 0

@@ -1,8 +1,9 @@
 """A gRPC server that does nothing: ModelBroker answered from memory, no upstream.
 
-It is the floor under the broker (what grpc.aio in Python costs by itself on this machine)
-and the check on the gRPC load generator: driven by the same generator, it shows how far
-that generator goes when the server costs almost nothing.
+It is the floor under the broker (what grpc.aio in Python costs by itself on this machine;
+the report gives the broker's unary throughput as a share of it) and the check on the gRPC
+load generator: driven by the same generator, it shows how far that generator goes when
+the server costs almost nothing. bench-think-R-N models stream R reasoning deltas first.
 
     python -m bench.null_server --port N      prints "PORT <n>" when it listens
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from bench.upstream import chunk_texts, parse_model
+from bench.upstream import chunk_texts, parse_model, reasoning_texts
 from modelbroker.v1 import broker_pb2 as pb
 from modelbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -27,7 +28,7 @@ class NullBroker(pb_grpc.ModelBrokerServicer):
     async def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
         shape = parse_model(request.model)
         message = pb.Message(role=pb.ROLE_ASSISTANT)
-        message.content.add(text="".join(chunk_texts(shape[0] if shape else 1)))
+        message.content.add(text="".join(chunk_texts(shape.chunks if shape else 1)))
         return pb.CompleteResponse(request_id="null", model=request.model, provider="null", message=message)
 
     async def StreamComplete(
@@ -36,7 +37,9 @@ class NullBroker(pb_grpc.ModelBrokerServicer):
         shape = parse_model(request.model)
         msg = pb.StreamCompleteResponse
         yield msg(start=pb.StreamStart(request_id="null", model=request.model, provider="null"))
-        for text in chunk_texts(shape[0] if shape else 1):
+        for text in reasoning_texts(shape.reasoning if shape else 0):
+            yield msg(reasoning_delta=pb.ReasoningDelta(text=text))
+        for text in chunk_texts(shape.chunks if shape else 1):
             yield msg(text_delta=pb.TextDelta(text=text))
         yield msg(end=pb.StreamEnd(finish_reason=pb.FINISH_REASON_STOP))
 

@@ -1,4 +1,4 @@
-"""The processes a bench run starts (upstream, daemon, LiteLLM, load generators) and what it reads of them.
+"""The processes a bench run starts (upstream, daemons, peers, load generators) and what it reads of them.
 
 CPU time and memory come from /proc, summed over a process and its children (LiteLLM's
 CLI runs its server in a child process), so the runner can say how busy each side was in
@@ -22,8 +22,8 @@ _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _children(pid: int) -> list[int]:
-    """pid and all its descendants."""
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants (a scan of /proc: take it once, before a measured window)."""
     parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -42,10 +42,23 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process tree (threads included), in seconds."""
+def worker_pids(pid: int) -> list[int]:
+    """The direct children of pid (`serve --workers N`: its workers), in pid order."""
+    return sorted(p for p in tree(pid) if p != pid and _parent(p) == pid)
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (threads included; `tree(pid)`), in seconds."""
     total = 0
-    for p in _children(pid):
+    for p in pids:
         try:
             with open(f"/proc/{p}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
@@ -55,10 +68,10 @@ def cpu_seconds(pid: int) -> float:
     return total / _TICK
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process tree."""
+def rss_bytes(pids: list[int]) -> int:
+    """Resident memory of these processes (`tree(pid)`)."""
     total = 0
-    for p in _children(pid):
+    for p in pids:
         try:
             with open(f"/proc/{p}/statm", "rb") as f:
                 total += int(f.read().split()[1]) * _PAGE

@@ -10,6 +10,8 @@ same thing with nothing but a model id:
 
     bench-N          N content chunks, all written at once
     bench-hold-N-MS  N content chunks, MS milliseconds apart (held-open streams)
+    bench-think-R-N  R reasoning chunks (`delta.reasoning_content`, as DeepSeek, llama.cpp
+                     and vLLM send them), then N content chunks, all written at once
 
 POST /v1/embeddings (any model) answers one EMBED_DIMS-float vector per input, as
 api.openai.com's embeddings endpoint does (`object: list`, `data[].embedding`, usage).
@@ -30,7 +32,7 @@ import json
 import re
 import signal
 import sys
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 try:
     import orjson
@@ -43,7 +45,7 @@ except ImportError:  # pragma: no cover - the bench venv has orjson
         return json.loads(data)
 
 
-_MODEL = re.compile(r"^bench-(?:hold-(\d+)-(\d+)|(\d+))$")
+_MODEL = re.compile(r"^bench-(?:hold-(\d+)-(\d+)|think-(\d+)-(\d+)|(\d+))$")
 _CREATED = 1730000000
 MAX_CHUNKS = 10_000
 MAX_BODY = 1 << 20
@@ -58,14 +60,33 @@ def expected_text(n: int) -> str:
     return "".join(chunk_texts(n))
 
 
-def parse_model(model: str) -> tuple[int, float] | None:
-    """(chunks, seconds between chunks) for a bench model id, or None."""
+def reasoning_texts(n: int) -> list[str]:
+    """The reasoning of chunk i (bench-think-R-N), distinct from the answer's words."""
+    return [f" r{i}" for i in range(n)]
+
+
+def expected_reasoning(n: int) -> str:
+    return "".join(reasoning_texts(n))
+
+
+class Shape(NamedTuple):
+    """What a bench model id asks for."""
+
+    chunks: int  # content chunks
+    gap: float  # seconds between chunks (held streams), 0: all at once
+    reasoning: int = 0  # reasoning chunks before the content
+
+
+def parse_model(model: str) -> Shape | None:
+    """The shape of a bench model id, or None."""
     m = _MODEL.match(model)
     if not m:
         return None
+    if m.group(5) is not None:
+        return Shape(min(int(m.group(5)), MAX_CHUNKS), 0.0)
     if m.group(3) is not None:
-        return min(int(m.group(3)), MAX_CHUNKS), 0.0
-    return min(int(m.group(1)), MAX_CHUNKS), int(m.group(2)) / 1000.0
+        return Shape(min(int(m.group(4)), MAX_CHUNKS), 0.0, min(int(m.group(3)), MAX_CHUNKS))
+    return Shape(min(int(m.group(1)), MAX_CHUNKS), int(m.group(2)) / 1000.0)
 
 
 def _chunk(model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
@@ -99,8 +120,16 @@ _STREAM_HEAD = (
 EMBED_DIMS = 256
 
 
-def _usage(n: int) -> dict[str, int]:
-    return {"prompt_tokens": 12, "completion_tokens": n, "total_tokens": 12 + n}
+def _usage(n: int, reasoning: int = 0) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": 12,
+        "completion_tokens": n + reasoning,
+        "total_tokens": 12 + n + reasoning,
+    }
+    if reasoning:
+        # As api.openai.com counts them: inside completion_tokens.
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return usage
 
 
 class Replies:
@@ -124,20 +153,29 @@ class Replies:
             raw = self._embeddings[(model, n)] = _whole(200, json.dumps(doc, separators=(",", ":")).encode())
         return raw
 
-    def stream_parts(self, model: str, n: int) -> tuple[bytes, list[bytes], bytes]:
-        """(head + role chunk, one framed event per content chunk, finish + usage + [DONE])."""
+    def stream_parts(self, model: str, shape: Shape) -> tuple[bytes, list[bytes], bytes]:
+        """(head + role chunk, one framed event per reasoning then content chunk, finish + usage + [DONE])."""
         parts = self._streams.get(model)
         if parts is None:
+            n = shape.chunks
             head = _STREAM_HEAD + _event(_chunk(model, {"role": "assistant", "content": ""}, None))
-            body = [_event(_chunk(model, {"content": t}, None)) for t in chunk_texts(n)]
-            usage = {**_chunk(model, {}, None), "choices": [], "usage": _usage(n)}
+            body = [
+                _event(_chunk(model, {"reasoning_content": t}, None))
+                for t in reasoning_texts(shape.reasoning)
+            ]
+            body += [_event(_chunk(model, {"content": t}, None)) for t in chunk_texts(n)]
+            usage = {**_chunk(model, {}, None), "choices": [], "usage": _usage(n, shape.reasoning)}
             tail = _event(_chunk(model, {}, "stop")) + _event(usage) + _DONE_CHUNK
             parts = self._streams[model] = (head, body, tail)
         return parts
 
-    def unary(self, model: str, n: int) -> bytes:
+    def unary(self, model: str, shape: Shape) -> bytes:
         raw = self._unary.get(model)
         if raw is None:
+            n = shape.chunks
+            message: dict[str, Any] = {"role": "assistant", "content": expected_text(n), "refusal": None}
+            if shape.reasoning:
+                message["reasoning_content"] = expected_reasoning(shape.reasoning)
             doc = {
                 "id": "chatcmpl-bench",
                 "object": "chat.completion",
@@ -146,12 +184,12 @@ class Replies:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": expected_text(n), "refusal": None},
+                        "message": message,
                         "logprobs": None,
                         "finish_reason": "stop",
                     }
                 ],
-                "usage": _usage(n),
+                "usage": _usage(n, shape.reasoning),
                 "service_tier": "default",
                 "system_fingerprint": "fp_bench",
             }
@@ -268,11 +306,11 @@ class UpstreamProtocol(asyncio.Protocol):
         if shape is None:
             self.transport.write(_error(404, f"The model `{model}` does not exist"))
             return
-        n, gap = shape
         if not stream:
-            self.transport.write(self.replies.unary(model, n))
+            self.transport.write(self.replies.unary(model, shape))
             return
-        head, events, tail = self.replies.stream_parts(model, n)
+        head, events, tail = self.replies.stream_parts(model, shape)
+        gap = shape.gap
         if gap <= 0:
             # "Answers at once": the whole stream in one write, as fast as a server can be.
             self.transport.write(head + b"".join(events) + tail)
