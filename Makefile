@@ -7,7 +7,7 @@ PROTO_OUT := clients/python
 LISTEN ?= 127.0.0.1:50051
 CONFIG ?=
 
-.PHONY: install proto proto-check lint test fuzz run bench clean
+.PHONY: install proto proto-check lint test fuzz run bench clean redis-tools
 .PHONY: test-node node-proto node-proto-check codegen-check codegen-tools breaking
 
 $(STAMP): pyproject.toml
@@ -41,9 +41,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: $(STAMP)
+test: $(STAMP) redis-tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	$(MAKE) test-node
+
+# Debian's redis-server for the shared-state tests (tests/redisproc.py starts it on a loopback
+# port). Installed when missing and this user can (root with apt-get); otherwise a note, and
+# those tests skip saying why, except under CI=true, where they fail instead.
+redis-tools:
+	@if command -v redis-server >/dev/null 2>&1; then echo "redis-tools: $$(redis-server --version | cut -d' ' -f1-3)"; 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then 	  echo "redis-tools: installing Debian's redis-server"; 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null 	    && echo "redis-tools: $$(redis-server --version | cut -d' ' -f1-3)"; 	else echo "redis-tools: redis-server missing and cannot install it here (needs root and apt-get); the shared-state tests will skip" >&2; fi
 
 # The property-based suite (tests/fuzz, part of `make test` with ~2,000 examples, derandomized)
 # with 10x the examples and random seeds: hostile requests, byte mutations, upstream values.
@@ -88,28 +94,52 @@ node-proto-check: node-proto
 	@test -z "$$(git status --porcelain -- $(NODE_DIR)/gen)" \
 	  || (echo "untracked Node stubs: run 'make node-proto' and commit" >&2; git status --short -- $(NODE_DIR)/gen; exit 1)
 
-# Go, Java and TypeScript generated from proto/ into a temp dir and compiled where the tools are here.
+# Go, Java and TypeScript generated from proto/ into a temp dir and compiled where the tools are
+# here; then a Go and a Java caller built on that output RUN against a live daemon the check
+# starts (one StreamComplete against a fake upstream, one health Check each).
 codegen-check: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python scripts/check_codegen.py
 
-# Debian's protoc, Go and Java generators and runtimes for codegen-check (root; no-op when present).
+# Debian's protoc, Go and Java generators, and what makes the generated clients run (root;
+# no-op when present). golang-github-golang-protobuf-1-5-dev, not the 1-3 that
+# golang-google-grpc-dev pulls in by default: grpc-go 1.33 marshals through
+# github.com/golang/protobuf, and 1.3's legacy marshaler panics (makeOneOfMarshaler) on every
+# call with the google.golang.org/protobuf code protoc-gen-go writes. grpc-java needs netty,
+# perfmark and the JSR-250 annotations at run time, and a JDK to build the caller.
 CODEGEN_DEBS := protobuf-compiler libprotobuf-java protobuf-compiler-grpc-java-plugin libgrpc-java \
-  protoc-gen-go protoc-gen-go-grpc golang-go golang-google-protobuf-dev golang-google-grpc-dev
+  libnetty-java libperfmark-java libgeronimo-annotation-1.3-spec-java default-jdk-headless \
+  protoc-gen-go protoc-gen-go-grpc golang-go golang-google-protobuf-dev golang-google-grpc-dev \
+  golang-github-golang-protobuf-1-5-dev
 codegen-tools:
 	@if dpkg -s $(CODEGEN_DEBS) >/dev/null 2>&1; then echo "codegen tools: already installed"; else \
+	  echo "codegen tools: installing $(CODEGEN_DEBS)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CODEGEN_DEBS); fi
 
 # buf breaking against earlier commits' proto/ (skipped with a note on the first commit).
 breaking: $(STAMP)
 	scripts/buf_breaking.sh
 
-run: $(STAMP)
+# `make run` needs the daemon's own dependencies only (the dev tools are for test and lint):
+# a fresh clone installs those, saying so and showing pip's progress, once. A .venv that
+# `make install` made already has them.
+RUN_STAMP := $(VENV)/.installed-runtime
+$(RUN_STAMP): pyproject.toml
+	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then touch $@; exit 0; fi; \
+	echo "make run: installing model-broker's runtime dependencies into $(VENV) (first run only; dev tools are not needed to serve)"; \
+	test -x $(BIN)/python || $(PY) -m venv $(VENV); \
+	$(BIN)/pip install --disable-pip-version-check --progress-bar on -e . && touch $@ && \
+	echo "make run: installed; starting the daemon on $(LISTEN)"
+
+run: $(RUN_STAMP)
 	$(BIN)/model-broker serve --listen $(LISTEN) $(if $(CONFIG),--config $(CONFIG),)
 
-# `make bench`: direct vs broker vs LiteLLM's proxy against a fake upstream on 127.0.0.1;
-# prints the table, writes bench/results/bench.json and bench.png (bench/run.py).
+# `make bench`: direct vs broker vs LiteLLM's proxy and Portkey's gateway against a fake
+# upstream on 127.0.0.1; prints the table, writes bench/results/bench.json and bench.png
+# (bench/run.py). `BENCH_QUICK=1 make bench`: every workload for a moment (~35 s), exit 1 on
+# any error, results in bench/results/quick/: a check that the harness works, not a measurement.
 BENCH_STAMP := $(VENV)/.bench-installed
 LITELLM_VENV := bench/.venv-litellm
+PORTKEY_DIR := bench/portkey
 
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,bench]'
@@ -122,8 +152,16 @@ $(LITELLM_VENV)/.installed: bench/requirements-litellm.txt
 	$(LITELLM_VENV)/bin/pip install -q -r bench/requirements-litellm.txt && touch $@ \
 	  || echo "bench: could not install $$(cut -d' ' -f1 bench/requirements-litellm.txt); the run goes on without LiteLLM" >&2
 
+# Portkey's gateway from npm at the versions bench/portkey/package-lock.json pins; the same:
+# not installable is a note. --ignore-scripts: its one install script is patch-package, which
+# has no patches to apply outside the gateway's own repository.
+$(PORTKEY_DIR)/node_modules/.installed: $(PORTKEY_DIR)/package.json $(PORTKEY_DIR)/package-lock.json
+	cd $(PORTKEY_DIR) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && touch node_modules/.installed \
+	  || echo "bench: could not install @portkey-ai/gateway (npm ci in $(PORTKEY_DIR)); the run goes on without Portkey" >&2
+
 bench: $(BENCH_STAMP)
 	-@$(MAKE) --no-print-directory $(LITELLM_VENV)/.installed
+	-@$(MAKE) --no-print-directory $(PORTKEY_DIR)/node_modules/.installed
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # `make real-model`: llama-cpp-python's OpenAI-compatible server + the Gemma 3 270M GGUF in

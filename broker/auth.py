@@ -3,8 +3,9 @@ The same interceptor gives every ModelBroker RPC its request id (see `request_id
 
 The config holds only hashes (`model-broker keys create` / `keys hash`), so a leaked config
 file grants nothing. A server interceptor guards every `modelbroker.v1.ModelBroker` RPC:
-it authenticates the key, admits completions against the limits in broker/limits.py, and
-puts the caller in a contextvar for the servicer. Health and reflection pass untouched:
+it authenticates the key, admits completions (the daemon's cap, then the key's limits and
+budgets in the state store, broker/state/: one call), and puts the caller and its admission
+`Ticket` in contextvars for the servicer; the ticket goes back to the store when the RPC ends. Health and reflection pass untouched:
 Kubernetes probes and grpcurl carry no key.
 
 Which models a caller may use is decided once: the gate resolves the caller, whose
@@ -15,6 +16,7 @@ the RESOLVED provider/model (an alias or a bare id can point anywhere) in one pl
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -25,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -34,6 +36,10 @@ from broker import errors, limits
 from broker.config import AuthConfig, Settings, parse_listen
 from broker.redact import redact, register_secret
 from broker.types import ALLOW_ALL, Permissions
+
+if TYPE_CHECKING:
+    from broker.state import StateStore, Ticket
+    from broker.tracing import Tracing
 
 log = structlog.get_logger("broker.auth")
 
@@ -102,32 +108,51 @@ def hash_key(key: str) -> str:
 class Caller:
     name: str
     allow_models: tuple[str, ...] | None  # None: every model
-    limits: limits.CallerLimits
+    policy: limits.KeyPolicy
+    admin: bool = False
+    # Set for a key with a budget under state.unpriced: deny: whether provider/model has a
+    # known cost (a model whose spend cannot be charged is refused like a forbidden one).
+    priced: Callable[[str, str], bool] | None = None
     # Its plaintext key has been registered for redaction (on its first successful call).
     key_registered: bool = field(default=False, compare=False)
 
-    def may_use(self, provider: str, model: str) -> bool:
+    def _allowed(self, provider: str, model: str) -> bool:
         if self.allow_models is None:
             return True
         ref = f"{provider}/{model}"
         return any(fnmatchcase(ref, glob) for glob in self.allow_models)
 
+    def may_use(self, provider: str, model: str) -> bool:
+        return self._allowed(provider, model) and (self.priced is None or self.priced(provider, model))
+
     def require(self, provider: str, model: str, *, requested: str = "", hint: str = "") -> None:
-        """ModelNotAllowed, naming this key and what it may use, unless it may use provider/model."""
-        if self.may_use(provider, model):
-            return
+        """ModelNotAllowed, naming this key and what it may use, unless it may use provider/model;
+        ModelUnpriced when its budget could not be charged for it."""
         via = f" (requested as {requested!r})" if requested and requested != f"{provider}/{model}" else ""
-        allowed = ", ".join(self.allow_models or ()) or "no models"
-        raise errors.ModelNotAllowed(
-            f"key {self.name!r} may not use {provider}/{model}{via}; it may use: {allowed}{hint}",
-            provider=provider,
-            model=model,
-            metadata={"caller": self.name},
-        )
+        if not self._allowed(provider, model):
+            allowed = ", ".join(self.allow_models or ()) or "no models"
+            raise errors.ModelNotAllowed(
+                f"key {self.name!r} may not use {provider}/{model}{via}; it may use: {allowed}{hint}",
+                provider=provider,
+                model=model,
+                metadata={"caller": self.name},
+            )
+        if self.priced is not None and not self.priced(provider, model):
+            raise errors.ModelUnpriced(
+                f"key {self.name!r} has a budget and {provider}/{model}{via} has no known price, so its "
+                "cost could not be charged (state.unpriced: deny): add its prices under models[] "
+                "(input_usd_per_mtok, output_usd_per_mtok), or set state.unpriced: allow",
+                provider=provider,
+                model=model,
+                metadata={"caller": self.name},
+            )
 
 
 # Set by the interceptor for the RPC it admits; None when auth is off.
 current_caller: ContextVar[Caller | None] = ContextVar("modelbroker_caller", default=None)
+# The admitted completion's ticket (what the request scope charges its usage to); None for
+# other RPCs and with auth off.
+current_ticket: ContextVar[Ticket | None] = ContextVar("modelbroker_ticket", default=None)
 
 
 def caller_name() -> str:
@@ -179,24 +204,44 @@ class Gatekeeper:
         auth: AuthConfig,
         max_concurrent_streams: int,
         on_refused: Callable[[str, str, str], None] | None = None,
+        *,
+        state: StateStore | None = None,
+        priced: Callable[[str, str], bool] | None = None,
     ) -> None:
+        """`state`: where keys' limits and usage live (default: this process). `priced`:
+        given under state.unpriced: deny, whether a model's cost is known (keys with a budget
+        may use only those)."""
         self.enabled = auth.enabled
         # Called with (rpc, status, reason) for each refusal, so metrics see what never
         # reaches the servicer.
         self.on_refused = on_refused
-        self._keys: list[tuple[bytes, Caller]] = [
-            (
-                bytes.fromhex(k.sha256),
-                Caller(
-                    k.name,
-                    None if k.allow_models is None else tuple(k.allow_models),
-                    limits.CallerLimits.from_config(k),
-                ),
+        if state is None:
+            from broker.state.local_state import LocalState
+
+            state = LocalState()
+        self.state = state
+        self._keys: list[tuple[bytes, Caller]] = []
+        for k in auth.keys:
+            policy = limits.KeyPolicy.from_config(k)
+            caller = Caller(
+                k.name,
+                None if k.allow_models is None else tuple(k.allow_models),
+                policy,
+                admin=k.admin,
+                priced=priced if policy.has_budget else None,
             )
-            for k in auth.keys
-        ]
+            self._keys.append((bytes.fromhex(k.sha256), caller))
         self.cap = limits.StreamCap(max_concurrent_streams)
+        # Set by BrokerServer when tracing is on: each ModelBroker RPC gets a server span.
+        self.tracing: Tracing | None = None
         self.interceptor = _Interceptor(self)
+
+    def reconfigure(self, auth: AuthConfig, *, priced: Callable[[str, str], bool] | None = None) -> None:
+        """A config reload's keys (broker/reload.py), built as at start: the key table is
+        replaced in one assignment; usage (rates, streams, spend) stays in the state store,
+        by key name, so an unchanged key carries on where it was."""
+        fresh = Gatekeeper(auth, self.cap.maximum, self.on_refused, state=self.state, priced=priced)
+        self._keys, self.enabled = fresh._keys, fresh.enabled
 
     def authenticate(self, metadata: Sequence[tuple[str, Any]] | None) -> Caller | None:
         if not self.enabled:
@@ -224,16 +269,42 @@ class Gatekeeper:
             found.key_registered = True
         return found
 
-    def admit(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> limits.Release:
+    async def admit(self, method: str, metadata: Sequence[tuple[str, Any]] | None) -> limits.Release:
         """Authenticate and, for completions, admit; set the caller for the servicer."""
-        return self.admit_caller(method, self.authenticate(metadata))
+        return await self.admit_caller(method, self.authenticate(metadata))
 
-    def admit_caller(self, method: str, caller: Caller | None) -> limits.Release:
-        """Admit an authenticated caller (None: auth is off); set it for the servicer."""
+    async def admit_caller(self, method: str, caller: Caller | None) -> limits.Release:
+        """Admit an authenticated caller (None: auth is off); set it and its ticket for the
+        servicer. The returned function must be called once when the RPC ends."""
         current_caller.set(caller)
+        current_ticket.set(None)
         if method not in COMPLETION_METHODS:
             return _nothing
-        return limits.admit(self.cap, caller.limits if caller is not None else None)
+        self.cap.check()
+        # Taken before the store is asked (which may await): concurrent calls cannot both
+        # squeeze into the daemon's last slot.
+        self.cap.in_flight += 1
+        try:
+            ticket = await self.state.admit(caller.policy) if caller is not None else None
+        except BaseException:
+            self.cap.in_flight -= 1
+            raise
+        current_ticket.set(ticket)
+        released = False
+
+        async def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.cap.in_flight -= 1
+            storing = self.state.finish(ticket) if ticket is not None else None
+            if storing is not None:
+                # Slot freed and usage charged before the status goes out, so the caller's
+                # next call (any replica) sees it; shielded: a cancelled RPC still charges.
+                await asyncio.shield(storing)
+
+        return release
 
     def wrap(self, handler: Any, method: str, metadata: Sequence[tuple[str, Any]] | None) -> Any:
         """The same handler, run inside admission: refusals abort with the mapped status."""
@@ -256,7 +327,7 @@ class Gatekeeper:
             try:
                 if failure is not None:
                     raise failure
-                return self.admit_caller(method, caller)
+                return await self.admit_caller(method, caller)
             except errors.BrokerError as exc:
                 if self.on_refused is not None:
                     self.on_refused(method.removeprefix(SERVICE_PREFIX), exc.code.name, exc.reason)
@@ -273,16 +344,18 @@ class Gatekeeper:
                 await context.abort_with_status(with_request_id(status_for(exc), request_id))
                 raise AssertionError("abort_with_status returned") from exc
 
+        # With tracing on, the server span goes around admission (refusals too) and the RPC.
+        entering = enter if self.tracing is None else self.tracing.around(enter, method, metadata)
         if handler.unary_unary is not None:
             unary: Callable[[Any, Any], Awaitable[Any]] = handler.unary_unary
 
             async def unary_behavior(request: Any, context: Any) -> Any:
-                release = await enter(context)
+                release = await entering(context)
                 try:
                     # Tokens are charged by the request scope, from Finished.usage (broker/scope.py).
                     return await unary(request, context)
                 finally:
-                    release()
+                    await release()
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_behavior,
@@ -293,13 +366,13 @@ class Gatekeeper:
             streaming: Callable[[Any, Any], Any] = handler.unary_stream
 
             async def stream_behavior(request: Any, context: Any) -> AsyncIterator[Any]:
-                release = await enter(context)
+                release = await entering(context)
                 try:
                     async for response in streaming(request, context):
                         yield response
                 finally:
                     # Also on CancelledError (caller gone, deadline): the slot frees at once.
-                    release()
+                    await release()
 
             return grpc.unary_stream_rpc_method_handler(
                 stream_behavior,
@@ -310,7 +383,7 @@ class Gatekeeper:
         raise TypeError(f"{method}: unsupported handler kind for the auth interceptor")
 
 
-def _nothing() -> None:
+async def _nothing() -> None:
     return None
 
 

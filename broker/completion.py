@@ -48,10 +48,11 @@ import traceback
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
-from broker import errors
+from broker import errors, tracing
 from broker.breaker import counts_against_provider
 from broker.catalog import compute_cost
 from broker.registry import ProviderState, Registry, Target
@@ -334,12 +335,14 @@ class CompletionService:
     ) -> AsyncGenerator[Output, None]:
         """One target's attempts, until it answers (`walk.answered`) or the walk moves on.
 
-        Each attempt must pass the provider's breaker and is read under the TTFT/stall timer;
+        Each attempt must pass the provider's breaker and is read under the TTFT/stall timer
+        (with tracing on, it is one client span, a sibling of the request's other attempts);
         after a retryable failure with nothing delivered, a retry follows the backoff while
         the policy and the provider's retry budget allow (`more`: a fallback is waiting).
         Raises what ends the whole call: an interruption, or a failure no retry can help.
         """
         s = target.state
+        rt = tracing.current()  # None unless tracing is on: then a client span per attempt
         tries = 0
         while True:
             if not s.breaker.acquire():
@@ -351,10 +354,15 @@ class CompletionService:
                 s.retry_budget.record_request()
             attempt = Attempt(s.name, target.model)
             walk.record.attempts.append(attempt)
+            span = reading = None
+            if rt is not None:
+                number = len(walk.record.attempts)
+                span = rt.start_attempt("chat", target, attempt=number, tries=tries, messages=call.messages)
+                reading = _CapturingReading if rt.capture_content else None
             delivered = Delivered()
             held = Held(self.registry.settings.server.max_message_bytes) if buffered else None
             try:
-                async with _Reading(
+                async with (reading or _Reading)(
                     call, target, request_id, deadline, walk.record, self.router.latency
                 ) as up:
                     while (out := await up.next()) is not None:
@@ -366,6 +374,8 @@ class CompletionService:
             except errors.BrokerError as exc:
                 exc.with_target(s.name, target.model)
                 attempt.error = exc.reason
+                if span is not None:
+                    tracing.end_attempt(span, error=exc)
                 _log_cause(exc, request_id)
                 await self._outcome(s, exc)
                 if delivered.chunks:
@@ -375,11 +385,16 @@ class CompletionService:
                     raise
                 walk.last_error = failed = exc
                 wait = self.retry.delay(exc, tries, deadline=deadline, fallback_waiting=more)
-            except BaseException:
+            except BaseException as exc:
                 # Cancelled (or closed by the consumer): says nothing about the provider.
                 s.breaker.release()
+                if span is not None:
+                    tracing.end_attempt(span, error=exc)
                 raise
             else:
+                if span is not None:
+                    answer = "".join(up.text) if isinstance(up, _CapturingReading) else None
+                    tracing.end_attempt(span, model=target.model, finished=up.final, answer=answer)
                 await self._outcome(s, None)
                 if held is not None:
                     for out in held.outputs():
@@ -459,9 +474,11 @@ class _Reading:
     __slots__ = (
         "call",
         "events",
+        "final",
         "finished",
         "generated_chars",
         "latency",
+        "origin",
         "pending",
         "progress_at",
         "progressed",
@@ -488,9 +505,11 @@ class _Reading:
         self.call, self.target, self.request_id = call, target, request_id
         self.record, self.latency = record, latency
         self.t0 = time.monotonic()
+        self.origin = target.provider.reasoning_origin(target.model)
         request = call.upstream(
             target.model,
             provider_type=cfg.type,
+            reasoning_origin=self.origin,
             # Not the model's maximum (64,000 for claude-sonnet-4-5): the provider's configured
             # default, or the protocol's own rule, capped by the model's max output.
             default_max_tokens=cfg.default_max_tokens,
@@ -507,6 +526,7 @@ class _Reading:
         self.stall = min(cfg.stall_timeout_seconds, cfg.read_timeout_seconds)
         self.started = False
         self.finished = False
+        self.final: Finished | None = None  # the Finished output, once the upstream ended
         # Outputs of the last event not returned yet, last first (Started comes before the
         # first content; an oversize delta is several).
         self.pending: list[Output] = []
@@ -585,6 +605,7 @@ class _Reading:
                 usage = estimated_usage(self.call, self.generated_chars)
             cost = compute_cost(self.target.spec.pricing, usage, local=self.target.state.local)
             outs = [Finished(ev.finish_reason, usage, cost, ev.refusal)]
+            self.final = outs[0] if isinstance(outs[0], Finished) else None  # for the attempt's span
         elif isinstance(ev, TextDeltaEvent):
             self.generated_chars += len(ev.text)
             outs = list(split_text(ev)) if len(ev.text) > MAX_DELTA_CHARS else [ev]
@@ -602,9 +623,7 @@ class _Reading:
             self.latency.observe(self.target.spec.id, now - self.t0)
             outs.insert(
                 0,
-                Started(
-                    self.request_id, self.target.state.name, self.target.model, self.target.state.config.type
-                ),
+                Started(self.request_id, self.target.state.name, self.target.model, self.origin),
             )
         outs.reverse()
         first = outs.pop()
@@ -631,6 +650,23 @@ class _Reading:
         else:
             what = f"no first token within {self.ttft:g}s"
         return errors.UpstreamTimeout(f"{name}: {what}", provider=name, model=model)
+
+
+class _CapturingReading(_Reading):
+    """A `_Reading` that also keeps the answer's text, for traces that capture content
+    (`tracing.capture_content`); chosen per attempt, so the usual path pays nothing for it."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.text: list[str] = []
+
+    async def next(self) -> Output | None:
+        out = await super().next()
+        if isinstance(out, TextDeltaEvent):
+            self.text.append(out.text)
+        return out
 
 
 class _WaitTimer:
@@ -847,7 +883,8 @@ def interrupted(
     """The end of a stream that failed after content: what was delivered and usage so far, in ErrorInfo."""
     return errors.StreamInterrupted(
         f"the stream from {cause.provider}/{cause.model} failed after {delivered.chunks} chunks "
-        f"({delivered.text_chars} characters) were sent; not retried, to avoid splicing two answers: "
+        f"({delivered.text_chars} characters{_of_reasoning(delivered)}) were sent; not retried, "
+        "to avoid splicing two answers: "
         f"{cause.message}",
         provider=cause.provider,
         model=cause.model,
@@ -865,6 +902,10 @@ def interrupted(
             "usage_estimated": "true",
         },
     )
+
+
+def _of_reasoning(delivered: Delivered) -> str:
+    return f" of text, {delivered.reasoning_chars} of reasoning" if delivered.reasoning_chars else ""
 
 
 def with_attempts(exc: errors.BrokerError, record: CallRecord) -> errors.BrokerError:

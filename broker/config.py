@@ -38,6 +38,11 @@ PRESETS = ("development", "cloud-only", "local-only")
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}$")
+_AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+_AZURE_API_VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
+_DEPLOYMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_GCP_PROJECT = re.compile(r"^([a-z0-9][a-z0-9.\-]{0,62}:)?[a-z][a-z0-9\-]{4,28}[a-z0-9]$")
+_GCP_LOCATION = re.compile(r"^[a-z][a-z0-9\-]{0,40}[a-z0-9]$")
 
 
 class _Strict(BaseModel):
@@ -98,6 +103,22 @@ class ProviderConfig(_Strict):
     embed_batch_size: int | None = Field(default=None, ge=1, le=2048)
     # Embed: at most this many parts of one split batch in flight at once.
     embed_concurrency: int = Field(default=4, ge=1, le=64)
+    # bedrock: the AWS region (required): the runtime host bedrock-runtime.{region}.amazonaws.com,
+    # the control plane bedrock.{region}.amazonaws.com and the SigV4 signing region. base_url
+    # only overrides the host; credentials come from the AWS chain (AWS_* env, AWS_PROFILE, IRSA).
+    region: str | None = None
+    # azure_openai: the deployments route's api-version (/openai/deployments/{name}/...?api-version=);
+    # unset: the /openai/v1/ route, with the deployment name as the body's model.
+    api_version: str | None = None
+    # azure_openai: deployment name -> the OpenAI model it runs, for catalogue facts and prices.
+    deployments: dict[str, str] = Field(default_factory=dict)
+    # vertex: the Google Cloud project (required) and location (unset: global) of every call:
+    # {location}-aiplatform.googleapis.com/.../projects/{project}/locations/{location}/...
+    project: str | None = None
+    location: str | None = None
+    # vertex: a service-account (or other google-auth) JSON key file; unset: Application
+    # Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud's ADC file, the metadata server).
+    credentials_file: Path | None = None
 
     @field_validator("name")
     @classmethod
@@ -153,6 +174,86 @@ class ProviderConfig(_Strict):
             raise ValueError("set api_key or api_key_file, not both")
         return self
 
+    @field_validator("region")
+    @classmethod
+    def _region_shape(cls, v: str | None) -> str | None:
+        if v is not None and not _AWS_REGION.match(v):
+            raise ValueError(f"must be an AWS region such as us-east-1, got {v!r}")
+        return v
+
+    @field_validator("api_version")
+    @classmethod
+    def _api_version_shape(cls, v: str | None) -> str | None:
+        if v is not None and not _AZURE_API_VERSION.match(v):
+            raise ValueError(f"must be an Azure OpenAI api-version such as 2024-10-21, got {v!r}")
+        return v
+
+    @field_validator("deployments")
+    @classmethod
+    def _deployment_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, model in v.items():
+            if not _DEPLOYMENT.match(name):
+                raise ValueError(
+                    f"{name!r}: a deployment name is letters, digits, '_', '-' or '.' (at most 64)"
+                )
+            if not model.strip():
+                raise ValueError(f"{name!r}: the model it runs is empty")
+        return v
+
+    @field_validator("project")
+    @classmethod
+    def _project_shape(cls, v: str | None) -> str | None:
+        # Project ids are 6-30 lowercase letters, digits and hyphens (legacy ones carry a
+        # domain: example.com:my-project); the id goes into every request path.
+        if v is not None and not _GCP_PROJECT.match(v):
+            raise ValueError(f"must be a Google Cloud project id such as my-project, got {v!r}")
+        return v
+
+    @field_validator("location")
+    @classmethod
+    def _location_shape(cls, v: str | None) -> str | None:
+        # It names the host ({location}-aiplatform.googleapis.com): letters, digits, hyphens only.
+        if v is not None and not _GCP_LOCATION.match(v):
+            raise ValueError(f"must be a Vertex AI location such as us-central1 or global, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _type_fields(self) -> ProviderConfig:
+        """The cloud types' own fields: required where the type needs them, refused elsewhere."""
+        if self.type == "vertex":
+            if self.project is None:
+                raise ValueError("project: required for type vertex (the Google Cloud project id)")
+            if self.api_key is not None or self.api_key_file is not None:
+                raise ValueError(
+                    "api_key: type vertex authenticates with OAuth2 (credentials_file, or Application "
+                    "Default Credentials when unset); for a Gemini API key use type gemini"
+                )
+        else:
+            for key in ("project", "location", "credentials_file"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only type vertex takes {key}")
+        if self.type == "bedrock" and self.region is None:
+            raise ValueError("region: required for type bedrock (the AWS region, e.g. us-east-1)")
+        if self.type != "bedrock" and self.region is not None:
+            raise ValueError("region: only type bedrock takes a region")
+        if self.type != "azure_openai":
+            for key in ("api_version", "deployments"):
+                if getattr(self, key):
+                    raise ValueError(f"{key}: only type azure_openai takes {key}")
+        elif not self.base_url:
+            raise ValueError(
+                "base_url: required for type azure_openai (the resource endpoint, "
+                "https://<resource>.openai.azure.com)"
+            )
+        return self
+
+    def catalog_key(self, model: str) -> tuple[str, str]:
+        """The catalogue row describing `model` here: an Azure deployment is the OpenAI model
+        it runs (`deployments`, else the deployment's own name), at OpenAI's prices."""
+        if self.type == "azure_openai":
+            return "openai", self.deployments.get(model, model)
+        return self.type, model
+
     @property
     def kind(self) -> kinds.ProviderKind:
         """The declaration of this provider's type."""
@@ -170,10 +271,15 @@ class ProviderConfig(_Strict):
         kind = self.kind
         if kind.host_env and os.environ.get(kind.host_env):
             return kind.url_from_host(os.environ[kind.host_env])
+        if kind.regional_base_url and self.region:
+            return kind.regional_base_url.format(region=self.region)
+        if self.type == "vertex":
+            return kinds.vertex_base_url(self.location or "global")
         return kind.default_base_url
 
     def resolved_api_key(self) -> str | None:
-        """The key from api_key or api_key_file (read at start, so a rotated file is seen on restart)."""
+        """The key from api_key or api_key_file (read when the provider is made: at start, and at
+        a config reload, which a change of the file starts: broker/reload.py)."""
         if self.api_key is not None:
             return self.api_key.get_secret_value() or None
         if self.api_key_file is not None:
@@ -311,6 +417,47 @@ class MetricsConfig(_Strict):
         return v
 
 
+_OTLP_ENDPOINT = re.compile(
+    r"^(https?://)?[^/\s:]+(:\d{1,5})?/?$|^(https?://)?\[[0-9A-Fa-f:.]+\](:\d{1,5})?/?$"
+)
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry traces over OTLP/gRPC (broker/tracing.py). Off unless `enabled` or
+    OTEL_TRACES_EXPORTER=otlp; OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none turn it
+    off whatever this says. A key left unset here falls back to its OTEL_* variable."""
+
+    enabled: bool = False
+    # The collector's OTLP/gRPC address; unset: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then
+    # OTEL_EXPORTER_OTLP_ENDPOINT, then http://localhost:4317. http:// is plaintext.
+    endpoint: str | None = None
+    # Unset: OTEL_SERVICE_NAME, else "model-broker".
+    service_name: str | None = None
+    # Prompt and answer text on the attempt spans (gen_ai.input.messages / output.messages,
+    # redacted and bounded). Off: spans carry counts, models and outcomes, never text.
+    capture_content: bool = False
+
+    _unset = field_validator("endpoint", "service_name", mode="before")(_empty_is_unset)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_shape(cls, v: str | None) -> str | None:
+        if v is not None and not _OTLP_ENDPOINT.match(v):
+            raise ValueError(f"must be HOST:PORT or http(s)://HOST:PORT (OTLP over gRPC), got {v!r}")
+        return v
+
+
+class ReloadConfig(_Strict):
+    """Reloading the config without a restart (broker/reload.py): SIGHUP, or the file changing."""
+
+    # How often the config file (and every api_key_file) is checked for a change; 0: only
+    # SIGHUP reloads.
+    poll_seconds: float = Field(default=5.0, ge=0)
+    # A provider removed or replaced by a reload keeps serving the requests that started on
+    # it for at most this long, then it is closed (what is still running then fails).
+    drain_seconds: float = Field(default=600.0, ge=0)
+
+
 class ModelOverride(_Strict):
     """A catalogue entry added or overridden by config: `provider/model` plus facts."""
 
@@ -363,6 +510,13 @@ class CallerKey(_Strict):
     burst: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
     max_concurrent_streams: int | None = Field(default=None, ge=1)
+    # Spend per UTC day and month, in USD; None = no budget. A request is admitted while the
+    # window's spend is under it (the cost of each request is charged when it ends), so a
+    # budget can be overshot by the requests in flight when it is reached.
+    budget_usd_per_day: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    budget_usd_per_month: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    # GetUsage with this key sees every key's usage (others see only their own).
+    admin: bool = False
 
     @field_validator("name")
     @classmethod
@@ -422,6 +576,47 @@ class AuthConfig(_Strict):
         return bool(self.keys)
 
 
+_REDIS_URL = re.compile(r"^(redis|rediss|unix)://\S+$")
+
+
+class StateConfig(_Strict):
+    """Where caller limits, budgets and spend live (broker/state/): Redis, or each process."""
+
+    # redis://[:password@]host:port/db, rediss:// (TLS) or unix:///path.sock. Unset: every
+    # process keeps its own limits and spend (lost on restart), as before Redis.
+    redis_url: str | None = None
+    # Every key the broker writes starts with this (several brokers can share one Redis).
+    key_prefix: str = Field(
+        default="modelbroker", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$"
+    )
+    # Redis down or slower than timeout_seconds: fail_open admits with per-process limits
+    # and the last known spend (charges are replayed when Redis returns); fail_closed refuses
+    # keys with limits or budgets (UNAVAILABLE STATE_UNAVAILABLE) and readiness turns NOT_SERVING.
+    on_unavailable: Literal["fail_open", "fail_closed"] = "fail_open"
+    # The longest one Redis call may take (admission, charge, heartbeat, GetUsage).
+    timeout_seconds: float = Field(default=0.25, gt=0, le=30)
+    # While Redis is unavailable, the reconnect probe backs off up to this (full jitter).
+    reconnect_max_backoff_seconds: float = Field(default=5.0, gt=0, le=300)
+    # A stream slot's lease in Redis: each replica refreshes its slots every third of it, so
+    # the slots of a replica that died are free again within this long.
+    stream_lease_seconds: float = Field(default=30.0, ge=0.3, le=3600)
+    max_connections: int = Field(default=64, ge=1, le=10_000)
+    # A key with a budget asking for a model with no known price: deny refuses it before
+    # any upstream call (FAILED_PRECONDITION MODEL_UNPRICED); allow serves it, charged 0
+    # and counted as unpriced. Keys without a budget are never refused for this.
+    unpriced: Literal["allow", "deny"] = "deny"
+
+    _unset = field_validator("redis_url", mode="before")(_empty_is_unset)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _url_shape(cls, v: str | None) -> str | None:
+        if v is not None and not _REDIS_URL.match(v):
+            # Not echoed: it may carry a password.
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+
 class Settings(_Strict):
     providers: list[ProviderConfig] = Field(default_factory=list)
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -435,6 +630,12 @@ class Settings(_Strict):
     models: list[ModelOverride] = Field(default_factory=list)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    # No provider at all: `serve` looks for model servers on 127.0.0.1 (Ollama, LM Studio,
+    # llama.cpp, vLLM at their default ports) and serves those that answer (broker/discover_local.py).
+    auto_discover_local: bool = True
+    state: StateConfig = Field(default_factory=StateConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    reload: ReloadConfig = Field(default_factory=ReloadConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -556,6 +757,7 @@ def settings_from_dict(raw: Any, *, source: str = "", env: Mapping[str, str] | N
                     register_secret(p.proxy.get_secret_value())
                     register_url_credentials(p.proxy.get_secret_value())
                 register_url_credentials(p.base_url)
+            register_url_credentials(settings.state.redis_url)
             return settings
     raise ConfigError(problems, source)
 
@@ -595,6 +797,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> Settings:
     providers: list[dict[str, Any]] = []
     for i, kind in enumerate(kinds.KINDS.values()):
         key, base_url, host = var(kind.key_env), var(kind.base_url_env), var(kind.host_env)
+        key = key or next((v for name in kind.more_key_envs if (v := var(name))), "")
         if not key and (kind.needs_key or not (base_url or host)):
             continue
         p: dict[str, Any] = {"name": kind.name, "type": kind.name, "priority": 10 * (i + 1)}

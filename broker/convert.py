@@ -57,6 +57,8 @@ from modelbroker.v1 import broker_pb2 as pb
 
 if TYPE_CHECKING:
     from broker.completion import Accumulated
+    from broker.state import WindowUsage
+    from broker.state.usage import UsageReport
 
 IMAGE_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 # fullmatch, never `$`: "f\n" would match `^...$` (`$` also matches before a final newline).
@@ -877,3 +879,56 @@ def stream_message(out: Output) -> pb.StreamCompleteResponse:
     if out.refusal is not None:
         end.refusal.CopyFrom(refusal_to_proto(out.refusal))
     return msg(end=end)
+
+
+# --- usage (GetUsage) ---------------------------------------------------------------------------
+
+MAX_USAGE_KEY_NAMES = 256
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}")
+
+
+def usage_query(request: pb.GetUsageRequest) -> list[str]:
+    """The key names asked for, each checked (a name as auth.keys spells them)."""
+    names = list(request.key_names)
+    v: list[tuple[str, str]] = []
+    if len(names) > MAX_USAGE_KEY_NAMES:
+        v.append(("key_names", f"at most {MAX_USAGE_KEY_NAMES} names, got {len(names)}"))
+    for i, name in enumerate(names[:MAX_USAGE_KEY_NAMES]):
+        if not _KEY_NAME.fullmatch(name):
+            v.append(
+                (
+                    f"key_names[{i}]",
+                    f"{errors.bound(name, 64)!r} is not a key name (1-63 letters, digits, '_', '-' or '.')",
+                )
+            )
+    if v:
+        raise errors.InvalidRequest(v)
+    return names
+
+
+def _window_to_proto(w: WindowUsage, budget: int | None) -> pb.UsageWindow:
+    out = pb.UsageWindow(
+        spend_micro_usd=w.spend_micro_usd,
+        requests=w.requests,
+        input_tokens=w.input_tokens,
+        output_tokens=w.output_tokens,
+        unpriced_requests=w.unpriced_requests,
+    )
+    out.start_time.FromSeconds(int(w.window.start))
+    out.reset_time.FromSeconds(int(w.window.reset))
+    if budget is not None:
+        out.budget_micro_usd = budget
+        out.budget_left_micro_usd = max(budget - w.spend_micro_usd, 0)
+    return out
+
+
+def usage_response(report: UsageReport) -> pb.GetUsageResponse:
+    out = pb.GetUsageResponse(shared=report.shared)
+    for k in report.keys:
+        out.keys.add(
+            name=k.policy.name,
+            day=_window_to_proto(k.day, k.policy.budget_day_micro_usd),
+            month=_window_to_proto(k.month, k.policy.budget_month_micro_usd),
+            streams_in_flight=k.streams_in_flight,
+        )
+    return out

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import structlog
 
-from broker import errors
+from broker import errors, tracing
 from broker.catalog import compute_cost
 from broker.completion import (
     Attempt,
@@ -34,6 +34,8 @@ from broker.types import (
     EmbedCall,
     Embedded,
     EmbedRequest,
+    Finished,
+    FinishReason,
     Permissions,
     Usage,
 )
@@ -80,6 +82,7 @@ class EmbeddingService:
         permissions: Permissions = ALLOW_ALL,
     ) -> Embedded:
         walk = _Walk(record)
+        rt = tracing.current()  # None unless tracing is on: then a client span per attempt
         for target in self.candidates(call, permissions):
             try:
                 check_embedding_model(target)
@@ -95,19 +98,25 @@ class EmbeddingService:
             attempt = Attempt(s.name, target.model)
             record.attempts.append(attempt)
             request = EmbedRequest(target.model, call.inputs, call.dimensions)
+            number = len(record.attempts)
+            span = rt.start_attempt("embeddings", target, attempt=number, tries=1) if rt is not None else None
             try:
                 result = await s.provider.embed(request)
             except errors.BrokerError as exc:
                 exc.with_target(s.name, target.model)
                 attempt.error = exc.reason
+                if span is not None:
+                    tracing.end_attempt(span, error=exc)
                 await self.completions._outcome(s, exc)
                 if not exc.retryable:
                     raise with_attempts(exc, record) from None
                 walk.last_error = exc
                 log.info("fallback", request_id=request_id, failed=target.spec.id, reason=exc.reason)
                 continue
-            except BaseException:
+            except BaseException as exc:
                 s.breaker.release()  # cancelled: says nothing about the provider
+                if span is not None:
+                    tracing.end_attempt(span, error=exc)
                 raise
             await self.completions._outcome(s, None)
             if result.usage_reported:
@@ -116,5 +125,8 @@ class EmbeddingService:
                 chars = sum(len(t) for t in call.inputs)
                 usage = Usage(input_tokens=estimated_tokens(chars), estimated=True)
             cost = compute_cost(target.spec.pricing, usage, local=s.local)
+            if span is not None:
+                done = Finished(FinishReason.STOP, usage, cost)
+                tracing.end_attempt(span, model=target.model, finished=done, finish_reasons=False)
             return Embedded(request_id, s.name, target.model, result.vectors, usage, cost)
         raise walk.failure()

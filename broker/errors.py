@@ -243,6 +243,44 @@ class BrokerOverloaded(BrokerError):
     reason = "BROKER_OVERLOADED"
 
 
+# --- budgets, usage and the shared state (broker/state/) ---------------------------------------
+
+
+class BudgetExceeded(BrokerError):
+    """The key's spend this UTC day or month reached its budget; RetryInfo: the window's reset."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "BUDGET_EXCEEDED"
+
+
+class ModelUnpriced(BrokerError):
+    """A key with a budget asked for a model with no known price, and state.unpriced is deny."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "MODEL_UNPRICED"
+
+
+class UsageNotPermitted(BrokerError):
+    """GetUsage for another key's usage by a key that is not admin."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "USAGE_NOT_PERMITTED"
+
+
+class AuthDisabled(BrokerError):
+    """An RPC about API keys (GetUsage) on a broker with caller auth off."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "AUTH_DISABLED"
+
+
+class StateUnavailable(BrokerError):
+    """Redis (state.redis_url) is unreachable or too slow and state.on_unavailable is fail_closed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STATE_UNAVAILABLE"
+
+
 # --- the broker's own configuration ---------------------------------------------------------
 
 

@@ -134,6 +134,39 @@ class BrokerMetrics:
             ["rpc", "status", "reason"],
             registry=r,
         )
+        # Caller names come from auth.keys, so this label set is bounded by the config.
+        self.spend = Counter(
+            "modelbroker_caller_spend_micro_usd",
+            "Cost of each key's completions in micro-USD, charged when each ends (known prices only)",
+            ["caller"],
+            registry=r,
+        )
+        self.state_unavailable = Counter(
+            "modelbroker_state_unavailable",
+            "Times the shared state (Redis, state.redis_url) became unavailable",
+            registry=r,
+        )
+        self.state_available = Gauge(
+            "modelbroker_state_available",
+            "1 while the shared state (Redis) answers (min over workers); 1 without Redis",
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.state_degraded = Counter(
+            "modelbroker_state_degraded_admissions",
+            "Completions admitted by per-process limits while Redis was unavailable (fail_open)",
+            registry=r,
+        )
+        self.state_available.set(1)
+        self.config_reloads = Counter(
+            "modelbroker_config_reloads",
+            "Config reloads (SIGHUP or the watched file changing) by result: success, or failure "
+            "(the running config was kept)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)  # both series from the start, at 0
         self.inflight = {rpc: inflight.labels(rpc) for rpc in RPCS}
         self._overhead = {rpc: self.overhead.labels(rpc) for rpc in RPCS}
         self._children: dict[tuple[str, str], _Children] = {}
@@ -192,6 +225,9 @@ class BrokerMetrics:
             c.cost.inc(cost_micro_usd)
         if upstream_wait is not None and rpc in self._overhead:
             self._overhead[rpc].observe(max(duration - upstream_wait, 0.0))
+
+    def count_spend(self, caller: str, micro_usd: int) -> None:
+        self.spend.labels(caller).inc(micro_usd)
 
     def count_refused(self, rpc: str, status: str, reason: str) -> None:
         self.refused.labels(rpc, status, reason).inc()

@@ -98,7 +98,7 @@ class ProviderState:
         """Serves the vendor's catalogue at the vendor's prices (see ProviderConfig.catalog_prices)."""
         if self.config.catalog_prices is not None:
             return self.config.catalog_prices
-        return urlparse(self.provider.base_url).hostname in self.config.kind.vendor_hosts
+        return self.config.kind.is_vendor_host(urlparse(self.provider.base_url).hostname or "")
 
     def served_models(self) -> set[str]:
         return set(self.models) | set(self.config.models)
@@ -121,35 +121,64 @@ def _with_pool_default(cfg: ProviderConfig, streams: int) -> ProviderConfig:
 
 
 class Registry:
-    def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
+    def __init__(
+        self, settings: Settings, catalog: Catalog | None = None, *, previous: Registry | None = None
+    ) -> None:
+        """`previous`: the registry a config reload replaces (broker/reload.py). A provider
+        whose config (and resolved key) is unchanged keeps its transport, listings and health;
+        with unchanged routing its very state (breaker, retry budget) too. Only the others are
+        new (`fresh`): `start` opens those and runs their first discovery."""
         self.settings = settings
         self.catalog = catalog or Catalog.load()
         self.catalog.apply_overrides(settings.models, {p.name: p.type for p in settings.providers})
-        routing = settings.routing
         self.providers: list[ProviderState] = [
-            ProviderState(
-                provider=create_provider(_with_pool_default(cfg, settings.server.max_concurrent_streams)),
-                config=cfg,
-                breaker=CircuitBreaker(routing.breaker),
-                retry_budget=RetryBudget(routing.retry),
-            )
-            for cfg in settings.enabled_providers()
+            self._state_for(cfg, previous) for cfg in settings.enabled_providers()
         ]
+        kept = {id(s.provider) for s in previous.providers} if previous is not None else set()
+        self.fresh = [s for s in self.providers if id(s.provider) not in kept]
         self.by_name = {s.name: s for s in self.providers}
         self._refresher: asyncio.Task[None] | None = None
         self._first: asyncio.Task[None] | None = None
         # Providers whose discovery is running now (start-up's may outlive the wait for it).
         self.discovering: set[str] = set()
 
+    def _state_for(self, cfg: ProviderConfig, previous: Registry | None) -> ProviderState:
+        routing = self.settings.routing
+        old = previous.by_name.get(cfg.name) if previous is not None else None
+        if old is not None and old.config == cfg and old.provider.api_key == cfg.resolved_api_key():
+            if old.breaker.settings == routing.breaker and old.retry_budget.settings == routing.retry:
+                return old
+            # Same upstream, new routing: the transport, listings and health carry over.
+            state = ProviderState(
+                provider=old.provider,
+                config=cfg,
+                healthy=old.healthy,
+                last_check_wall=old.last_check_wall,
+                models=old.models,
+                discovered_at=old.discovered_at,
+                breaker=CircuitBreaker(routing.breaker),
+                retry_budget=RetryBudget(routing.retry),
+            )
+            state._last_error, state.last_error_wall = old._last_error, old.last_error_wall
+            state.last_error_resolved = old.last_error_resolved
+            return state
+        return ProviderState(
+            provider=create_provider(_with_pool_default(cfg, self.settings.server.max_concurrent_streams)),
+            config=cfg,
+            breaker=CircuitBreaker(routing.breaker),
+            retry_budget=RetryBudget(routing.retry),
+        )
+
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, *, discovery_wait: float | None = None) -> None:
-        """Open the providers' transports and start discovery: wait for the first round at most
-        `discovery_wait` seconds (None: until it ends), then let it finish in the background, so
-        a hanging upstream cannot hold start-up (each listing is bounded on its own too)."""
-        for s in self.providers:
+        """Open the fresh providers' transports and start discovery: wait for their first round
+        at most `discovery_wait` seconds (None: until it ends), then let it finish in the
+        background, so a hanging upstream cannot hold start-up (each listing is bounded on its
+        own too). Providers carried over from a previous registry are already open."""
+        for s in self.fresh:
             await s.provider.start()
-        self._first = asyncio.create_task(self.refresh(force=True), name="discovery-first")
+        self._first = asyncio.create_task(self.refresh(force=True, only=self.fresh), name="discovery-first")
         self._refresher = asyncio.create_task(self._refresh_loop(self._first), name="discovery-refresh")
         await self.first_discovery(discovery_wait)
 
@@ -165,12 +194,21 @@ class Registry:
         return first.done()
 
     async def close(self) -> None:
+        await self.stop_background()
+        for s in self.providers:
+            await s.provider.close()
+
+    async def stop_background(self) -> None:
+        """Stop discovery (a replaced registry: its providers may live on in the next one)."""
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
-        for s in self.providers:
-            await s.provider.close()
+            self._refresher = None
+        if self._first is not None and not self._first.done():
+            self._first.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._first
 
     async def _refresh_loop(self, first: asyncio.Task[None] | None = None) -> None:
         if first is not None:
@@ -182,13 +220,14 @@ class Registry:
             await asyncio.sleep(self.settings.discovery.ttl_seconds)
             await self.refresh()
 
-    async def refresh(self, *, force: bool = False) -> None:
-        """Re-list models where the cache is older than the TTL; a failure keeps the old list."""
+    async def refresh(self, *, force: bool = False, only: list[ProviderState] | None = None) -> None:
+        """Re-list models where the cache is older than the TTL (`force`: all of `only`, default
+        every provider); a failure keeps the old list."""
         ttl = self.settings.discovery.ttl_seconds
         now = time.monotonic()
         due = [
             s
-            for s in self.providers
+            for s in (self.providers if only is None else only)
             if s.config.discovery and (force or s.discovered_at is None or now - s.discovered_at >= ttl)
         ]
         await asyncio.gather(*(self._discover(s) for s in due))
@@ -211,7 +250,13 @@ class Registry:
 
     def spec(self, s: ProviderState, model: str) -> ModelSpec:
         return self.catalog.spec_for(
-            s.name, s.type, model, s.models.get(model), vendor_endpoint=s.vendor_endpoint, local=s.local
+            s.name,
+            s.type,
+            model,
+            s.models.get(model),
+            vendor_endpoint=s.vendor_endpoint,
+            local=s.local,
+            catalog_key=s.config.catalog_key(model),
         )
 
     def list_models(

@@ -8,8 +8,11 @@ does only convert -> service -> convert inside it. The scope owns:
 - drain: refusing new completions once `draining` (SHUTTING_DOWN), the in-flight count,
   and cutting what still runs when the grace period ends (each cut call ends with
   UNAVAILABLE / SHUTTING_DOWN, not a bare cancellation);
-- on exit, whatever the outcome: the one request log line, the metrics, and the caller's
-  token bucket charged from `Finished.usage` (estimated usage included).
+- on exit, whatever the outcome: the one request log line (with the trace id when tracing
+  is on), the request's outcome on its server span, the metrics, and what the request
+  used added to the caller's admission ticket (`_charge`: tokens and cost from
+  `Finished.usage`, estimated usage included; a request cancelled, cut or interrupted after
+  the upstream took it is charged an estimate), which the gate hands to the state store.
 
 Error mapping is not here: every RPC's exceptions go to a status in one place, the guarded
 handlers of broker/guard.py calling `ModelBrokerServicer.abort`.
@@ -20,16 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from broker import auth, errors
-from broker.completion import CallRecord
+from broker import auth, errors, tracing
+from broker.completion import CallRecord, Delivered, estimated_usage
 from broker.metrics import BrokerMetrics
-from broker.types import Finished, Output
+from broker.types import CompletionCall, Cost, Finished, Output, Usage
 
 log = structlog.get_logger("broker.server")
 
@@ -54,6 +57,10 @@ class RequestScope:
     record: CallRecord = field(default_factory=CallRecord)
     finished: Finished | None = None
     failure: BaseException | None = None
+    # The completion as converted (set by the servicer) and what reached the caller: a
+    # request that ends without usage is charged an estimate from these.
+    call: CompletionCall | None = None
+    delivered: Delivered = field(default_factory=Delivered)
 
     # Time spent awaiting the completion pipeline (provider + upstream) for its next output;
     # the rest is the broker's own overhead (metrics). None: the call never got that far.
@@ -69,6 +76,8 @@ class RequestScope:
                 since = None
                 if isinstance(out, Finished):
                     self.finished = out
+                else:
+                    self.delivered.add(out)
                 yield out
                 since = time.monotonic()
         finally:
@@ -82,6 +91,9 @@ class Scopes:
     def __init__(self, metrics: BrokerMetrics, grace_seconds: float) -> None:
         self.metrics = metrics
         self.grace_seconds = grace_seconds
+        # (provider, model, usage) -> its cost at that model's price (set by the servicer):
+        # prices the estimate of a request that ended without usage. None: such ends are free.
+        self.pricer: Callable[[str, str, Usage], Cost] | None = None
         # Completion RPCs running now (drain and tests watch it return to 0); once
         # `draining`, new ones are refused with SHUTTING_DOWN while these finish.
         self.in_flight = 0
@@ -160,6 +172,10 @@ class Scopes:
             await asyncio.wait_for(self._idle.wait(), timeout)
         return self.in_flight == 0
 
+    def running(self) -> frozenset[asyncio.Task[Any]]:
+        """The tasks of the calls running now (a config reload drains what it retires after them)."""
+        return frozenset(self._runs)
+
     def cut(self) -> int:
         """End every completion still running with UNAVAILABLE / SHUTTING_DOWN; how many there were."""
         self.cutting = True
@@ -170,13 +186,34 @@ class Scopes:
 
     # --- on exit ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _charge(scope: RequestScope) -> None:
-        """The caller's tokens-per-minute bucket, from what the call reported (or estimated)."""
-        caller = auth.current_caller.get()
-        if caller is not None and scope.finished is not None:
-            usage = scope.finished.usage
-            caller.limits.record_tokens(usage.input_tokens + usage.output_tokens)
+    def _charge(self, scope: RequestScope) -> None:
+        """What the request used, on the caller's ticket (tokens-per-minute, spend, counters).
+
+        Reported usage (or the completion's own estimate) when it finished. Without it: a
+        request the upstream had taken (output delivered, or an attempt still open when it was
+        cancelled or cut) is charged an estimate (the prompt and what was delivered, ~4
+        characters a token) at the model's price, since the vendor bills it; one that failed
+        before any answer, or was refused, costs nothing."""
+        ticket = auth.current_ticket.get()
+        if ticket is None:
+            return
+        if scope.finished is not None:
+            ticket.charge(scope.finished.usage, scope.finished.cost)
+            return
+        last = scope.record.attempts[-1] if scope.record.attempts else None
+        if scope.call is None or last is None:
+            return
+        # Cancelled (CancelledError, GeneratorExit) or cut at shutdown with an attempt open.
+        ended_early = not isinstance(scope.failure, errors.BrokerError) or isinstance(
+            scope.failure, errors.ShuttingDown
+        )
+        took = scope.delivered.chunks > 0 or (not last.error and ended_early)
+        if not took:
+            return
+        d = scope.delivered
+        usage = estimated_usage(scope.call, d.text_chars + d.tool_call_chars)
+        cost = self.pricer(last.provider, last.model, usage) if self.pricer else Cost(known=False)
+        ticket.charge(usage, cost)
 
     @staticmethod
     def _log(scope: RequestScope) -> None:
@@ -201,9 +238,36 @@ class Scopes:
             if finished.usage.estimated:
                 fields["usage_estimated"] = True
             fields["cost_micro_usd"] = finished.cost.total_micro_usd if finished.cost.known else None
+            if finished.usage.reasoning_tokens:
+                fields["tokens_reasoning"] = finished.usage.reasoning_tokens
+            if finished.refusal is not None:
+                fields["refusal_category"] = finished.refusal.category or "unspecified"
+        call = scope.call
+        if call is not None:
+            # Who the request is for, as the caller said (bounded by convert); options by key only.
+            if call.metadata.end_user_id:
+                fields["end_user"] = call.metadata.end_user_id
+            if call.metadata.tags:
+                fields["tags"] = dict(call.metadata.tags)
+            if call.provider_options:
+                fields["provider_options"] = {t: sorted(o) for t, o in call.provider_options.items()}
         if isinstance(scope.failure, errors.BrokerError):
             fields["reason"] = scope.failure.reason
             fields["error"] = scope.failure.message
+        rt = tracing.current()  # None unless tracing is on (broker/tracing.py)
+        if rt is not None:
+            fields["trace_id"] = rt.trace_id
+            tracing.annotate_request(
+                rt,
+                request_id=scope.request_id,
+                caller=fields["caller"],
+                requested_model=scope.requested_model,
+                provider=fields["provider"],
+                model=fields["model"],
+                attempts=len(scope.record.attempts),
+                finished=finished,
+                failure=scope.failure,
+            )
         log.info("request", **fields)
 
     def _observe(self, scope: RequestScope, duration: float) -> None:

@@ -14,7 +14,10 @@ Start and stop (`serve_until_signal`): the SIGTERM/SIGINT handlers are installed
 port is bound, so a signal at any moment (start-up included) turns health NOT_SERVING,
 drains and returns; start-up waits for discovery at most `health.timeout_seconds`, then lets
 it finish in the background. `stop` gives in-flight completions the grace period, then ends
-those still running with UNAVAILABLE / SHUTTING_DOWN (not a bare cancellation).
+those still running with UNAVAILABLE / SHUTTING_DOWN (not a bare cancellation). SIGHUP,
+and the config file changing, reload the config without a restart (broker/reload.py, which
+`BrokerServer.apply` serves); tracing (broker/tracing.py) starts with the server and
+flushes at its stop.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import grpc
 import structlog
 from grpc_reflection.v1alpha import reflection
 
-from broker import auth, convert, errors, guard
+from broker import auth, convert, errors, guard, tracing
 from broker.breaker import BreakerState
 from broker.coalesce import coalesced
 from broker.completion import Accumulated, CompletionService
@@ -41,7 +44,11 @@ from broker.health import HealthMonitor
 from broker.metrics import BrokerMetrics, MeteredHealthServicer, MetricsServer
 from broker.redact import redact
 from broker.registry import Registry
+from broker.reload import Reloader
 from broker.scope import RequestScope, Scopes
+from broker.state import StateStore, open_state
+from broker.state.local_state import LocalState
+from broker.state.usage import UsageService, priced, pricer
 from broker.tls import server_credentials
 from broker.types import Finished, FinishReason, Output
 from modelbroker.v1 import broker_pb2 as pb
@@ -72,15 +79,30 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
         registry: Registry,
         health: HealthMonitor,
         metrics: BrokerMetrics | None = None,
+        state: StateStore | None = None,
     ) -> None:
-        self.settings = settings
-        self.registry = registry
         self.health = health
-        # A breaker that opens or closes re-publishes that provider's health at once.
-        self.completions = CompletionService(registry, on_breaker_change=health.publish)
-        self.embeddings = EmbeddingService(self.completions)
         self.metrics = metrics or BrokerMetrics(process=False)
         self.scopes = Scopes(self.metrics, settings.server.shutdown_grace_seconds)
+        self.state = state or LocalState()
+        self.use(settings, registry)
+
+    def use(self, settings: Settings, registry: Registry) -> None:
+        """Build what RPCs use from the config and registry: at start, and for each config
+        reload (broker/reload.py). No await in here, so on the event loop an RPC sees all of
+        the old or all of the new; calls already running keep the services they started on."""
+        old: CompletionService | None = getattr(self, "completions", None)
+        self.settings = settings
+        self.registry = registry
+        # A breaker that opens or closes re-publishes that provider's health at once.
+        self.completions = CompletionService(registry, on_breaker_change=self.health.publish)
+        if old is not None:
+            self.completions.router.latency = old.router.latency  # observed TTFTs carry over
+        self.embeddings = EmbeddingService(self.completions)
+        # Requests that end without usage are charged an estimate at the model's price.
+        self.scopes.pricer = pricer(registry)
+        # GetUsage: each key's spend and counters, from the store the gate admits with.
+        self.usage = UsageService(settings.auth, self.state)
 
     @property
     def in_flight(self) -> int:
@@ -116,6 +138,7 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
             buffered=scope.kind == "Complete",
             permissions=auth.permissions(),  # the gate's, judged once in candidates()
         )
+        scope.call = call  # an end without usage is charged an estimate from it
         return scope.relay(outputs)
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
@@ -214,6 +237,13 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
             ranked[0].spec, [t.spec for t in ranked[1:]], [(e.model_id, e.reason) for e in selection.excluded]
         )
 
+    # --- usage ---------------------------------------------------------------------------------------
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
+        names = convert.usage_query(request)
+        report = await self.usage.report(auth.caller_name() or None, names)
+        return convert.usage_response(report)
+
 
 class BrokerServer:
     """Owns the registry, health monitor and grpc.aio server; start() binds, stop() drains."""
@@ -225,10 +255,12 @@ class BrokerServer:
         reuse_port: bool = False,
         metrics: BrokerMetrics | None = None,
         serve_metrics: bool = True,
+        config_path: str | os.PathLike[str] | None = None,
     ) -> None:
         """`reuse_port`: share the port with sibling workers (SO_REUSEPORT); off by default so a
         second daemon on a taken port fails loudly. `serve_metrics` False: a supervising
-        parent serves the workers' metrics instead (see broker/workers.py)."""
+        parent serves the workers' metrics instead (see broker/workers.py). `config_path`:
+        the file `settings` came from, watched and re-read on SIGHUP (broker/reload.py)."""
         self.settings = settings
         self.registry = Registry(settings)
         self.metrics = metrics or BrokerMetrics()
@@ -261,17 +293,35 @@ class BrokerServer:
                 else []
             ),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
+            # grpc cancels new calls past 1000 waiting to be accepted (its default), before the
+            # daemon sees them: a burst of streams must meet the broker's own limit instead
+            # (server.max_concurrent_streams, RESOURCE_EXHAUSTED with a reason), so allow more.
+            ("grpc.server.max_pending_requests", max(settings.server.max_concurrent_streams * 2, 20000)),
         ]
+        # Caller limits, budgets and usage: Redis with state.redis_url, else this process
+        # (broker/state/); readiness follows its policy when Redis is unavailable.
+        self.state = open_state(settings, self.metrics)
+        self.health.state_ready = self.state.ready
+        self.state.on_change = self.health.update_readiness
         # Caller auth and admission limits (broker/auth.py); health and reflection pass open.
         self.gate = auth.Gatekeeper(
-            settings.auth, settings.server.max_concurrent_streams, on_refused=self.metrics.count_refused
+            settings.auth,
+            settings.server.max_concurrent_streams,
+            on_refused=self.metrics.count_refused,
+            state=self.state,
+            priced=priced(self.registry) if settings.state.unpriced == "deny" else None,
         )
+        # OpenTelemetry (broker/tracing.py): None unless enabled; then a span per RPC and attempt.
+        self.tracing = tracing.setup(settings.tracing)
+        self.gate.tracing = self.tracing
         self.server = grpc.aio.server(
             options=options,
             maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
             interceptors=[self.gate.interceptor],
         )
-        self.servicer = ModelBrokerServicer(settings, self.registry, self.health, self.metrics)
+        self.servicer = ModelBrokerServicer(
+            settings, self.registry, self.health, self.metrics, state=self.state
+        )
         # Deserializers that never raise and a catch-all around every handler (broker/guard.py).
         guard.add_servicer(
             self.server, self.servicer, abort=self.servicer._abort, max_response_bytes=max_bytes
@@ -288,6 +338,21 @@ class BrokerServer:
             self.server,
         )
         self.port = 0
+        self.reloader = Reloader(self, config_path)
+
+    def apply(self, settings: Settings, registry: Registry) -> None:
+        """Make a reloaded config and its registry the ones every RPC from now on uses
+        (broker/reload.py prepares both). No await in here: on the event loop an RPC sees all
+        of the old or all of the new, and calls already running finish on what they started
+        with. The sections that need a restart (server, tls, metrics, state, tracing) are the
+        running ones: the reloader keeps them."""
+        self.servicer.use(settings, registry)
+        # As at start: keys with a budget may use only priced models under unpriced: deny.
+        self.gate.reconfigure(
+            settings.auth, priced=priced(registry) if settings.state.unpriced == "deny" else None
+        )
+        self.health.registry, self.health.config = registry, settings.health
+        self.settings, self.registry = settings, registry
 
     async def start(self, listen: str | None = None) -> int:
         """Bind, start the providers and discovery, serve, run the first health checks.
@@ -315,8 +380,10 @@ class BrokerServer:
         t0 = time.monotonic()
         wait = self.settings.health.timeout_seconds
         await self.registry.start(discovery_wait=0)  # transports open, discovery under way
+        await self.state.start()  # bounded; an unreachable Redis is handled by its policy
         await self.server.start()
         await self.health.start()  # the first round of checks, bounded by the same timeout
+        self.reloader.start()  # watch the config file (SIGHUP: serve_until_signal)
         settled = await self.registry.first_discovery(max(wait - (time.monotonic() - t0), 0))
         pending = sorted(self.registry.discovering) if not settled else []
         if pending:
@@ -328,6 +395,7 @@ class BrokerServer:
             providers=[s.name for s in self.registry.providers],
             ready=self.health.ready(),
             auth=f"{len(self.settings.auth.keys)} keys" if self.gate.enabled else "off",
+            state="redis" if self.state.shared else "process",
             tls="mtls" if tls.client_ca_file else "tls" if tls.enabled else "off",
             metrics=f"{self.metrics_server.host}:{self.metrics_server.port}" if self.metrics_server else "",
             **({"discovery_pending": pending} if pending else {}),
@@ -351,11 +419,16 @@ class BrokerServer:
                 log.warning("drain_cut", in_flight=cut, grace_seconds=grace, reason="SHUTTING_DOWN")
         finally:
             await stopping
+        await self.reloader.close()  # providers a reload retired, still draining: closed now
         await self.health.close()
+        await self.state.close()  # charges still on their way, bounded
         await self.registry.close()
         if self.metrics_server is not None:
             await self.metrics_server.close()
             self.metrics_server = None
+        if self.tracing is not None:
+            # The spans still queued go out (bounded by the exporter's timeout), off the loop.
+            await asyncio.to_thread(self.tracing.shutdown)
         log.info("stopped")
 
     async def serve_until_signal(self, listen: str | None = None, *, signalled: Sequence[int] = ()) -> None:
@@ -376,6 +449,7 @@ class BrokerServer:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reloader.on_sighup)
         if received:
             stop.set()  # signalled before the loop ran: do not even bind
         starting = asyncio.create_task(self.start(listen), name="broker-start")
@@ -402,5 +476,5 @@ class BrokerServer:
             await self.stop()
         finally:
             stopped.cancel()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

@@ -15,7 +15,7 @@ models.json schema (version 1):
       "models": [ENTRY, ...]        # sorted by (provider_type, model)
     }
     ENTRY = {
-      "provider_type": "openai" | "anthropic" | "ollama",
+      "provider_type": "openai" | "anthropic" | "ollama" | "bedrock" | ...,
       "model": str,                 # the id callers send, e.g. "claude-sonnet-4-5"
       "context_window": int | null, # most input tokens accepted (LiteLLM max_input_tokens)
       "max_output_tokens": int | null,
@@ -60,6 +60,28 @@ Field choices (why):
   they take the snapshot's facts: the source's own alias keys sometimes disagree with the
   snapshot (claude-3-5-haiku-latest at $1/$5 vs $0.80/$4). LiteLLM's claude-4-opus-20250514
   and claude-4-sonnet-20250514 are not API ids and are left out.
+- Bedrock (provider_type "bedrock"): LiteLLM's own Bedrock chat keys (litellm_provider bedrock
+  or bedrock_converse) for Claude, Nova and Llama, model id == key, cross-region inference
+  profiles included (`us.`, `eu.`, `apac.`, `global.`, `jp.`, `au.` prefixes: priced by the
+  source per profile, regional ones often 10% above the base id). Selected by BEDROCK_CHAT
+  (a pattern over the source's keys, minus BEDROCK_NOT_MODELS); flags as for Anthropic
+  (structured outputs: Claude by its tools, others by supports_response_schema). Embeddings:
+  Titan and Cohere by BEDROCK_EMBEDDING.
+- Gemini (provider_type "gemini", the Gemini API): LiteLLM's `gemini/` keys (GEMINI);
+  vision, tools, reasoning and documents as the source flags them (supports_vision,
+  supports_function_calling, supports_reasoning, supports_pdf_input), json_mode and
+  structured_outputs by supports_response_schema (responseMimeType / responseJsonSchema).
+  Embeddings: gemini-embedding-001. Vertex AI (provider_type "vertex"): Gemini by the
+  source's Vertex keys (VERTEX_GEMINI: litellm_provider vertex_ai-language-models, priced
+  apart from the Gemini API's), and Claude on Vertex by the Anthropic snapshot's key
+  (VERTEX_CLAUDE: Vertex's `@` ids at Anthropic's prices and facts, as type anthropic; the
+  source's own vertex_ai/ key is compared and a difference named in the note). Long-context
+  tiers: a Pricing holds one price per kind, so rows whose source key has
+  *_above_200k_tokens prices keep the base tier and name the higher one in the note (a
+  prompt over 200k tokens is then under-billed unless config sets a price).
+- Azure OpenAI has no rows of its own: a deployment takes the OpenAI row of the model it runs
+  (config `deployments`, ProviderConfig.catalog_key), so Azure is at OpenAI's prices unless
+  config sets others.
 - Ollama: local, so prices are 0. The source lists few Ollama models; for the common families
   it lacks, facts come from the same open weights at another host (named in source and note).
   Ollama's own /api/show, at discovery, overrides these for capabilities and context.
@@ -69,6 +91,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -151,6 +174,209 @@ OLLAMA_EMBEDDING = {
     "mxbai-embed-large": (512, 1024),
     "nomic-embed-text": (8192, 768),
 }
+
+
+# Bedrock: the source's own chat keys for Claude, Nova and Llama (optionally behind a
+# cross-region inference profile prefix); the model id is the key.
+BEDROCK_CHAT = re.compile(
+    r"^((us|eu|apac|global|jp|au)\.)?"
+    r"(anthropic\.claude-(3|sonnet|opus|haiku)[a-z0-9.\-]*-v\d+:\d+"
+    r"|amazon\.nova-(micro|lite|pro|premier)-v1:0"
+    r"|meta\.llama[0-9a-z.\-]*-instruct-v1:0)$"
+)
+# Keys the source has that are no Bedrock model id (there is no Claude 3.7 Sonnet of 2024-06).
+BEDROCK_NOT_MODELS = {"anthropic.claude-3-7-sonnet-20240620-v1:0"}
+BEDROCK_PROVIDERS = ("bedrock", "bedrock_converse")
+BEDROCK_EMBEDDING = [
+    "amazon.titan-embed-text-v1",
+    "amazon.titan-embed-text-v2:0",
+    "cohere.embed-english-v3",
+    "cohere.embed-multilingual-v3",
+]
+
+
+def bedrock_keys(source: dict[str, Any]) -> list[str]:
+    """The Bedrock chat keys BEDROCK_CHAT selects, in the source's order."""
+    return [
+        k
+        for k, v in source.items()
+        if isinstance(v, dict)
+        and v.get("litellm_provider") in BEDROCK_PROVIDERS
+        and v.get("mode") == "chat"
+        and BEDROCK_CHAT.match(k)
+        and k not in BEDROCK_NOT_MODELS
+    ]
+
+
+def _bedrock_entry(model: str, raw: dict[str, Any]) -> dict[str, Any]:
+    # The anthropic rules read the flags and all four prices as the source states them.
+    entry = _entry("anthropic", model, model, raw)
+    entry["provider_type"] = "bedrock"
+    if ".anthropic." not in f".{model}":
+        entry["structured_outputs"] = raw.get("supports_response_schema") is True
+        entry["json_mode"] = raw.get("supports_response_schema") is True
+    entry["note"] = None
+    return entry
+
+
+def bedrock_entries(source: dict[str, Any], date: str, problems: list[str]) -> list[dict[str, Any]]:
+    """Claude, Nova and Llama on Bedrock (chat) and the Titan and Cohere embedding models."""
+    out = [_bedrock_entry(k, source[k]) | {"date": date} for k in bedrock_keys(source)]
+    if not out:
+        problems.append("bedrock: no source key matches BEDROCK_CHAT")
+    for model in BEDROCK_EMBEDDING:
+        raw = source.get(model)
+        if (
+            not isinstance(raw, dict)
+            or raw.get("litellm_provider") != "bedrock"
+            or raw.get("mode") != "embedding"
+        ):
+            problems.append(f"bedrock/{model}: source key {model!r} is no bedrock embedding entry")
+            continue
+        out.append(_embedding_entry("bedrock", model, raw) | {"date": date})
+    return out
+
+
+# Gemini API: model id -> LiteLLM key.
+GEMINI = {
+    "gemini-2.5-pro": "gemini/gemini-2.5-pro",
+    "gemini-2.5-flash": "gemini/gemini-2.5-flash",
+    "gemini-2.5-flash-lite": "gemini/gemini-2.5-flash-lite",
+    "gemini-2.5-flash-preview-09-2025": "gemini/gemini-2.5-flash-preview-09-2025",
+    "gemini-2.5-flash-lite-preview-09-2025": "gemini/gemini-2.5-flash-lite-preview-09-2025",
+    "gemini-2.0-flash": "gemini/gemini-2.0-flash",
+    "gemini-2.0-flash-001": "gemini/gemini-2.0-flash-001",
+    "gemini-2.0-flash-lite": "gemini/gemini-2.0-flash-lite",
+}
+GEMINI_EMBEDDING = {"gemini-embedding-001": "gemini/gemini-embedding-001"}
+# Vertex AI's Gemini: model id -> LiteLLM's Vertex key (the bare id).
+VERTEX_GEMINI = {
+    m: m
+    for m in (
+        "gemini-2.5-pro",
+        "gemini-2.5-flash",
+        "gemini-2.5-flash-lite",
+        "gemini-2.0-flash",
+        "gemini-2.0-flash-lite",
+    )
+}
+VERTEX_GEMINI_EMBEDDING = {"gemini-embedding-001": "gemini-embedding-001"}
+# Claude on Vertex: the Vertex model id -> the Anthropic snapshot whose facts and prices apply.
+VERTEX_CLAUDE = {
+    "claude-3-haiku@20240307": "claude-3-haiku-20240307",
+    "claude-3-5-haiku@20241022": "claude-3-5-haiku-20241022",
+    "claude-3-5-sonnet-v2@20241022": "claude-3-5-sonnet-20241022",
+    "claude-3-7-sonnet@20250219": "claude-3-7-sonnet-20250219",
+    "claude-sonnet-4@20250514": "claude-sonnet-4-20250514",
+    "claude-opus-4@20250514": "claude-opus-4-20250514",
+    "claude-opus-4-1@20250805": "claude-opus-4-1-20250805",
+    "claude-sonnet-4-5@20250929": "claude-sonnet-4-5-20250929",
+    "claude-haiku-4-5@20251001": "claude-haiku-4-5-20251001",
+}
+_GOOGLE_CHAT = {"gemini": "gemini", "vertex": "vertex_ai-language-models"}
+_GOOGLE_EMBEDDING = {"gemini": "gemini", "vertex": "vertex_ai-embedding-models"}
+
+
+def _tier_note(raw: dict[str, Any]) -> str | None:
+    """The long-context prices the catalogue cannot hold, named for the reader."""
+    tiers = [
+        f"{name.removesuffix('_cost_per_token_above_200k_tokens').replace('_token_cost_above_200k_tokens', '')} "
+        f"${(Decimal(raw[name]) * MICRO_PER_UNIT).normalize():f}"
+        for name in sorted(raw)
+        if name.endswith("above_200k_tokens")
+    ]
+    if not tiers:
+        return None
+    return (
+        "over 200k prompt tokens the source prices per Mtok "
+        + ", ".join(tiers)
+        + ": the catalogue keeps the base tier (config can set a price)"
+    )
+
+
+def _gemini_entry(provider_type: str, model: str, key: str, raw: dict[str, Any]) -> dict[str, Any]:
+    schema = raw.get("supports_response_schema") is True
+    return {
+        "provider_type": provider_type,
+        "model": model,
+        "context_window": _opt_int(raw.get("max_input_tokens")),
+        "max_output_tokens": _opt_int(raw.get("max_output_tokens")),
+        "vision": raw.get("supports_vision") is True,
+        "tools": raw.get("supports_function_calling") is True,
+        "json_mode": schema,
+        "reasoning": raw.get("supports_reasoning") is True,
+        "structured_outputs": schema,
+        "documents": raw.get("supports_pdf_input") is True,
+        "input_micro_usd_per_mtok": micro_usd_per_mtok(raw.get("input_cost_per_token")),
+        "output_micro_usd_per_mtok": micro_usd_per_mtok(raw.get("output_cost_per_token")),
+        "cached_input_micro_usd_per_mtok": micro_usd_per_mtok(raw.get("cache_read_input_token_cost")),
+        # Gemini's explicit cache bills storage per hour, not a write price per token.
+        "cache_write_input_micro_usd_per_mtok": None,
+        "deprecation_date": raw.get("deprecation_date"),
+        "source": SOURCE_PREFIX + key,
+        "note": _tier_note(raw),
+        "kind": "chat",
+        "dimensions": None,
+    }
+
+
+def _vertex_claude_entry(model: str, key: str, source: dict[str, Any]) -> dict[str, Any]:
+    entry = _entry("anthropic", model, key, source[key])
+    entry["provider_type"] = "vertex"
+    notes = ["Anthropic's snapshot facts and prices"]
+    own = source.get(f"vertex_ai/{model}")
+    if isinstance(own, dict):
+        fields = ("input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost")
+        differ = [f for f in fields if own.get(f) != source[key].get(f)]
+        notes.append(
+            f"the source's vertex_ai/{model} differs in {', '.join(differ)}"
+            if differ
+            else f"vertex_ai/{model} agrees"
+        )
+    tier = _tier_note(source[key])
+    entry["note"] = "; ".join(notes + ([tier] if tier else []))
+    return entry
+
+
+def google_entries(source: dict[str, Any], date: str, problems: list[str]) -> list[dict[str, Any]]:
+    """Gemini on the Gemini API and on Vertex AI, Claude on Vertex AI, their embedding models."""
+    out: list[dict[str, Any]] = []
+    for provider_type, table in (("gemini", GEMINI), ("vertex", VERTEX_GEMINI)):
+        for model, key in table.items():
+            raw = source.get(key)
+            if (
+                not isinstance(raw, dict)
+                or raw.get("litellm_provider") != _GOOGLE_CHAT[provider_type]
+                or raw.get("mode") != "chat"
+            ):
+                problems.append(
+                    f"{provider_type}/{model}: source key {key!r} is no {_GOOGLE_CHAT[provider_type]} chat entry"
+                )
+                continue
+            out.append(_gemini_entry(provider_type, model, key, raw) | {"date": date})
+    for provider_type, table in (("gemini", GEMINI_EMBEDDING), ("vertex", VERTEX_GEMINI_EMBEDDING)):
+        for model, key in table.items():
+            raw = source.get(key)
+            if (
+                not isinstance(raw, dict)
+                or raw.get("litellm_provider") != _GOOGLE_EMBEDDING[provider_type]
+                or raw.get("mode") != "embedding"
+            ):
+                problems.append(f"{provider_type}/{model}: source key {key!r} is no embedding entry")
+                continue
+            entry = _embedding_entry(provider_type, model, raw)
+            out.append(entry | {"source": SOURCE_PREFIX + key, "date": date})
+    for model, key in VERTEX_CLAUDE.items():
+        raw = source.get(key)
+        if (
+            not isinstance(raw, dict)
+            or raw.get("litellm_provider") != "anthropic"
+            or raw.get("mode") != "chat"
+        ):
+            problems.append(f"vertex/{model}: source key {key!r} is no anthropic chat entry")
+            continue
+        out.append(_vertex_claude_entry(model, key, source) | {"date": date})
+    return out
 
 
 def _embedding_entry(provider_type: str, model: str, raw: dict[str, Any] | None) -> dict[str, Any]:
@@ -292,6 +518,8 @@ def derive(source: dict[str, Any], date: str) -> dict[str, Any]:
         models.append(_embedding_entry("openai", model, raw) | {"date": date})
     for model in OLLAMA_EMBEDDING:
         models.append(_embedding_entry("ollama", model, None) | {"date": date})
+    models += bedrock_entries(source, date, problems)
+    models += google_entries(source, date, problems)
     if problems:
         raise SystemExit("cannot derive the catalogue:\n  " + "\n  ".join(problems))
     models.sort(key=lambda e: (e["provider_type"], e["model"]))

@@ -117,7 +117,9 @@ def test_alias_takes_its_snapshot_s_facts(catalog: Catalog) -> None:
 
 def test_capability_flags_follow_the_source(catalog: Catalog) -> None:
     o1_mini, gpt4, o3_mini = (catalog.lookup("openai", m) for m in ("o1-mini", "gpt-4", "o3-mini"))
-    assert o1_mini is not None and o1_mini.capabilities == {Capability.VISION}
+    # o1-mini: no tools or JSON mode (the source omits both); a reasoning model that reads PDFs.
+    assert o1_mini is not None
+    assert o1_mini.capabilities == {Capability.VISION, Capability.REASONING, Capability.DOCUMENTS}
     assert gpt4 is not None and Capability.JSON_MODE not in gpt4.capabilities
     assert o3_mini is not None and Capability.VISION not in o3_mini.capabilities
 
@@ -341,6 +343,13 @@ def test_embedding_models_with_dimensions_and_prices(catalog: Catalog) -> None:
         ("ollama", "nomic-embed-text"): (768, 0, 0),
         ("ollama", "mxbai-embed-large"): (1024, 0, 0),
         ("ollama", "all-minilm"): (384, 0, 0),
+        ("bedrock", "amazon.titan-embed-text-v1"): (1536, 100_000, 0),
+        ("bedrock", "amazon.titan-embed-text-v2:0"): (1024, 200_000, 0),
+        # The source states no vector size for Cohere v3 on Bedrock: unknown, not guessed.
+        ("bedrock", "cohere.embed-english-v3"): (None, 100_000, 0),
+        ("bedrock", "cohere.embed-multilingual-v3"): (None, 100_000, 0),
+        ("gemini", "gemini-embedding-001"): (3072, 150_000, 0),
+        ("vertex", "gemini-embedding-001"): (3072, 150_000, 0),
     }
     assert all(
         e.kind == "chat" and e.dimensions is None

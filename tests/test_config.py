@@ -66,7 +66,7 @@ providers:
     type: openai
     base_url: localhost:8000
   - name: openai
-    type: gemini
+    type: cohere
     priority: -1
     colour: blue
 health:
@@ -76,7 +76,11 @@ health:
         load_settings(write(tmp_path, bad))
     problems = "\n".join(e.value.problems)
     assert "providers[0].base_url: must be an http:// or https:// URL, got 'localhost:8000'" in problems
-    assert "providers[1].type: Input should be 'openai', 'anthropic' or 'ollama'" in problems
+    # Every declared type is named (broker/providers/kinds.py).
+    (type_line,) = [
+        p for p in e.value.problems if p.startswith("providers[1].type: Input should be 'openai', ")
+    ]
+    assert all(f"'{t}'" in type_line for t in ("anthropic", "ollama", "gemini", "vertex")), type_line
     assert "providers[1].priority: Input should be greater than or equal to 0" in problems
     assert "providers[1].colour: unknown key" in problems
     assert "health.interval_seconds: Input should be greater than 0" in problems

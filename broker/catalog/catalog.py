@@ -295,13 +295,16 @@ class Catalog:
         *,
         vendor_endpoint: bool = True,
         local: bool = False,
+        catalog_key: tuple[str, str] | None = None,
     ) -> ModelSpec:
         """Everything known about `model` at this provider, merged as the module doc says.
 
         vendor_endpoint: the provider is the vendor's own API (api.openai.com, ...), so the
         catalogue's prices apply. local: tokens cost nothing unless config sets a price.
+        catalog_key: the (provider type, model) row that describes `model` when it is not its
+        own (an Azure deployment name -> the OpenAI model it runs); overrides stay by `model`.
         """
-        entry = self.lookup(provider_type, model)
+        entry = self.lookup(*(catalog_key or (provider_type, model)))
         ov = self._override(provider_name, provider_type, model)
         source = "unknown"
 

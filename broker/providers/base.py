@@ -99,6 +99,12 @@ class Provider(abc.ABC):
     async def start(self) -> None:
         await self.transport.start()
 
+    def reasoning_origin(self, model: str) -> str:
+        """Who made the reasoning this provider's `model` produces, as the provider_type its
+        reasoning parts carry: only history parts with this origin are sent back to it. The
+        type, unless one type serves several vendors' models (vertex: Gemini and Claude)."""
+        return self.type
+
     async def close(self) -> None:
         await self.transport.close()
 
@@ -212,8 +218,10 @@ class Provider(abc.ABC):
         model: str = "",
         read_timeout: float | None = None,
         gated: bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send a request and yield the 2xx response; map every failure to a BrokerError.
+        `headers`: added for this request only (a per-request credential).
 
         The response is closed on exit, whatever the reason (including cancellation): a body
         not read to its end closes its connection, which stops the upstream generating.
@@ -232,6 +240,7 @@ class Provider(abc.ABC):
                 read_timeout=read_timeout,
                 timed_reads=timed_reads,
                 gated=gated,
+                headers=headers,
             ) as resp:
                 if resp.status >= 300:
                     raise await self._status_error(resp, model)
@@ -420,6 +429,8 @@ def _json_bytes(doc: Any) -> bytes | None:
     """A request body: orjson (several times faster), or the stdlib for what orjson refuses."""
     if doc is None:
         return None
+    if isinstance(doc, bytes):
+        return doc  # serialised already: a body its signature covers (AWS SigV4)
     try:
         return orjson.dumps(doc)
     except TypeError:  # e.g. integers past 64 bits in a tool schema

@@ -44,6 +44,8 @@ class ProviderKind:
     # `settings_from_env`: a provider named like the type appears when key_env is set, or (unless
     # needs_key) when base_url_env or host_env is; base_url_env gives its base URL as is.
     key_env: str | None = None
+    # Read when key_env is unset, in order (the vendor SDK's other names for the key).
+    more_key_envs: tuple[str, ...] = ()
     base_url_env: str | None = None
     needs_key: bool = False
     # `host`, `host:port` or a URL (the default port is default_base_url's), read by
@@ -55,6 +57,17 @@ class ProviderKind:
     vendor_hosts: frozenset[str] = frozenset()
     # Model ids carry `:tag`s ("llama3.2:3b") that fall back to the untagged family in the catalogue.
     tagged_models: bool = False
+    # The vendor's endpoints as patterns (whole host, case-insensitive), for vendors with a
+    # host per region or per customer resource (bedrock-runtime.us-east-1.amazonaws.com,
+    # my-resource.openai.azure.com).
+    vendor_host_patterns: tuple[str, ...] = ()
+    # The base URL for a provider's `region` (config), when the type's host is regional.
+    regional_base_url: str = ""
+
+    def is_vendor_host(self, host: str) -> bool:
+        """`host` is one of the vendor's own endpoints (where catalogue prices apply)."""
+        host = host.lower().rstrip(".")
+        return host in self.vendor_hosts or any(re.fullmatch(p, host) for p in self.vendor_host_patterns)
 
     def url_from_host(self, value: str) -> str:
         """`host`, `host:port` or a URL (as the ollama CLI reads OLLAMA_HOST) -> a base URL."""
@@ -116,8 +129,62 @@ KINDS: dict[str, ProviderKind] = {
             local=True,
             tagged_models=True,
         ),
+        ProviderKind(
+            name="bedrock",
+            module="broker.providers.bedrock",
+            # The runtime host of the provider's `region` (regional_base_url); the control
+            # plane (model listing) is bedrock.{region}.amazonaws.com. SigV4 credentials come
+            # from the AWS chain (broker/providers/aws_auth.py), not from a key variable.
+            default_base_url="https://bedrock-runtime.us-east-1.amazonaws.com",
+            regional_base_url="https://bedrock-runtime.{region}.amazonaws.com",
+            carries=_ALL,  # Converse: images, documents, toolConfig, reasoning, outputConfig
+            vendor_host_patterns=(r"bedrock-runtime(-fips)?\.[a-z0-9-]+\.amazonaws\.com",),
+        ),
+        ProviderKind(
+            name="azure_openai",
+            module="broker.providers.azure_openai",
+            # No default: each Azure resource has its own endpoint (base_url is required).
+            default_base_url="",
+            carries=_ALL,  # the OpenAI wire
+            vendor_host_patterns=(r"[a-z0-9][a-z0-9-]*\.(openai|cognitiveservices)\.azure\.com",),
+        ),
+        ProviderKind(
+            name="gemini",
+            module="broker.providers.gemini",
+            # As python-genai's base URL: the host; the API version (v1beta) is in each path.
+            default_base_url="https://generativelanguage.googleapis.com",
+            carries=_ALL,  # inlineData images/PDFs, tools, responseMimeType/responseJsonSchema, thinking
+            # python-genai's names for the key: GOOGLE_API_KEY wins when both are set.
+            key_env="GOOGLE_API_KEY",
+            more_key_envs=("GEMINI_API_KEY",),
+            needs_key=True,
+            vendor_hosts=frozenset({"generativelanguage.googleapis.com"}),
+        ),
+        ProviderKind(
+            name="vertex",
+            module="broker.providers.vertex",
+            # The host of location global; others: vertex_base_url(location). OAuth2 credentials
+            # (a key file or ADC, broker/providers/google_auth.py), no key: never made from the env.
+            default_base_url="https://aiplatform.googleapis.com",
+            carries=_ALL,  # the Gemini wire, and Claude's Messages wire on rawPredict
+            vendor_host_patterns=(
+                r"([a-z]+-[a-z]+[0-9]+-)?aiplatform\.googleapis\.com",
+                r"aiplatform\.(us|eu)\.rep\.googleapis\.com",
+            ),
+        ),
     )
 }
+
+
+def vertex_base_url(location: str) -> str:
+    """Vertex AI's host for a location (PROTOCOLS-CLOUD.md B1): global and the multi-regions
+    us/eu have their own names, every region is {location}-aiplatform.googleapis.com."""
+    if location == "global":
+        return "https://aiplatform.googleapis.com"
+    if location in ("us", "eu"):
+        return f"https://aiplatform.{location}.rep.googleapis.com"
+    return f"https://{location}-aiplatform.googleapis.com"
+
 
 # OpenAI-compatible vendors. Facts only where checked: the base URLs are the request URLs of
 # the recorded traffic (shared/recordings/SOURCES.md); their key variables were not checked,

@@ -305,6 +305,7 @@ class Transport:
         read_timeout: float | None = None,
         timed_reads: bool = True,
         gated: bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send a request and yield its response (any status); closed on exit, whatever the reason.
 
@@ -313,7 +314,8 @@ class Transport:
         `timed_reads=False`: no read timeout at all, the caller times each wait itself (the
         completion service's time-to-first-token and stall timer); the pool wait and the
         connect stay bounded. `gated=False` (health, discovery) skips the slot gate and uses
-        the reserve.
+        the reserve. `headers` are added to the session's for this request only (a credential
+        that changes while the provider runs: Vertex's OAuth2 access token).
         """
         if self._session is None:
             raise RuntimeError(f"provider {self.name} used before start()")
@@ -336,6 +338,7 @@ class Transport:
                     method,
                     self.base_url + path,
                     data=body,
+                    headers=headers,
                     timeout=timeout,
                     allow_redirects=False,
                     proxy=self.proxy,

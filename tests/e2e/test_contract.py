@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -15,13 +15,19 @@ import pytest
 from modelbroker.v1 import broker_pb2 as pb
 from tests.conftest import broker_settings, required_error_info, stub
 from tests.fakes.anthropic_upstream import FakeAnthropic
+from tests.fakes.azure_upstream import API_KEY as AZURE_KEY
+from tests.fakes.azure_upstream import FakeAzureOpenAI
+from tests.fakes.bedrock_upstream import ACCESS_KEY, SECRET_KEY, FakeBedrock
+from tests.fakes.gemini_upstream import FakeGemini
 from tests.fakes.ollama_upstream import FakeModel, FakeOllama
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.script import Fault, Reply, weather_tool_reply
+from tests.fakes.vertex_upstream import VertexStack, key_file_for
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000")
 OPENAI_KEY = "sk-test-contract-openai-5b1c"
 ANTHROPIC_KEY = "sk-ant-test-contract-77e2"
+GEMINI_KEY = "AIzaSy-test-contract-gemini-3c"
 
 
 @dataclass
@@ -33,6 +39,18 @@ class Case:
     no_vision_model: str | None
     # micro-USD for 1,000 input + 200 output tokens at the model's price
     expected_cost: int
+    # The daemon's environment for this type (Bedrock: AWS credentials for the chain).
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# Bedrock signs with credentials from the environment only (no profile files, no metadata service).
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+}
 
 
 CASES = [
@@ -62,12 +80,73 @@ CASES = [
         "llama3.2",
         0,  # local
     ),
+    Case(
+        "bedrock",
+        FakeBedrock,
+        lambda url: {"type": "bedrock", "base_url": url, "region": "us-east-1", "catalog_prices": True},
+        "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+        "us.amazon.nova-micro-v1:0",  # Nova Micro reads text only
+        3_300 + 3_300,  # $3.30 and $16.50 per Mtok (the us. profile's price)
+        env=AWS_ENV,
+    ),
+    Case(
+        "azure_openai",
+        lambda: FakeAzureOpenAI(deployments={"gpt-4o-prod": "gpt-4o", "legacy": "gpt-3.5-turbo"}),
+        lambda url: {
+            "type": "azure_openai",
+            "base_url": url,
+            "api_key": AZURE_KEY,
+            "api_version": "2024-10-21",
+            "deployments": {"gpt-4o-prod": "gpt-4o", "legacy": "gpt-3.5-turbo"},
+            "catalog_prices": True,
+        },
+        "gpt-4o-prod",
+        "legacy",  # gpt-3.5-turbo: no vision
+        2_500 + 2_000,  # gpt-4o at OpenAI's $2.50 and $10 per Mtok
+    ),
+    Case(
+        "gemini",
+        lambda: FakeGemini(api_key=GEMINI_KEY),
+        lambda url: {"type": "gemini", "base_url": url, "api_key": GEMINI_KEY, "catalog_prices": True},
+        "gemini-2.5-flash",
+        None,  # every Gemini model in the catalogue takes images
+        300 + 500,  # $0.30 and $2.50 per Mtok
+    ),
+    Case("vertex", VertexStack, lambda url: _vertex(url), "gemini-2.5-flash", None, 300 + 500),
+    # Claude on Vertex: the Messages wire on streamRawPredict, at Anthropic's prices.
+    Case("vertex-claude", VertexStack, lambda url: _vertex(url), "claude-sonnet-4-5@20250929", None, 6_000),
 ]
+# The chat requests' paths, per wire (last_body).
+CHAT_PATHS = (
+    "/chat/completions",
+    "/messages",
+    "/api/chat",
+    "/converse-stream",
+    ":streamGenerateContent",
+    ":streamRawPredict",
+)
+GEMINI_WIRE = ("gemini", "vertex")
+ANTHROPIC_WIRE = ("anthropic", "vertex-claude")
+
+
+def _vertex(url: str) -> dict[str, Any]:
+    """A vertex provider on the stack at `url`, with the service account key it wrote."""
+    return {
+        "type": "vertex",
+        "base_url": url,
+        "project": "my-project",
+        "location": "us-central1",
+        "credentials_file": str(key_file_for(url)),
+        "catalog_prices": True,
+    }
 
 
 @pytest.fixture(params=CASES, ids=[c.name for c in CASES])
-async def setup(request, daemon, channel_to) -> AsyncIterator[tuple[Case, Any, Any]]:
+async def setup(request, daemon, channel_to, monkeypatch) -> AsyncIterator[tuple[Case, Any, Any]]:
     case: Case = request.param
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for name, value in case.env.items():
+        monkeypatch.setenv(name, value)
     async with case.make_fake() as fake:
         # A slow health loop: the Anthropic fake hands a queued fault to any endpoint.
         settings = broker_settings(
@@ -104,11 +183,7 @@ def reason_of(err: grpc.aio.AioRpcError) -> str:
 
 
 def last_body(fake: Any) -> dict[str, Any]:
-    posts = [
-        r
-        for r in fake.server.requests
-        if r.method == "POST" and r.path.endswith(("/chat/completions", "/messages", "/api/chat"))
-    ]
+    posts = [r for r in fake.server.requests if r.method == "POST" and r.path.endswith(CHAT_PATHS)]
     return dict(posts[-1].json())
 
 
@@ -157,10 +232,15 @@ async def test_tool_call_round_trip(setup) -> None:
     )
     assert "".join(m.text_delta.text for m in msgs if m.HasField("text_delta")) == "It is 18C."
     body = last_body(fake)
-    if case.name == "openai":
+    if case.name in ("openai", "azure_openai"):
         assert body["messages"][1]["tool_calls"][0]["id"] == call_id
         assert body["messages"][2] == {"role": "tool", "tool_call_id": call_id, "content": "18C sunny"}
-    elif case.name == "anthropic":
+    elif case.name in GEMINI_WIRE:
+        call = {"name": "get_weather", "args": {"city": "Paris"}, "id": call_id}
+        assert body["contents"][1] == {"role": "model", "parts": [{"functionCall": call}]}
+        response = {"name": "get_weather", "response": {"output": "18C sunny"}, "id": call_id}
+        assert body["contents"][2] == {"role": "user", "parts": [{"functionResponse": response}]}
+    elif case.name in ANTHROPIC_WIRE:
         assert body["messages"][1]["content"][0] == {
             "type": "tool_use",
             "id": call_id,
@@ -169,6 +249,13 @@ async def test_tool_call_round_trip(setup) -> None:
         }
         assert body["messages"][2]["content"][0]["type"] == "tool_result"
         assert body["messages"][2]["content"][0]["tool_use_id"] == call_id
+    elif case.name == "bedrock":
+        assert body["messages"][1]["content"][0] == {
+            "toolUse": {"toolUseId": call_id, "name": "get_weather", "input": {"city": "Paris"}}
+        }
+        assert body["messages"][2]["content"][0] == {
+            "toolResult": {"toolUseId": call_id, "content": [{"text": "18C sunny"}], "status": "success"}
+        }
     else:
         assert body["messages"][1]["tool_calls"][0]["function"] == {
             "name": "get_weather",
@@ -186,16 +273,20 @@ async def test_image_reaches_upstream_in_its_format(setup) -> None:
     import base64
 
     b64 = base64.b64encode(PNG).decode()
-    if case.name == "openai":
+    if case.name in ("openai", "azure_openai"):
         assert body["messages"][0]["content"][1] == {
             "type": "image_url",
             "image_url": {"url": f"data:image/png;base64,{b64}"},
         }
-    elif case.name == "anthropic":
+    elif case.name in GEMINI_WIRE:
+        assert body["contents"][0]["parts"][1] == {"inlineData": {"mimeType": "image/png", "data": b64}}
+    elif case.name in ANTHROPIC_WIRE:
         assert body["messages"][0]["content"][1] == {
             "type": "image",
             "source": {"type": "base64", "media_type": "image/png", "data": b64},
         }
+    elif case.name == "bedrock":
+        assert body["messages"][0]["content"][1] == {"image": {"format": "png", "source": {"bytes": b64}}}
     else:
         assert body["messages"][0]["images"] == [b64]
 

@@ -72,6 +72,7 @@ async def test_reflection_lists_and_describes_and_the_service_can_be_called(daem
         "Complete",
         "Embed",
         "GetModel",
+        "GetUsage",
         "ListModels",
         "ListProviders",
         "SelectModel",

@@ -21,6 +21,7 @@ is xfail(strict=True) until the fix lands; then `pending` becomes `fixed` (what 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -84,6 +85,34 @@ class Model:
     capabilities: frozenset[str] | None = None  # CAPABILITY_* names without the prefix
 
 
+@dataclass(frozen=True, eq=False)
+class Digest:
+    """In Expect.sent: a long value (a signature) by its length and SHA-256 prefix, as Thought
+    writes them ("length:sha256[:16]"); equal to the string it stands for."""
+
+    value: str
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Digest):
+            return other.value == self.value
+        if not isinstance(other, str):
+            return False
+        return f"{len(other)}:{hashlib.sha256(other.encode()).hexdigest()[:16]}" == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+@dataclass(frozen=True)
+class Thought:
+    """One reasoning block: its text, and its signature / redacted data as "length:sha256[:16]"
+    (harness._digest), "" when absent."""
+
+    text: str = ""
+    signature: str = ""
+    redacted: str = ""
+
+
 @dataclass(frozen=True)
 class Expect:
     text: str | Long = ""
@@ -102,6 +131,12 @@ class Expect:
     sent: Mapping[str, Any] = field(default_factory=dict)
     # Reasoning the vendor streamed (a piece of it): it must never appear in the answer text.
     reasoning: str | None = None
+    # Every reasoning block the caller gets, in order, exactly (None: not checked).
+    thought: tuple[Thought, ...] | None = None
+    provider_type: str = ""  # StreamStart.provider_type / ReasoningPart.provider_type with thought
+    refusal: tuple[str, str] | None = None  # (explanation, category)
+    reasoning_tokens: int | None = None
+    cache_write: tuple[int, int] | None = None  # (cache_write_input_tokens, of which 1h)
     models: tuple[Model, ...] = ()  # discovery rows
     models_absent: tuple[str, ...] = ()
 
@@ -148,20 +183,18 @@ def _with(**items: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return lambda body: {**body, **items}
 
 
-REASONING_ABSENT = (
-    "StreamCompleteResponse:reason",
-    "StreamCompleteResponse:think",
-    "ContentPart:reason",
-    "ContentPart:think",
+# A non-streamed recording: the daemon always streams (ConverseStream, stream: true) and takes a
+# JSON body answering it for what it is, not the protocol (as oa-image-request).
+NO_UNARY_BEDROCK = Gap(
+    "a non-streamed answer (one Converse JSON): the daemon always asks for ConverseStream and "
+    "refuses a JSON body as UPSTREAM_PROTOCOL_ERROR by design",
+    xfail=True,
 )
-REASONING = Gap(
-    "thinking/reasoning is dropped: the API has no reasoning field (issue 13); the answer is asserted",
-    absent=REASONING_ABSENT,
+NO_UNARY_AZURE = Gap(
+    "a non-streamed answer (stream:false, one chat.completion JSON): the daemon always asks for a "
+    "stream and refuses a JSON body as UPSTREAM_PROTOCOL_ERROR by design",
+    xfail=True,
 )
-NO_GEMINI = Gap("no gemini provider type (issue 15)", xfail=True)
-NO_VERTEX = Gap("no vertex provider type (issue 15)", xfail=True)
-NO_BEDROCK = Gap("no bedrock provider type (issue 16)", xfail=True)
-NO_AZURE = Gap("no azure_openai provider type (issue 16)", xfail=True)
 
 
 NO_COUNT_TOKENS = "no CountTokens RPC in modelbroker.v1 (no issue asks for one)"
@@ -201,7 +234,7 @@ _PARROT_TEXT = Long(
 _STREET_TEXT = Long(
     1938,
     "This is a great question! Safely crossing the street is all about being aware and predictable.",
-    "always assume a driver might not see you.",
+    "Always assume a driver might not see you.",
     "8c4308d5109d741f711e414af671ed9e2f61492c45fb0d3e99e5c81007336546",
 )
 _POMERANIAN = (
@@ -224,6 +257,28 @@ _MAGIC_STRING_ANSWER = (
 _MULTIPLY_ID = "call_1EYWDzueHEp8OsB8jJSEp7WB"
 _GROQ_CALL_ID = "pyd_ai_53c381537e5a4ce2852509adfb88b3d5"
 _FIXED_VERSION_ID = "toolu_01UmKD1vMphVCN9vw8PEMk1q"
+# gm-thinking-stream's four thought summaries, one reasoning block (consecutive thought parts).
+_STREET_THINKING = (
+    "**Clarifying User Goals**\n\nI'm currently focused on defining the user's ultimate goal: "
+    "ensuring their safety while crossing the street. I've pinpointed that this is a real-world "
+    "scenario with significant safety considerations. However, I'm also mindful of my limitations "
+    "as an AI and my inability to physically assist or visually assess the situation.\n\n\n"
+    "**Developing a Safety Protocol**\n\nI'm now formulating a comprehensive safety procedure. I've "
+    "pinpointed the essential first step: finding a safe crossing location, such as marked "
+    "crosswalks or intersections. Stopping at the curb, and looking and listening for traffic are "
+    'vital too. The rationale behind "look left, right, then left again" now needs further '
+    "exploration. I'm focusing on crafting universally applicable and secure steps.\n\n\n"
+    "**Prioritizing Safe Crossing**\n\nI've revised the procedure's initial step, emphasizing safe "
+    "crossing zones (crosswalks, intersections). Next, I'm integrating the \"look left, right, then "
+    "left\" sequence, considering why it's repeated. I'm focusing on crafting universal, "
+    "safety-focused instructions that suit diverse situations and address my inherent "
+    "limitations.\n\n\n"
+    "**Crafting Safe Instructions**\n\nI've identified the core user intent: to learn safe "
+    "street-crossing. Now, I'm focusing on crafting universally applicable steps. Finding safe "
+    "crossing locations and looking-listening for traffic remain paramount. I'm prioritizing "
+    "direct, clear language, addressing my limitations as an AI. I'm crafting advice that works "
+    "generally, regardless of specific circumstances or locations.\n\n\n"
+)
 _SECRET_IDS = ("toolu_vrtx_016s1MRCMWAj5jrWE33xHh9m", "toolu_vrtx_01E5iVtKZ7MHAmWVVGZ8Zf3R")
 _SECRETS_ANSWER = (
     "I've successfully retrieved the secrets associated with both passwords:\n\n"
@@ -247,6 +302,37 @@ _GPT5_NANO_HELLO = (
     "you like to do? If you\u2019re not sure, tell me a topic you\u2019re curious about and I\u2019ll give you a "
     "quick rundown."
 )
+_PELICAN_THINKING = (
+    "The user wants two names for a pet pelican, and wants me to be brief. I'll give two simple, fitting "
+    "names.\n\nSome options:\n- Pete\n- Percy\n- Captain\n- Scoop\n- Bill\n- Gully\n\nI'll pick two good "
+    "ones and keep it very short."
+)
+_REFUSAL_EXPLANATION = (
+    "This request was blocked as it seems to violate Anthropic's Terms of Service restrictions on reverse "
+    "engineering or duplicating model outputs. To learn more, visit "
+    "https://www.anthropic.com/legal/commercial-terms. API integrators: you can reduce refusals for your "
+    "users by configuring a fallback model \u2014 see "
+    "https://platform.claude.com/docs/en/build-with-claude/refusals-and-fallback"
+)
+_GROQ_MIDSTREAM_REASONING = (
+    "We need to call the tool with invalid parameters first, then second call with valid args. The user "
+    "wants us to test error handling. So first call should have wrong parameters (e.g., missing required "
+    '"name" or extra param). The tool expects only "name". If we send extra property, that might cause '
+    'error. Or missing "name". We\'ll do a call with missing name: {}. Then second call with name: "test". '
+    "Let's do that."
+)
+_OLLAMA_THINKING = (
+    "Okay, the user is asking about the weather in New York. Let me check the available tools. There's a "
+    "get_weather tool, which I think is meant to fetch weather information. The function name is probably "
+    '"get_weather" and it takes a parameter, maybe the location. The user specified "New York," so I need to '
+    'call the get_weather function with "New York" as the argument. Let me make sure the parameters are '
+    'correct. The tool\'s parameters are described as having a type "properties" but no specific details. '
+    "Since the user provided the location, I'll pass that directly. I should structure the tool call with the "
+    'name and arguments as a JSON object. Alright, that\'s it. Just call get_weather with "New York" as the '
+    "argument.\n"
+)
+
+
 # What api.openai.com and Azure OpenAI answer `max_tokens` with for reasoning models (SOURCES.md).
 GATEWAY_MAX_TOKENS_ERROR = {
     "error": {
@@ -259,6 +345,10 @@ GATEWAY_MAX_TOKENS_ERROR = {
 }
 _HI_GEMINI = {"contents": [{"role": "user", "parts": [{"text": "Hello"}]}]}
 _HI_BEDROCK = {"messages": [{"role": "user", "content": [{"text": "Hello"}]}]}
+_BEDROCK_THINKING = (
+    'The user has greeted me with a simple "Hello". I should respond in a friendly and welcoming manner. '
+    "This is a straightforward greeting, so I'll respond warmly and ask how I can help them today."
+)
 
 
 CASES: list[Case] = [
@@ -305,23 +395,47 @@ CASES: list[Case] = [
     Case(
         "oa-groq-midstream-error",
         Expect(
+            error="UNAVAILABLE STREAM_INTERRUPTED",
+            finish=None,
+            message_has=("Tool call validation failed", "of reasoning"),
+            error_metadata={"cause": "UPSTREAM_INVALID_REQUEST", "delivered_reasoning_chars": "412"},
+            reasoning="We need to call the tool with invalid parameters first",
+            thought=(Thought(_GROQ_MIDSTREAM_REASONING),),
+            provider_type="openai",
+        ),
+        fixed=_item4(
+            "an in-stream tool_use_failed (status_code 400) is not retried; after the reasoning the "
+            "caller saw, it ends the stream as STREAM_INTERRUPTED naming that cause"
+        ),
+    ),
+    Case(
+        "oa-groq-midstream-error-unary",
+        Expect(
             error="INVALID_ARGUMENT UPSTREAM_INVALID_REQUEST",
             finish=None,
             message_has=("Tool call validation failed",),
-            reasoning="We need to call the tool with invalid parameters first",
         ),
-        gap=REASONING,
-        fixed=_item4("an in-stream tool_use_failed (status_code 400) is INVALID_ARGUMENT, not retried"),
+        recording="oa-groq-midstream-error",
+        rpc="unary",
+        fixed=_item4("unary holds the reasoning back: the upstream's verdict, INVALID_ARGUMENT, not retried"),
     ),
     Case(
         "oa-groq-reasoning",
         Expect(
             text="The tool returned the expected result for the valid call.",
             usage=Usage(339, 58),
+            reasoning_tokens=38,
             reasoning="The user wants to test error handling",
+            thought=(
+                Thought(
+                    "The user wants to test error handling by calling tool with non-existent parameters first "
+                    "(we did) and then second try with valid args. We have succeeded. Now respond concisely."
+                ),
+            ),
+            provider_type="openai",
             sent={"messages.2.tool_calls.0.id": _GROQ_CALL_ID, "messages.3.tool_call_id": _GROQ_CALL_ID},
         ),
-        gap=REASONING,
+        note="Groq's usage comes on the finish_reason chunk, reasoning_tokens in completion_tokens_details",
     ),
     Case(
         "oa-image-request",
@@ -378,20 +492,33 @@ CASES: list[Case] = [
     ),
     Case(
         "oa-openrouter-reasoning",
-        Expect(text="2 + 2 = 4", usage=Usage(43, 36), reasoning="This is a simple arithmetic question."),
-        gap=REASONING,
+        Expect(
+            text="2 + 2 = 4",
+            usage=Usage(43, 36),
+            reasoning_tokens=13,
+            reasoning="This is a simple arithmetic question.",
+            thought=(Thought("This is a simple arithmetic question. 2+2 equals 4."),),
+            provider_type="openai",
+            sent={"reasoning": {"effort": "medium"}},
+        ),
+        provider={"vendor": "openrouter"},
+        note="the recorded request's reasoning {enabled: true} is the API's effort MEDIUM, sent as OpenRouter's "
+        "reasoning object; reasoning_details (the Anthropic signature behind OpenRouter) is not carried",
     ),
     Case(
         "oa-openrouter-stream-error",
         Expect(
-            error="INVALID_ARGUMENT UPSTREAM_INVALID_REQUEST",
+            error="UNAVAILABLE STREAM_INTERRUPTED",
             finish=None,
             message_has=("Token limit reached",),
+            error_metadata={"cause": "UPSTREAM_INVALID_REQUEST"},
             reasoning="We need to respond to a greeting.",
+            thought=(Thought("We need to respond to a greeting. The user"),),
+            provider_type="openai",
             sent={"max_tokens": 10},
         ),
-        gap=REASONING,
-        note="reasoning, finish_reason length, then an error chunk {code: 400}: pydantic-ai raises ModelHTTPError",
+        note="reasoning (delivered), finish_reason length, then an error chunk {code: 400}: an interruption "
+        "that names the upstream's verdict",
     ),
     Case(
         "oa-parallel-tools",
@@ -402,9 +529,14 @@ CASES: list[Case] = [
             ),
             finish="TOOL_CALLS",
             usage=Usage(364, 40),
-            sent={"tool_choice": "required"},
+            sent={
+                "tool_choice": "required",
+                "tools.0.function.strict": True,
+                "tools.1.function.strict": ABSENT,
+                "tools.18.function.parameters.$defs.Answer.required": ["label", "answer"],
+            },
         ),
-        note="`strict` on a tool has no API field (issue 13)",
+        note="strict tools pass the strict-mode check (a $defs/$ref schema included) and keep `strict: true`",
     ),
     Case("oa-text-stream", Expect(text=_POMERANIAN, usage=Usage(19, 82))),
     Case(
@@ -463,9 +595,13 @@ CASES: list[Case] = [
             text="\n\n1. **Captain Scoop**\n2. **Gullet**",
             usage=Usage(34, 44),
             reasoning="Brief answer with two pet pelican names.",
+            thought=(Thought("Brief answer with two pet pelican names.", "284:a7760717572fee1c"),),
+            provider_type="anthropic",
+            cache_write=(0, 0),
+            sent={"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}},
         ),
-        gap=REASONING,
-        note="`thinking: adaptive` cannot be requested (issue 13)",
+        note="adaptive thinking is how an effort is asked of Opus 4.6 (the recorded request's plain "
+        "`adaptive` is effort HIGH, Anthropic's default); text, then thinking, then text, in that order",
     ),
     Case(
         "an-image",
@@ -514,25 +650,50 @@ CASES: list[Case] = [
             finish="TOOL_CALLS",
             usage=Usage(2 + 22 + 13993, 72, cached=13993),
             reasoning='The user wants me to read two files: "foo" and "bar".',
+            thought=(
+                Thought(
+                    'The user wants me to read two files: "foo" and "bar". I\'ll read both of them.',
+                    "328:39aef8ba88bef943",
+                ),
+            ),
+            provider_type="anthropic",
+            cache_write=(22, 0),
         ),
-        gap=REASONING,
     ),
     Case(
         "an-redacted-thinking",
-        Expect(text=_MAGIC_STRING_ANSWER, usage=Usage(92, 189)),
-        gap=Gap(
-            "two redacted_thinking blocks are dropped: no API field for opaque reasoning (issue 13)",
-            absent=REASONING_ABSENT,
+        Expect(
+            text=_MAGIC_STRING_ANSWER,
+            usage=Usage(92, 189),
+            thought=(Thought(redacted="744:a5fcad0dab0d0189"), Thought(redacted="296:f2ba85446010cd8c")),
+            provider_type="anthropic",
+            sent={"thinking": {"type": "enabled", "budget_tokens": 1024}},
         ),
+        note="two redacted_thinking blocks, each whole in one ReasoningDelta (opaque data, no text)",
+    ),
+    Case(
+        "an-redacted-thinking-unary",
+        Expect(
+            text=_MAGIC_STRING_ANSWER,
+            usage=Usage(92, 189),
+            thought=(Thought(redacted="744:a5fcad0dab0d0189"), Thought(redacted="296:f2ba85446010cd8c")),
+            provider_type="anthropic",
+        ),
+        recording="an-redacted-thinking",
+        rpc="unary",
+        note="the unary answer carries the same blocks as ReasoningParts, ready to send back",
     ),
     Case(
         "an-refusal",
-        Expect(finish="CONTENT_FILTER", usage=Usage(97, 0)),
-        gap=Gap(
-            "a refusal comes back as CONTENT_FILTER with its explanation (stop_details) lost: "
-            "no refusal field (issue 13 item 5)",
-            absent=("StreamEnd:refusal", "CompleteResponse:refusal"),
+        Expect(
+            finish="REFUSAL",
+            usage=Usage(97, 0),
+            reasoning_tokens=0,
+            refusal=(_REFUSAL_EXPLANATION, "reasoning_extraction"),
+            thought=(),
+            sent={"thinking": {"type": "adaptive"}},
         ),
+        note="stop_reason refusal with stop_details: FINISH_REASON_REFUSAL, explanation and category kept",
     ),
     Case("an-text", Expect(text=_PELICAN, usage=Usage(17, 10), sent={"max_tokens": 8192})),
     Case(
@@ -549,18 +710,33 @@ CASES: list[Case] = [
     ),
     Case(
         "an-thinking",
-        Expect(text=_PELICAN, usage=Usage(46, 84), reasoning="The user wants two names for a pet pelican"),
-        gap=REASONING,
+        Expect(
+            text=_PELICAN,
+            usage=Usage(46, 84),
+            reasoning="The user wants two names for a pet pelican",
+            thought=(Thought(_PELICAN_THINKING, "512:8d439df56f0a3bab"),),
+            provider_type="anthropic",
+            sent={
+                "thinking": {"type": "enabled", "budget_tokens": 1024},
+                "max_tokens": 8192,
+                "temperature": 1.0,
+            },
+        ),
     ),
     Case(
         "an-thinking-paced",
-        Expect(text=_PELICAN, usage=Usage(46, 84), reasoning="The user wants two names for a pet pelican"),
+        Expect(
+            text=_PELICAN,
+            usage=Usage(46, 84),
+            reasoning="The user wants two names for a pet pelican",
+            thought=(Thought(_PELICAN_THINKING, "512:8d439df56f0a3bab"),),
+            provider_type="anthropic",
+        ),
         recording="an-thinking",
         provider={"ttft_timeout_seconds": 0.5},
         pace_seconds=0.1,
-        gap=REASONING,
         fixed=_item4("thinking deltas and pings count as progress for the TTFT timer"),
-        note="each SSE event 0.1 s apart, ttft_timeout_seconds 0.5: the first text comes after ~3 s of thinking",
+        note="each SSE event 0.1 s apart, ttft_timeout_seconds 0.5: thinking reaches the caller as it comes",
     ),
     Case(
         "an-thinking-tool-cache",
@@ -569,8 +745,16 @@ CASES: list[Case] = [
             finish="TOOL_CALLS",
             usage=Usage(2 + 22 + 13993, 61, cached=13993),
             reasoning='The user wants me to read a file called "foo".',
+            thought=(
+                Thought(
+                    'The user wants me to read a file called "foo". Let me find and read it.',
+                    "328:39aef8ba88bef943",
+                ),
+            ),
+            provider_type="anthropic",
+            cache_write=(22, 0),
         ),
-        gap=REASONING,
+        note="the 22 tokens written to the cache (5 m) are reported as cache_write_input_tokens",
     ),
     Case(
         "an-tool-followup",
@@ -626,7 +810,9 @@ CASES: list[Case] = [
             upstream_calls=None,
             models=(
                 Model(
-                    "replay/deepseek-r1", context_window=8192, capabilities=frozenset({"VISION", "JSON_MODE"})
+                    "replay/deepseek-r1",
+                    context_window=8192,
+                    capabilities=frozenset({"VISION", "JSON_MODE", "STRUCTURED_OUTPUTS"}),
                 ),
                 Model("replay/llama3.2"),
             ),
@@ -658,8 +844,9 @@ CASES: list[Case] = [
             finish="TOOL_CALLS",
             usage=Usage(150, 181),
             reasoning="Okay, the user is asking about the weather in New York.",
+            thought=(Thought(_OLLAMA_THINKING),),
+            provider_type="ollama",
         ),
-        gap=REASONING,
         note="the model named no function (name ''): passed on as the vendor sent it",
     ),
     Case(
@@ -672,7 +859,6 @@ CASES: list[Case] = [
         Expect(
             error="FAILED_PRECONDITION UPSTREAM_AUTH_FAILED", finish=None, message_has=("API key not valid",)
         ),
-        gap=NO_GEMINI,
     ),
     Case(
         "gm-403-no-key",
@@ -681,12 +867,10 @@ CASES: list[Case] = [
             finish=None,
             message_has=("unregistered callers",),
         ),
-        gap=NO_GEMINI,
     ),
     Case(
         "gm-404-model",
         Expect(error="NOT_FOUND MODEL_NOT_FOUND", finish=None, message_has=("gemini-3.6-flahs",)),
-        gap=NO_GEMINI,
     ),
     Case(
         "gm-429-quota",
@@ -699,26 +883,28 @@ CASES: list[Case] = [
         ),
         model="gemini-3-flash",
         body=_HI_GEMINI,
-        gap=NO_GEMINI,
         note="logged, not captured: no request recorded, so a one-line request stands in",
     ),
     Case(
         "gm-cached-content",
         Expect(text="Paris.", usage=Usage(3520, 2 + 42, cached=3512)),
-        gap=NO_GEMINI,
         note="output tokens = candidates + thoughts (both billed as output)",
     ),
     Case(
         "gm-count-tokens",
         Expect(finish=None, upstream_calls=None),
         kind="count_tokens",
-        gap=_no_rpc("CountTokens", NO_COUNT_TOKENS, NO_GEMINI),
+        gap=Gap(NO_COUNT_TOKENS, absent=("ModelBroker:CountTokens",)),
     ),
     Case(
         "gm-embed",
         Expect(finish=None, upstream_calls=None),
         kind="embed",
-        gap=_embed_gap(NO_GEMINI, "gemini"),
+        gap=Gap(
+            "Embed on type gemini exists (batchEmbedContents), but the replay harness has no Embed path "
+            "(no vendor's Embed recording is replayed): tests/test_gemini_provider.py serves this "
+            "recording's bytes to the provider and checks its request"
+        ),
     ),
     Case(
         "gm-models",
@@ -732,38 +918,73 @@ CASES: list[Case] = [
             models_absent=("replay/veo-3.1-generate-preview", "replay/imagen-4.0-fast-generate-001"),
         ),
         kind="discovery",
-        gap=NO_GEMINI,
     ),
-    Case("gm-safety-block", Expect(finish="CONTENT_FILTER", usage=Usage(14, 0)), gap=NO_GEMINI),
-    Case("gm-text", Expect(text="Hello! How can I help you today?", usage=Usage(9, 9 + 34)), gap=NO_GEMINI),
     Case(
-        "gm-text-stream", Expect(text="The capital of France is Paris.\n", usage=Usage(13, 8)), gap=NO_GEMINI
+        "gm-safety-block",
+        Expect(
+            finish="CONTENT_FILTER",
+            usage=Usage(14, 0),
+            refusal=("Gemini stopped the answer: finishReason SAFETY", "HARM_CATEGORY_HATE_SPEECH"),
+        ),
+        note="the blocked rating's category is kept; the answer has no parts",
     ),
+    Case(
+        "gm-text",
+        Expect(text="Hello! How can I help you today?", usage=Usage(9, 9 + 34), reasoning_tokens=34),
+        note="thoughts billed (thoughtsTokenCount) though none were returned",
+    ),
+    Case("gm-text-stream", Expect(text="The capital of France is Paris.\n", usage=Usage(13, 8))),
     Case(
         "gm-thinking-stream",
-        Expect(text=_STREET_TEXT, usage=Usage(34, 469 + 787), reasoning="**Clarifying User Goals**"),
-        gap=NO_GEMINI,
+        Expect(
+            text=_STREET_TEXT,
+            usage=Usage(34, 469 + 787),
+            reasoning="**Clarifying User Goals**",
+            thought=(Thought(_STREET_THINKING), Thought(signature="6152:e99c40ab9d8666d5")),
+            provider_type="gemini",
+            reasoning_tokens=787,
+        ),
+        note="the signature on the first answer part is a reasoning block of its own, in front of it",
     ),
     Case(
         "gm-tool-call-stream",
-        Expect(calls=(Call("get_country", {}),), finish="TOOL_CALLS", usage=Usage(29, 10 + 202)),
-        gap=NO_GEMINI,
+        Expect(
+            calls=(Call("get_country", {}),),
+            finish="TOOL_CALLS",
+            usage=Usage(29, 10 + 202),
+            thought=(Thought(signature="1408:5d9ba8d754fc1f7d"),),
+            provider_type="gemini",
+            reasoning_tokens=202,
+        ),
+        note="Gemini names no call id: the broker makes one",
     ),
     Case(
         "gm-tool-followup-stream",
-        Expect(text="The capital of Mexico is Mexico City.", usage=Usage(257, 8)),
-        gap=NO_GEMINI,
-        note="the functionCall's thoughtSignature cannot be sent back (issue 13)",
+        Expect(
+            text="The capital of Mexico is Mexico City.",
+            usage=Usage(257, 8),
+            sent={
+                "contents.1.parts.0.functionCall.id": "pyd_ai_29bf73b69e02448588e15893d47a3e7e",
+                "contents.1.parts.0.thoughtSignature": Digest("1408:258361627909cff1"),
+                "contents.2.parts.0.functionResponse.name": "get_country",
+            },
+        ),
+        note="the signature goes back on the functionCall part it came on, byte for byte",
     ),
     Case(
         "gm-tool-json-array",
-        Expect(calls=(Call("multiply", {"x": 5, "y": 3}),), finish="TOOL_CALLS", usage=Usage(60, 16 + 32)),
-        gap=NO_GEMINI,
-        note="streamGenerateContent without alt=sse: one JSON array",
+        Expect(
+            calls=(Call("multiply", {"x": 5, "y": 3}),),
+            finish="TOOL_CALLS",
+            usage=Usage(60, 16 + 32),
+            thought=(Thought(signature="300:9a1169f597b47fca"),),
+            provider_type="gemini",
+        ),
+        note="streamGenerateContent without alt=sse: one JSON array, read whole (the broker asks for SSE)",
     ),
     # --- Vertex AI (issue 15) -----------------------------------------------------------------
-    Case("vx-claude-stream", Expect(text="4200 + 42 = 4242", usage=Usage(17, 15)), gap=NO_VERTEX),
-    Case("vx-claude-text", Expect(text="4200 + 42 = 4242", usage=Usage(17, 15)), gap=NO_VERTEX),
+    Case("vx-claude-stream", Expect(text="4200 + 42 = 4242", usage=Usage(17, 15))),
+    Case("vx-claude-text", Expect(text="4200 + 42 = 4242", usage=Usage(17, 15))),
     Case(
         "vx-claude-tool-result-stream",
         Expect(
@@ -771,7 +992,6 @@ CASES: list[Case] = [
             usage=Usage(774, 54),
             sent={"messages.2.content.1.tool_use_id": _SECRET_IDS[1]},
         ),
-        gap=NO_VERTEX,
     ),
     Case(
         "vx-claude-tool-stream",
@@ -783,21 +1003,21 @@ CASES: list[Case] = [
             finish="TOOL_CALLS",
             usage=Usage(599, 98),
         ),
-        gap=NO_VERTEX,
     ),
     Case(
         "vx-count-tokens",
         Expect(finish=None, upstream_calls=None),
         kind="count_tokens",
-        gap=_no_rpc("CountTokens", NO_COUNT_TOKENS, NO_VERTEX),
+        gap=Gap(NO_COUNT_TOKENS, absent=("ModelBroker:CountTokens",)),
     ),
     Case(
         "vx-oauth-token",
         Expect(finish=None, upstream_calls=None),
         kind="oauth_token",
         gap=Gap(
-            "the OAuth2 token exchange a vertex provider makes: no vertex provider type (issue 15)",
-            absent=("provider_type:vertex",),
+            "not a completion: its answer is the token endpoint's in every vx-* chat row (the harness's "
+            "service-account key names the replay server as token_uri: harness.token_wire); the JWT "
+            "grant itself is verified against a fake token endpoint in tests/test_google_auth.py"
         ),
     ),
     Case(
@@ -805,12 +1025,21 @@ CASES: list[Case] = [
         Expect(
             error="INVALID_ARGUMENT CONTENT_FILTERED",
             finish=None,
-            message_has=("Prompt Injection and Jailbreak filters",),
+            message_has=("Prompt Injection and Jailbreak filters", "MODEL_ARMOR"),
+            error_metadata={"block_reason": "MODEL_ARMOR"},
         ),
-        gap=NO_VERTEX,
     ),
-    Case("vx-stream-flex", Expect(text="OK", usage=Usage(5, 1 + 100)), gap=NO_VERTEX),
-    Case("vx-text", Expect(text="The capital of France is Paris.\n", usage=Usage(13, 8)), gap=NO_VERTEX),
+    Case(
+        "vx-stream-flex",
+        Expect(
+            text="OK",
+            usage=Usage(5, 1 + 100),
+            thought=(Thought(signature="724:b513c8671ea59624"),),
+            provider_type="vertex",
+            reasoning_tokens=100,
+        ),
+    ),
+    Case("vx-text", Expect(text="The capital of France is Paris.\n", usage=Usage(13, 8))),
     # --- Bedrock (issue 16) -------------------------------------------------------------------
     Case(
         "bd-400-invalid-model-stream",
@@ -819,7 +1048,6 @@ CASES: list[Case] = [
             finish=None,
             message_has=("The provided model identifier is invalid.",),
         ),
-        gap=NO_BEDROCK,
     ),
     Case(
         "bd-400-invalid-model",
@@ -828,16 +1056,16 @@ CASES: list[Case] = [
             finish=None,
             message_has=("The provided model identifier is invalid.",),
         ),
-        gap=NO_BEDROCK,
+        note="a Converse (unary) capture: the daemon asks ConverseStream and gets the same plain JSON 400",
     ),
     Case(
         "bd-403-access-denied",
         Expect(
             error="FAILED_PRECONDITION UPSTREAM_PERMISSION_DENIED",
             finish=None,
-            message_has=("have access to the model",),
+            message_has=("have access to the model", "AccessDeniedException"),
+            sent={"toolConfig.tools.0.toolSpec.name": "get_weather", "inferenceConfig": {"maxTokens": 512}},
         ),
-        gap=NO_BEDROCK,
         note="an InvokeModel (Anthropic body) capture; the Converse provider gets the same 403",
     ),
     Case(
@@ -845,19 +1073,47 @@ CASES: list[Case] = [
         Expect(
             error="RESOURCE_EXHAUSTED UPSTREAM_RATE_LIMITED",
             finish=None,
-            message_has=("Too many tokens",),
+            message_has=("Too many tokens", "ThrottlingException"),
             upstream_calls=2,  # ThrottlingException is retried (issue 16), max_attempts 2 here
         ),
         model="us.anthropic.claude-sonnet-4-5-20250929-v1:0",
         body=_HI_BEDROCK,
-        gap=NO_BEDROCK,
         note="reconstructed from a logged SDK error: no request recorded, so a one-line request stands in",
     ),
     Case(
         "bd-cache-point",
         Expect(text="21", usage=Usage(2 + 1322, 5, cached=1322)),
-        gap=NO_BEDROCK,
-        note="the request's document and cachePoint blocks have no API field (issue 13)",
+        gap=NO_UNARY_BEDROCK,
+    ),
+    Case(
+        "bd-cache-point-request",
+        Expect(
+            error="UNAVAILABLE UPSTREAM_PROTOCOL_ERROR",
+            finish=None,
+            message_has=("expected application/vnd.amazon.eventstream", "application/json"),
+            upstream_calls=2,  # a protocol error before content is retried
+            sent={
+                # The recorded request's cache points, document and tools, sent back as recorded.
+                "system.1": {"cachePoint": {"type": "default"}},
+                "messages.0.content.1": {
+                    "document": {
+                        "name": "Document 1",
+                        "format": "txt",
+                        "source": {"bytes": "WW91IGFyZSBhIGdyZWF0IG1hdGhlbWF0aWNpYW4="},
+                    }
+                },
+                "messages.0.content.2": {"text": "\n"},
+                "messages.0.content.3": {"cachePoint": {"type": "default"}},
+                "messages.0.content.5": {"cachePoint": {"type": "default"}},
+                "toolConfig.tools.2": {"cachePoint": {"type": "default"}},
+                "toolConfig.toolChoice": {"auto": {}},
+            },
+        ),
+        recording="bd-cache-point",
+        gap=Gap(
+            "the recording is a unary Converse answer, which the streaming provider refuses (see "
+            "bd-cache-point); this row asserts the request mapping: cache points, document, tools"
+        ),
     ),
     Case(
         "bd-content-filtered-stream",
@@ -865,22 +1121,32 @@ CASES: list[Case] = [
             text=" - The generated text has been blocked by our content filters.",
             finish="CONTENT_FILTER",
             usage=Usage(1, 0),
+            refusal=("the model's content filter blocked the answer", "content_filtered"),
+            sent={"toolConfig.toolChoice": {"tool": {"name": "__mirascope_formatted_output_tool__"}}},
         ),
-        gap=NO_BEDROCK,
     ),
     Case(
         "bd-count-tokens",
         Expect(finish=None, upstream_calls=None),
         kind="count_tokens",
-        gap=_no_rpc("CountTokens", NO_COUNT_TOKENS, NO_BEDROCK),
+        gap=_no_rpc(
+            "CountTokens", NO_COUNT_TOKENS, Gap("Bedrock's count-tokens is not called by the provider")
+        ),
     ),
     Case(
         "bd-embed-titan",
         Expect(finish=None, upstream_calls=None),
         kind="embed",
-        gap=_embed_gap(NO_BEDROCK, "bedrock"),
+        gap=Gap(
+            "the replay suite runs completions only: this recording is replayed byte for byte through "
+            "the bedrock provider's Embed (Titan v2 InvokeModel) in "
+            "tests/test_bedrock_provider.py::test_recorded_titan_embedding"
+        ),
     ),
-    Case("bd-text-stream", Expect(text=_PARIS_NOVA, usage=Usage(13, 82)), gap=NO_BEDROCK),
+    Case(
+        "bd-text-stream",
+        Expect(text=_PARIS_NOVA, usage=Usage(13, 82), sent={"inferenceConfig": {"temperature": 0.0}}),
+    ),
     Case(
         "bd-text",
         Expect(
@@ -888,7 +1154,7 @@ CASES: list[Case] = [
             "just want to chat, I'm here to help.",
             usage=Usage(7, 30),
         ),
-        gap=NO_BEDROCK,
+        gap=NO_UNARY_BEDROCK,
     ),
     Case(
         "bd-thinking-stream",
@@ -896,15 +1162,26 @@ CASES: list[Case] = [
             text="Hello! It's nice to meet you. How can I help you today?",
             usage=Usage(36, 73),
             reasoning='The user has greeted me with a simple "Hello".',
+            thought=(Thought(_BEDROCK_THINKING, "496:d9d1b6f5b9e816d9"),),
+            provider_type="bedrock",
+            sent={"additionalModelRequestFields": {"thinking": {"type": "enabled", "budget_tokens": 1024}}},
         ),
-        gap=NO_BEDROCK,
     ),
     Case(
         "bd-tool-result-stream",
         Expect(
-            text="The current temperature in Paris, the capital of France, is 30°C.", usage=Usage(577, 18)
+            text="The current temperature in Paris, the capital of France, is 30°C.",
+            usage=Usage(577, 18),
+            sent={
+                "messages.2.content.0": {
+                    "toolResult": {
+                        "toolUseId": "tooluse_lAG_zP8QRHmSYOwZzzaCqA",
+                        "content": [{"text": "30°C"}],
+                        "status": "success",
+                    }
+                }
+            },
         ),
-        gap=NO_BEDROCK,
     ),
     Case(
         "bd-tool-stream",
@@ -914,7 +1191,6 @@ CASES: list[Case] = [
             finish="TOOL_CALLS",
             usage=Usage(471, 91),
         ),
-        gap=NO_BEDROCK,
         note="Nova writes its <thinking> as answer text: it is text, as the vendor sent it",
     ),
     # --- Azure OpenAI (issue 16) --------------------------------------------------------------
@@ -923,34 +1199,35 @@ CASES: list[Case] = [
         Expect(
             error="INVALID_ARGUMENT CONTENT_FILTERED",
             finish=None,
-            message_has=("content management policy",),
+            message_has=("content management policy", "(filtered: self_harm:medium)"),
+            error_metadata={"categories": "self_harm:medium"},
+            sent={"response_format.json_schema.name": "FentanylHandbook"},
         ),
-        gap=NO_AZURE,
-        note="the request's json_schema response format has no API field (issue 13)",
     ),
     Case(
         "az-400-unknown-model-v1",
-        Expect(error="NOT_FOUND MODEL_NOT_FOUND", finish=None, message_has=("Unknown model",)),
-        gap=NO_AZURE,
+        Expect(
+            error="NOT_FOUND MODEL_NOT_FOUND", finish=None, message_has=("Unknown model", "/openai/v1/ route")
+        ),
     ),
     Case(
         "az-responses-v1",
         Expect(finish=None, upstream_calls=None),
         kind="responses",
         gap=Gap(
-            "the Responses API (/openai/v1/responses): the broker speaks Chat Completions; "
-            "no azure_openai provider type (issue 16)",
-            absent=("provider_type:azure_openai",),
+            "the Responses API (/openai/v1/responses): the broker speaks Chat Completions to Azure "
+            "(both routes), not the Responses API"
         ),
     ),
     Case(
         "az-stream",
         Expect(text="4200 + 42 equals 4242.", usage=ESTIMATED),
-        gap=NO_AZURE,
         note="no usage in the stream (the recorded client did not ask for it)",
     ),
-    Case("az-text-gpt5", Expect(text=_GPT5_NANO_HELLO, usage=Usage(8, 271)), gap=NO_AZURE),
-    Case("az-text", Expect(text="The capital of France is **Paris**.", usage=Usage(14, 9)), gap=NO_AZURE),
+    Case("az-text-gpt5", Expect(text=_GPT5_NANO_HELLO, usage=Usage(8, 271)), gap=NO_UNARY_AZURE),
+    Case(
+        "az-text", Expect(text="The capital of France is **Paris**.", usage=Usage(14, 9)), gap=NO_UNARY_AZURE
+    ),
     Case(
         "az-tool-stream",
         Expect(
@@ -961,7 +1238,6 @@ CASES: list[Case] = [
             finish="TOOL_CALLS",
             usage=ESTIMATED,
         ),
-        gap=NO_AZURE,
     ),
 ]
 

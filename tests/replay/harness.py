@@ -10,11 +10,15 @@ returns an `Observed`; `mismatches` compares it with the row's Expect.
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import hashlib
 import json
+import os
 import re
+import tempfile
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +82,7 @@ class Request:
     tools: list[pb.Tool] = field(default_factory=list)
     tool_choice: pb.ToolChoice | None = None
     params: pb.GenerationParams = field(default_factory=pb.GenerationParams)
+    metadata: pb.RequestMetadata = field(default_factory=pb.RequestMetadata)
 
     def proto(self, model: str) -> pb.StreamCompleteRequest | pb.CompleteRequest:
         kw: dict[str, Any] = {
@@ -85,6 +90,7 @@ class Request:
             "messages": self.messages,
             "tools": self.tools,
             "params": self.params,
+            "metadata": self.metadata,
         }
         if self.tool_choice is not None:
             kw["tool_choice"] = self.tool_choice
@@ -146,6 +152,30 @@ _MODES = {
 }
 
 
+_EFFORTS = {
+    "minimal": pb.REASONING_EFFORT_MINIMAL,
+    "low": pb.REASONING_EFFORT_LOW,
+    "medium": pb.REASONING_EFFORT_MEDIUM,
+    "high": pb.REASONING_EFFORT_HIGH,
+}
+
+
+def _cache(part: pb.ContentPart | pb.Tool, block: dict[str, Any]) -> None:
+    """An Anthropic cache_control on a block -> the part's or tool's breakpoint."""
+    marker = block.get("cache_control")
+    if isinstance(marker, dict):
+        ttl = {"5m": pb.CACHE_TTL_5M, "1h": pb.CACHE_TTL_1H}.get(
+            str(marker.get("ttl")), pb.CACHE_TTL_UNSPECIFIED
+        )
+        part.cache_control.ttl = ttl
+
+
+def _schema_format(p: pb.GenerationParams, name: str, schema: Any, strict: bool) -> None:
+    p.json_schema.name = name
+    p.json_schema.strict = strict
+    p.json_schema.schema.CopyFrom(_struct(schema))
+
+
 def _openai_content(content: Any) -> list[pb.ContentPart]:
     if isinstance(content, str):
         return [_text(content)] if content else []  # "" is an empty turn: no parts
@@ -157,6 +187,11 @@ def _openai_content(content: Any) -> list[pb.ContentPart]:
             url = part["image_url"]["url"]
             img = _image_from_data_url(url) if url.startswith("data:") else pb.Image(url=url)
             parts.append(pb.ContentPart(image=img))
+        elif part.get("type") == "file":
+            f = part.get("file") or {}
+            data = str(f.get("file_data", "")).partition(",")[2]
+            doc = pb.Document(data=base64.b64decode(data), title=str(f.get("filename", "")))
+            parts.append(pb.ContentPart(document=doc))
     return parts
 
 
@@ -177,6 +212,7 @@ def _from_openai(req: Request, body: dict[str, Any]) -> None:
                 name=fn["name"],
                 description=fn.get("description", ""),
                 parameters=_struct(fn.get("parameters")),
+                strict=fn.get("strict") is True,
             )
         )
     choice = body.get("tool_choice")
@@ -194,12 +230,41 @@ def _from_openai(req: Request, body: dict[str, Any]) -> None:
     )
     if isinstance(body.get("seed"), int):
         req.params.seed = body["seed"]
-    if (body.get("response_format") or {}).get("type") == "json_object":
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_object":
         req.params.response_format = pb.RESPONSE_FORMAT_JSON
+    elif fmt.get("type") == "json_schema":
+        js = fmt.get("json_schema") or {}
+        _schema_format(req.params, js.get("name", "answer"), js.get("schema"), js.get("strict") is True)
+    effort = body.get("reasoning_effort")
+    reasoning = body.get("reasoning")  # OpenRouter's object
+    if effort == "none" or (isinstance(reasoning, dict) and reasoning.get("enabled") is False):
+        req.params.reasoning.disabled = True
+    elif effort in _EFFORTS:
+        req.params.reasoning.effort = _EFFORTS[effort]
+    elif isinstance(reasoning, dict):
+        if isinstance(reasoning.get("max_tokens"), int):
+            req.params.reasoning.budget_tokens = reasoning["max_tokens"]
+        else:
+            req.params.reasoning.effort = _EFFORTS.get(
+                str(reasoning.get("effort")), pb.REASONING_EFFORT_MEDIUM
+            )
+    user = body.get("safety_identifier") or body.get("user")
+    if isinstance(user, str) and user:
+        req.metadata.end_user_id = user
 
 
 def _from_anthropic(req: Request, body: dict[str, Any]) -> None:
     system = body.get("system")
+    if isinstance(system, list) and any("cache_control" in b for b in system):
+        sys_msg = pb.Message(role=pb.ROLE_SYSTEM)
+        for b in system:
+            if b.get("type") == "text":
+                part = _text(b.get("text", ""))
+                _cache(part, b)
+                sys_msg.content.append(part)
+        req.messages.append(sys_msg)
+        system = None
     if isinstance(system, list):
         system = "\n\n".join(b.get("text", "") for b in system if b.get("type") == "text")
     if system:
@@ -215,7 +280,29 @@ def _from_anthropic(req: Request, body: dict[str, Any]) -> None:
         for b in blocks:
             kind = b.get("type")
             if kind == "text" and b.get("text"):
-                msg.content.append(_text(b["text"]))
+                part = _text(b["text"])
+                _cache(part, b)
+                msg.content.append(part)
+            elif kind == "thinking":
+                r = pb.ReasoningPart(
+                    text=b.get("thinking", ""), signature=b.get("signature", ""), provider_type="anthropic"
+                )
+                msg.content.append(pb.ContentPart(reasoning=r))
+            elif kind == "redacted_thinking":
+                r = pb.ReasoningPart(redacted_data=b.get("data", ""), provider_type="anthropic")
+                msg.content.append(pb.ContentPart(reasoning=r))
+            elif kind == "document":
+                src = b.get("source") or {}
+                doc = pb.Document(title=b.get("title", ""))
+                if src.get("type") == "base64":
+                    doc.data, doc.media_type = base64.b64decode(src["data"]), src.get("media_type", "")
+                elif src.get("type") == "text":
+                    doc.data, doc.media_type = str(src.get("data", "")).encode(), "text/plain"
+                else:
+                    doc.url = src.get("url", "")
+                part = pb.ContentPart(document=doc)
+                _cache(part, b)
+                msg.content.append(part)
             elif kind == "image":
                 src = b["source"]
                 img = (
@@ -237,19 +324,19 @@ def _from_anthropic(req: Request, body: dict[str, Any]) -> None:
                         is_error=bool(b.get("is_error")),
                     )
                 )
-            # thinking, redacted_thinking, documents: no API field (issue 13)
         req.messages.extend(results)
         if msg.content or msg.tool_calls or not results:
             req.messages.append(msg)
     for t in body.get("tools") or []:
         if "input_schema" in t:  # client tools; server tools (web_search_...) cannot be requested
-            req.tools.append(
-                pb.Tool(
-                    name=t["name"],
-                    description=t.get("description", ""),
-                    parameters=_struct(t["input_schema"]),
-                )
+            tool = pb.Tool(
+                name=t["name"],
+                description=t.get("description", ""),
+                parameters=_struct(t["input_schema"]),
+                strict=t.get("strict") is True,
             )
+            _cache(tool, t)
+            req.tools.append(tool)
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         if choice.get("type") == "tool":
@@ -263,11 +350,28 @@ def _from_anthropic(req: Request, body: dict[str, Any]) -> None:
         max_tokens=body.get("max_tokens"),
         stop=body.get("stop_sequences"),
     )
+    thinking = body.get("thinking") or {}
+    output = body.get("output_config") or {}
+    if thinking.get("type") == "enabled":
+        req.params.reasoning.budget_tokens = int(thinking.get("budget_tokens", 1024))
+    elif thinking.get("type") == "adaptive":
+        # Adaptive thinking is how the broker maps an effort (Anthropic's default effort: high).
+        req.params.reasoning.effort = _EFFORTS.get(str(output.get("effort")), pb.REASONING_EFFORT_HIGH)
+    fmt = output.get("format") or {}
+    if fmt.get("type") == "json_schema":
+        _schema_format(req.params, "answer", fmt.get("schema"), True)
+    user = (body.get("metadata") or {}).get("user_id")
+    if isinstance(user, str) and user:
+        req.metadata.end_user_id = user
 
 
 def _from_ollama(req: Request, body: dict[str, Any]) -> None:
     for m in body.get("messages") or []:
         msg = pb.Message(role=_OPENAI_ROLES[m["role"]])
+        if m.get("thinking") and m["role"] == "assistant":
+            msg.content.append(
+                pb.ContentPart(reasoning=pb.ReasoningPart(text=m["thinking"], provider_type="ollama"))
+            )
         if m.get("content"):
             msg.content.append(_text(m["content"]))
         for b64 in m.get("images") or []:
@@ -303,9 +407,30 @@ def _from_ollama(req: Request, body: dict[str, Any]) -> None:
         req.params.seed = opts["seed"]
     if body.get("format") == "json":
         req.params.response_format = pb.RESPONSE_FORMAT_JSON
+    elif isinstance(body.get("format"), dict):
+        _schema_format(req.params, "answer", body["format"], False)
+    think = body.get("think")
+    if think is False:
+        req.params.reasoning.disabled = True
+    elif think is True:
+        req.params.reasoning.effort = pb.REASONING_EFFORT_MEDIUM
+    elif think in _EFFORTS:
+        req.params.reasoning.effort = _EFFORTS[think]
 
 
-def _from_gemini(req: Request, body: dict[str, Any]) -> None:
+def _json_schema(schema: Any) -> Any:
+    """Google's OpenAPI-subset Schema (`"type": "OBJECT"`) as the JSON Schema a caller sends."""
+    if isinstance(schema, dict):
+        return {
+            k: (v.lower() if k == "type" and isinstance(v, str) else _json_schema(v))
+            for k, v in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_json_schema(v) for v in schema]
+    return schema
+
+
+def _from_gemini(req: Request, body: dict[str, Any], provider_type: str = "gemini") -> None:
     system = body.get("systemInstruction") or {}
     text = "".join(p.get("text", "") for p in system.get("parts") or [])
     if text:
@@ -314,6 +439,13 @@ def _from_gemini(req: Request, body: dict[str, Any]) -> None:
         msg = pb.Message(role=pb.ROLE_ASSISTANT if c.get("role") == "model" else pb.ROLE_USER)
         results = []
         for p in c.get("parts") or []:
+            signature = str(p.get("thoughtSignature") or "")
+            if p.get("thought") or signature:
+                # A thought summary with its signature, or an answer part's signature: what the
+                # caller got as a reasoning part and sends back in front of that part.
+                text = str(p.get("text") or "") if p.get("thought") else ""
+                r = pb.ReasoningPart(text=text, signature=signature, provider_type=provider_type)
+                msg.content.append(pb.ContentPart(reasoning=r))
             if "functionCall" in p:
                 fc = p["functionCall"]
                 msg.tool_calls.add(
@@ -335,7 +467,7 @@ def _from_gemini(req: Request, body: dict[str, Any]) -> None:
             req.messages.append(msg)
     for t in body.get("tools") or []:
         for fd in t.get("functionDeclarations") or []:
-            schema = fd.get("parameters") or fd.get("parameters_json_schema")
+            schema = _json_schema(fd.get("parameters") or fd.get("parameters_json_schema"))
             req.tools.append(
                 pb.Tool(name=fd["name"], description=fd.get("description", ""), parameters=_struct(schema))
             )
@@ -349,19 +481,62 @@ def _from_gemini(req: Request, body: dict[str, Any]) -> None:
     )
 
 
+def _cache_point(target: pb.ContentPart | pb.Tool | None, block: dict[str, Any]) -> None:
+    """A Converse cachePoint block marks the part (or tool) before it as a breakpoint."""
+    if target is not None:
+        ttl = str((block.get("cachePoint") or {}).get("ttl", ""))
+        target.cache_control.ttl = {"5m": pb.CACHE_TTL_5M, "1h": pb.CACHE_TTL_1H}.get(
+            ttl, pb.CACHE_TTL_UNSPECIFIED
+        )
+
+
+_BEDROCK_MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "gif": "image/gif", "webp": "image/webp",
+                  "pdf": "application/pdf", "txt": "text/plain"}  # fmt: skip
+
+
+def _bedrock_part(b: dict[str, Any]) -> pb.ContentPart | None:
+    if "text" in b:
+        return _text(b["text"])
+    if "image" in b:
+        img = b["image"]
+        data = base64.b64decode((img.get("source") or {}).get("bytes", ""))
+        return pb.ContentPart(image=pb.Image(data=data, media_type=_BEDROCK_MEDIA.get(img.get("format"), "")))
+    if "document" in b:
+        doc = b["document"]
+        data = base64.b64decode((doc.get("source") or {}).get("bytes", ""))
+        media = _BEDROCK_MEDIA.get(doc.get("format"), "application/pdf")
+        return pb.ContentPart(document=pb.Document(data=data, media_type=media, title=doc.get("name", "")))
+    if "reasoningContent" in b:
+        rc = b["reasoningContent"]
+        rt = rc.get("reasoningText") or {}
+        r = pb.ReasoningPart(
+            text=rt.get("text", ""),
+            signature=rt.get("signature", ""),
+            redacted_data=rc.get("redactedContent", ""),
+            provider_type="bedrock",
+        )
+        return pb.ContentPart(reasoning=r)
+    return None
+
+
 def _from_bedrock(req: Request, body: dict[str, Any]) -> None:
     if "anthropic_version" in body:  # InvokeModel with an Anthropic body
         _from_anthropic(req, body)
         return
-    text = "\n\n".join(b["text"] for b in body.get("system") or [] if "text" in b)
-    if text:
-        req.messages.append(pb.Message(role=pb.ROLE_SYSTEM, content=[_text(text)]))
+    if body.get("system"):
+        sys_msg = pb.Message(role=pb.ROLE_SYSTEM)
+        for b in body["system"]:
+            if "cachePoint" in b:
+                _cache_point(sys_msg.content[-1] if sys_msg.content else None, b)
+            elif "text" in b:
+                sys_msg.content.append(_text(b["text"]))
+        req.messages.append(sys_msg)
     for m in body.get("messages") or []:
         msg = pb.Message(role=pb.ROLE_ASSISTANT if m["role"] == "assistant" else pb.ROLE_USER)
         results = []
         for b in m.get("content") or []:
-            if "text" in b:
-                msg.content.append(_text(b["text"]))
+            if "cachePoint" in b:
+                _cache_point(msg.content[-1] if msg.content else None, b)
             elif "toolUse" in b:
                 tu = b["toolUse"]
                 msg.tool_calls.add(id=tu["toolUseId"], name=tu["name"], arguments=_args_text(tu.get("input")))
@@ -376,19 +551,31 @@ def _from_bedrock(req: Request, body: dict[str, Any]) -> None:
                         is_error=tr.get("status") == "error",
                     )
                 )
-            # document, cachePoint, reasoningContent: no API field (issue 13)
+            elif (part := _bedrock_part(b)) is not None:
+                msg.content.append(part)
         req.messages.extend(results)
         if msg.content or msg.tool_calls:
             req.messages.append(msg)
-    for t in (body.get("toolConfig") or {}).get("tools") or []:
+    tool_config = body.get("toolConfig") or {}
+    for t in tool_config.get("tools") or []:
         spec = t.get("toolSpec")
         if spec:
             schema = (spec.get("inputSchema") or {}).get("json")
             req.tools.append(
                 pb.Tool(
-                    name=spec["name"], description=spec.get("description", ""), parameters=_struct(schema)
+                    name=spec["name"],
+                    description=spec.get("description", ""),
+                    parameters=_struct(schema),
+                    strict=spec.get("strict") is True,
                 )
             )
+        elif "cachePoint" in t:
+            _cache_point(req.tools[-1] if req.tools else None, t)
+    choice = tool_config.get("toolChoice") or {}
+    if "tool" in choice:
+        req.tool_choice = pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_TOOL, tool_name=choice["tool"]["name"])
+    elif choice:
+        req.tool_choice = pb.ToolChoice(mode=_MODES[next(iter(choice))])
     cfg = body.get("inferenceConfig") or {}
     _params(
         req.params,
@@ -397,6 +584,9 @@ def _from_bedrock(req: Request, body: dict[str, Any]) -> None:
         max_tokens=cfg.get("maxTokens"),
         stop=cfg.get("stopSequences"),
     )
+    thinking = (body.get("additionalModelRequestFields") or {}).get("thinking") or {}
+    if thinking.get("type") == "enabled":
+        req.params.reasoning.budget_tokens = int(thinking.get("budget_tokens", 1024))
 
 
 def _is_anthropic_body(body: dict[str, Any]) -> bool:
@@ -448,7 +638,10 @@ def request_for(case: C.Case, rec: dict[str, Any]) -> Request:
     elif vendor == "gemini":
         _from_gemini(req, body)
     elif vendor == "vertex":
-        (_from_anthropic if _is_anthropic_body(body) else _from_gemini)(req, body)
+        if _is_anthropic_body(body):
+            _from_anthropic(req, body)
+        else:
+            _from_gemini(req, body, "vertex")
     elif vendor == "bedrock":
         _from_bedrock(req, body)
     else:
@@ -473,7 +666,10 @@ def provider_config(case: C.Case, rec: dict[str, Any], url: str) -> dict[str, An
     elif vendor == "vertex":
         m = re.search(r"/projects/([^/]+)/locations/([^/]+)/", uri)
         project, location = m.groups() if m else ("my-project", "global")
-        cfg.update(base_url=url, project=project, location=location)
+        # A service account whose token endpoint is the replay server (answer_for: /token).
+        cfg.update(
+            base_url=url, project=project, location=location, credentials_file=str(vertex_key_file(url))
+        )
     elif vendor == "bedrock":
         cfg.update(base_url=url, region="us-east-1")
     elif vendor == "azure_openai":
@@ -516,6 +712,17 @@ def _listing(vendor: str, model: str) -> dict[str, Any]:
         return {
             "/api/tags": {"models": [tag]},
             "/api/show": {"modelfile": "", "parameters": "", "template": "", "details": {}, "model_info": {}},
+        }
+    if vendor == "bedrock":
+        summary = {
+            "modelId": model,
+            "modelLifecycle": {"status": "ACTIVE"},
+            "inferenceTypesSupported": ["ON_DEMAND"],
+        }
+        profile = {"inferenceProfileId": model, "status": "ACTIVE", "type": "SYSTEM_DEFINED"}
+        return {
+            "/foundation-models": {"modelSummaries": [summary]},
+            "/inference-profiles": {"inferenceProfileSummaries": [profile]},
         }
     if vendor in ("gemini", "vertex"):
         return {
@@ -565,13 +772,57 @@ def answer_for(case: C.Case, rec: dict[str, Any], model: str) -> Callable[[Seen]
             return wire
         if case.gateway_rejects_max_tokens and "max_tokens" in (req.json() or {}):
             return rejection
+        if vendor == "vertex" and req.path == TOKEN_PATH:
+            return token_wire()
         return chat
 
     return answer
 
 
+# --- Vertex's OAuth2 token, from the replay server ---------------------------------------------------
+
+TOKEN_PATH = "/token"
+_KEYS = tempfile.TemporaryDirectory(prefix="replay-vertex-")
+
+
+@functools.cache
+def _replay_key_pem() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+def vertex_key_file(url: str) -> Path:
+    """A service account's key whose token_uri is the replay server: the daemon's vertex
+    provider signs its JWT grant with it and gets recording vx-oauth-token's answer."""
+    path = Path(_KEYS.name) / f"key-{urllib.parse.urlsplit(url).port}.json"
+    key = {
+        "type": "service_account",
+        "project_id": "my-project",
+        "private_key_id": "replay",
+        "private_key": _replay_key_pem(),
+        "client_email": "replay@my-project.iam.gserviceaccount.com",
+        "token_uri": f"{url}{TOKEN_PATH}",
+    }
+    path.write_text(json.dumps(key))
+    return path
+
+
+def token_wire() -> Wire:
+    """The token endpoint's recorded answer (vx-oauth-token), as recorded."""
+    wire = recorded_wire(load("vx-oauth-token"))
+    wire.segmenter = from_env
+    return wire
+
+
 def chat_requests(server: ReplayServer) -> list[Seen]:
-    return [r for r in server.requests if r.method == "POST" and not r.path.endswith("/api/show")]
+    return [
+        r for r in server.requests if r.method == "POST" and not r.path.endswith(("/api/show", TOKEN_PATH))
+    ]
 
 
 # --- one case through the daemon ------------------------------------------------------------------
@@ -591,6 +842,12 @@ class Observed:
     usage: tuple[int, int, int] | None = None
     estimated: bool = False  # Usage.estimated
     models: dict[str, pb.ModelInfo] = field(default_factory=dict)
+    # Reasoning blocks in order: (text, signature, redacted data), from deltas or parts.
+    reasoning: list[tuple[str, str, str]] = field(default_factory=list)
+    reasoning_tokens: int = 0
+    cache_write: tuple[int, int] = (0, 0)  # (cache_write_input_tokens, of which 1h)
+    refusal: tuple[str, str] | None = None  # (explanation, category)
+    provider_type: str = ""
 
     def summary(self) -> str:
         """What the daemon answered, for a failure message the lead can act on."""
@@ -603,6 +860,10 @@ class Observed:
             lines.append(f"stream: {_compress(self.kinds)}")
         if self.text:
             lines.append(f"text: {self.text!r}")
+        for i, (rtext, sig, data) in enumerate(self.reasoning):
+            lines.append(f"reasoning[{i}]: text={rtext[:80]!r} signature={sig[:16]!r} redacted={data[:16]!r}")
+        if self.refusal is not None:
+            lines.append(f"refusal: {self.refusal}")
         for call in self.calls:
             lines.append(f"tool call: id={call[0]!r} name={call[1]!r} arguments={call[2]!r}")
         if self.finish:
@@ -660,6 +921,11 @@ def _usage(u: pb.Usage) -> tuple[int, int, int]:
     return (u.input_tokens, u.output_tokens, u.cached_input_tokens)
 
 
+def _more_usage(obs: Observed, u: pb.Usage) -> None:
+    obs.reasoning_tokens = u.reasoning_tokens
+    obs.cache_write = (u.cache_write_input_tokens, u.cache_write_1h_input_tokens)
+
+
 async def call_daemon(target_stub: Any, req: pb.StreamCompleteRequest | pb.CompleteRequest) -> Observed:
     obs = Observed()
     if isinstance(req, pb.CompleteRequest):
@@ -669,9 +935,21 @@ async def call_daemon(target_stub: Any, req: pb.StreamCompleteRequest | pb.Compl
             _fill_error(obs, err)
             return obs
         obs.text = "".join(p.text for p in resp.message.content)
+        obs.reasoning = [
+            (p.reasoning.text, p.reasoning.signature, p.reasoning.redacted_data)
+            for p in resp.message.content
+            if p.WhichOneof("part") == "reasoning"
+        ]
+        obs.provider_type = next(
+            (p.reasoning.provider_type for p in resp.message.content if p.WhichOneof("part") == "reasoning"),
+            "",
+        )
         obs.calls = [(c.id, c.name, c.arguments) for c in resp.message.tool_calls]
         obs.finish = pb.FinishReason.Name(resp.finish_reason).removeprefix("FINISH_REASON_")
         obs.usage, obs.estimated = _usage(resp.usage), getattr(resp.usage, "estimated", False)
+        _more_usage(obs, resp.usage)
+        if resp.HasField("refusal"):
+            obs.refusal = (resp.refusal.explanation, resp.refusal.category)
         return obs
     deltas: list[pb.ToolCallDelta] = []
     try:
@@ -680,11 +958,22 @@ async def call_daemon(target_stub: Any, req: pb.StreamCompleteRequest | pb.Compl
             obs.kinds.append(kind)
             if kind == "text_delta":
                 obs.text += m.text_delta.text
+            elif kind == "reasoning_delta":
+                r = m.reasoning_delta
+                if r.index >= len(obs.reasoning):
+                    obs.reasoning.extend([("", "", "")] * (r.index + 1 - len(obs.reasoning)))
+                t, sig, data = obs.reasoning[r.index]
+                obs.reasoning[r.index] = (t + r.text, sig + r.signature, data + r.redacted_data)
+            elif kind == "start":
+                obs.provider_type = m.start.provider_type
             elif kind == "tool_call_delta":
                 deltas.append(m.tool_call_delta)
             elif kind == "end":
                 obs.finish = pb.FinishReason.Name(m.end.finish_reason).removeprefix("FINISH_REASON_")
                 obs.usage, obs.estimated = _usage(m.end.usage), getattr(m.end.usage, "estimated", False)
+                _more_usage(obs, m.end.usage)
+                if m.end.HasField("refusal"):
+                    obs.refusal = (m.end.refusal.explanation, m.end.refusal.category)
     except grpc.aio.AioRpcError as err:
         _fill_error(obs, err)
     obs.calls = _calls_from_deltas(deltas)
@@ -710,6 +999,40 @@ async def run(case: C.Case, daemon: Any, channel_to: Any) -> Run:
             f"no {rec['vendor']} provider type (accepted: {', '.join(provider_types())})"
         )
     model = req.model if req is not None else ""
+    with aws_env() if rec["vendor"] == "bedrock" else contextlib.nullcontext():
+        return await _serve(case, rec, req, model, daemon, channel_to)
+
+
+# What a bedrock provider signs with in a replay: the environment's credentials (the chain's
+# first source), never a profile file, and no instance-metadata lookup off this machine.
+AWS_REPLAY_ENV = {
+    "AWS_ACCESS_KEY_ID": "AKIDREPLAY0000000001",
+    "AWS_SECRET_ACCESS_KEY": "replay/secret+key0123456789abcdefghijklm",
+    "AWS_SESSION_TOKEN": "replay-session-token",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+}
+
+
+@contextlib.contextmanager
+def aws_env() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in (*AWS_REPLAY_ENV, "AWS_PROFILE")}
+    os.environ.update(AWS_REPLAY_ENV)
+    os.environ.pop("AWS_PROFILE", None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+async def _serve(
+    case: C.Case, rec: dict[str, Any], req: Request | None, model: str, daemon: Any, channel_to: Any
+) -> Run:
     async with ReplayServer(answer_for(case, rec, model)) as server:
         settings = broker_settings([provider_config(case, rec, server.url)], health=HEALTH, routing=ROUTING)
         _, target = await daemon(settings)
@@ -800,6 +1123,7 @@ def mismatches(case: C.Case, run_: Run) -> list[str]:
                 problems.append("usage: marked estimated, but the vendor reported it")
     if e.reasoning is not None and e.reasoning in obs.text:
         problems.append(f"reasoning leaked into the answer text: {e.reasoning!r}")
+    problems += _reasoning_problems(e, obs)
     calls = chat_requests(run_.server)
     if case.kind == "chat" and e.upstream_calls is not None and len(calls) != e.upstream_calls:
         problems.append(f"upstream chat requests: expected {e.upstream_calls}, got {len(calls)}")
@@ -834,6 +1158,32 @@ def mismatches(case: C.Case, run_: Run) -> list[str]:
         if extra:
             problems.append(f"ListModels: not in the listing: {sorted(extra)}")
     return problems
+
+
+def _reasoning_problems(e: C.Expect, obs: Observed) -> list[str]:
+    """Reasoning, refusal and the newer usage fields, exactly as the row writes them out."""
+    problems: list[str] = []
+    if e.thought is not None:
+        got = [(t, _digest(sig), _digest(data)) for t, sig, data in obs.reasoning]
+        want = [(b.text, b.signature, b.redacted) for b in e.thought]
+        if got != want:
+            problems.append(f"reasoning blocks (text, signature, redacted data): expected {want}, got {got}")
+        if e.thought and obs.provider_type != e.provider_type:
+            problems.append(f"provider_type: expected {e.provider_type!r}, got {obs.provider_type!r}")
+    if e.refusal is not None and obs.refusal != e.refusal:
+        problems.append(f"refusal (explanation, category): expected {e.refusal}, got {obs.refusal}")
+    if e.reasoning_tokens is not None and obs.reasoning_tokens != e.reasoning_tokens:
+        problems.append(f"usage.reasoning_tokens: expected {e.reasoning_tokens}, got {obs.reasoning_tokens}")
+    if e.cache_write is not None and obs.cache_write != e.cache_write:
+        problems.append(f"usage cache writes (all, 1h): expected {e.cache_write}, got {obs.cache_write}")
+    return problems
+
+
+def _digest(value: str) -> str:
+    """A signature or redacted block as the row writes it: its length and SHA-256 prefix."""
+    if not value:
+        return ""
+    return f"{len(value)}:{hashlib.sha256(value.encode()).hexdigest()[:16]}"
 
 
 # --- asserted gaps ------------------------------------------------------------------------------------

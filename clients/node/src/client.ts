@@ -22,6 +22,7 @@ import {
   EmbedRequest,
   type EmbedResponse,
   FinishReason,
+  type GetUsageResponse,
   type GenerationParams,
   ListModelsRequest,
   type ListModelsResponse,
@@ -30,6 +31,8 @@ import {
   ModelBrokerClient,
   type ModelInfo,
   type ProviderInfo,
+  type Refusal,
+  type RequestMetadata,
   type Requirements,
   Role,
   StreamCompleteRequest,
@@ -40,13 +43,32 @@ import {
 } from "../gen/modelbroker/v1/broker";
 import { CancelledError, toBrokerError } from "./errors";
 
-export type FinishReasonName = "stop" | "length" | "tool_calls" | "content_filter" | "other" | "unspecified";
+export type FinishReasonName =
+  | "stop"
+  | "length"
+  | "tool_calls"
+  | "content_filter"
+  | "refusal"
+  | "other"
+  | "unspecified";
 
 export interface StartEvent {
   type: "start";
   requestId: string;
   model: string;
   provider: string;
+  /** The provider's type: set as providerType on reasoning parts sent back in history. */
+  providerType: string;
+}
+/** A piece of the model's reasoning, never part of the answer text. */
+export interface ReasoningDeltaEvent {
+  type: "reasoningDelta";
+  index: number;
+  text: string;
+  /** Anthropic: the block's signature, on its last delta. */
+  signature: string;
+  /** Anthropic redacted_thinking: the opaque block, whole. */
+  redactedData: string;
 }
 export interface TextDeltaEvent {
   type: "textDelta";
@@ -66,8 +88,10 @@ export interface EndEvent {
   usage: Usage;
   /** Integer micro-USD; `known: false` means no price is known (not "free"). */
   cost: Cost;
+  /** Set when finishReason is "refusal". */
+  refusal?: Refusal;
 }
-export type StreamEvent = StartEvent | TextDeltaEvent | ToolCallDeltaEvent | EndEvent;
+export type StreamEvent = StartEvent | TextDeltaEvent | ReasoningDeltaEvent | ToolCallDeltaEvent | EndEvent;
 
 export interface ToolCall {
   id: string;
@@ -86,6 +110,11 @@ export interface Answer {
   model: string;
   provider: string;
   requestId: string;
+  /** The reasoning text, joined (display only: send `message` back in history). */
+  reasoning: string;
+  refusal?: Refusal;
+  /** The assistant turn as the broker answered it, reasoning parts included. */
+  message: Message;
 }
 
 export type RoleName = "system" | "user" | "assistant" | "tool";
@@ -108,6 +137,10 @@ export interface CompletionOptions extends CallOptions {
   requirements?: Partial<Requirements>;
   /** Models to try in order when the first fails before any output. */
   fallbackModels?: string[];
+  /** Who the request is for (the vendor's end-user field) and tags for the log line. */
+  metadata_?: Partial<RequestMetadata>;
+  /** Vendor parameters per provider type, merged into that type's upstream body. */
+  providerOptions?: Record<string, Record<string, unknown>>;
 }
 
 export interface EmbedOptions extends CallOptions {
@@ -115,6 +148,8 @@ export interface EmbedOptions extends CallOptions {
   dimensions?: number;
   /** Models to try in order when the first fails. */
   fallbackModels?: string[];
+  /** With model "": select an embedding model with at least this many dimensions. */
+  minDimensions?: number;
 }
 
 /** One vector per input, in input order. */
@@ -156,10 +191,19 @@ const FINISH_REASONS: Record<FinishReason, FinishReasonName> = {
   [FinishReason.FINISH_REASON_TOOL_CALLS]: "tool_calls",
   [FinishReason.FINISH_REASON_CONTENT_FILTER]: "content_filter",
   [FinishReason.FINISH_REASON_OTHER]: "other",
+  [FinishReason.FINISH_REASON_REFUSAL]: "refusal",
   [FinishReason.UNRECOGNIZED]: "unspecified",
 };
 
-const NO_USAGE: Usage = { inputTokens: 0, outputTokens: 0, cachedInputTokens: 0, cacheWriteInputTokens: 0, estimated: false };
+const NO_USAGE: Usage = {
+  inputTokens: 0,
+  outputTokens: 0,
+  cachedInputTokens: 0,
+  cacheWriteInputTokens: 0,
+  estimated: false,
+  reasoningTokens: 0,
+  cacheWrite1hInputTokens: 0,
+};
 const NO_COST: Cost = { known: false, inputMicroUsd: 0, outputMicroUsd: 0, totalMicroUsd: 0 };
 
 export function user(text: string): Message {
@@ -178,7 +222,7 @@ export function toolResult(toolCallId: string, content: string, isError = false)
 function message(role: RoleName, text: string): Message {
   return {
     role: ROLES[role],
-    content: text ? [{ part: { $case: "text", value: text } }] : [],
+    content: text ? [{ part: { $case: "text", value: text }, cacheControl: undefined }] : [],
     toolCalls: [],
     toolCallId: "",
     isError: false,
@@ -207,6 +251,8 @@ export function eventFromProto(msg: StreamCompleteResponse): StreamEvent | undef
       return { type: "start", ...ev.value };
     case "textDelta":
       return { type: "textDelta", text: ev.value.text };
+    case "reasoningDelta":
+      return { type: "reasoningDelta", ...ev.value };
     case "toolCallDelta":
       return { type: "toolCallDelta", ...ev.value };
     case "end":
@@ -215,6 +261,7 @@ export function eventFromProto(msg: StreamCompleteResponse): StreamEvent | undef
         finishReason: FINISH_REASONS[ev.value.finishReason] ?? "unspecified",
         usage: ev.value.usage ?? NO_USAGE,
         cost: ev.value.cost ?? NO_COST,
+        refusal: ev.value.refusal,
       };
     default:
       return undefined; // an event type added to the proto after this client was built
@@ -235,7 +282,64 @@ function answerFromProto(resp: CompleteResponse): Answer {
     model: resp.model,
     provider: resp.provider,
     requestId: resp.requestId,
+    reasoning: (msg?.content ?? []).map((p) => (p.part?.$case === "reasoning" ? p.part.value.text : "")).join(""),
+    refusal: resp.refusal,
+    message: msg ?? { role: Role.ROLE_ASSISTANT, content: [], toolCalls: [], toolCallId: "", isError: false },
   };
+}
+
+/**
+ * A streamed assistant turn assembled as the unary answer would be: text and reasoning parts
+ * in order (signatures and redacted blocks kept), then the tool calls. Feed it every event;
+ * `message()` is the turn to send back in history (an Anthropic tool loop with thinking
+ * needs the signed blocks unchanged).
+ */
+export class Turn {
+  private providerType = "";
+  private readonly parts: Message["content"] = [];
+  private readonly calls = new Map<number, { id: string; name: string; args: string }>();
+  private reasoningIndex = -1;
+
+  add(ev: StreamEvent): void {
+    const last = this.parts[this.parts.length - 1]?.part;
+    if (ev.type === "start") {
+      this.providerType = ev.providerType;
+    } else if (ev.type === "textDelta") {
+      if (last?.$case === "text") {
+        last.value += ev.text;
+      } else if (ev.text) {
+        this.parts.push({ part: { $case: "text", value: ev.text }, cacheControl: undefined });
+      }
+    } else if (ev.type === "reasoningDelta") {
+      if (last?.$case === "reasoning" && this.reasoningIndex === ev.index) {
+        last.value.text += ev.text;
+        last.value.signature += ev.signature;
+        last.value.redactedData += ev.redactedData;
+      } else {
+        this.reasoningIndex = ev.index;
+        this.parts.push({
+          part: {
+            $case: "reasoning",
+            value: { text: ev.text, signature: ev.signature, redactedData: ev.redactedData, providerType: this.providerType },
+          },
+          cacheControl: undefined,
+        });
+      }
+    } else if (ev.type === "toolCallDelta") {
+      const call = this.calls.get(ev.index) ?? { id: "", name: "", args: "" };
+      call.id = ev.id || call.id;
+      call.name = ev.name || call.name;
+      call.args += ev.argumentsDelta;
+      this.calls.set(ev.index, call);
+    }
+  }
+
+  message(): Message {
+    const toolCalls = [...this.calls.entries()]
+      .sort(([a], [b]) => a - b)
+      .map(([, c]) => ({ id: c.id, name: c.name, arguments: c.args || "{}" }));
+    return { role: Role.ROLE_ASSISTANT, content: this.parts, toolCalls, toolCallId: "", isError: false };
+  }
 }
 
 export class BrokerClient {
@@ -301,6 +405,7 @@ export class BrokerClient {
       inputs: typeof inputs === "string" ? [inputs] : inputs,
       dimensions: options.dimensions,
       fallbackModels: options.fallbackModels ?? [],
+      requirements: options.minDimensions ? { minDimensions: options.minDimensions } : undefined,
     });
     const resp = await this.unary<EmbedResponse>(options, (md, opts, cb) => this.stub.embed(req, md, opts, cb));
     const vectors = [...resp.embeddings].sort((a, b) => a.index - b.index).map((e) => e.values);
@@ -344,6 +449,16 @@ export class BrokerClient {
     return resp.providers;
   }
 
+  /**
+   * GetUsage: this key's spend, budget left, requests and tokens for the UTC day and month.
+   * An admin key may name other keys, and sees every key when it names none.
+   */
+  async getUsage(keyNames: string[] = [], options: CallOptions = {}): Promise<GetUsageResponse> {
+    return this.unary<GetUsageResponse>(options, (md, opts, cb) =>
+      this.stub.getUsage({ keyNames }, md, opts, cb),
+    );
+  }
+
   /** grpc.health.v1 Check: "" (liveness), "modelbroker.v1.ModelBroker" (readiness) or "provider/<name>". */
   async checkHealth(service = "", options: CallOptions = {}): Promise<HealthStatus> {
     const resp = await this.unary<{ status: ServingStatus }>({ timeoutMs: 5_000, ...options }, (md, opts, cb) =>
@@ -384,6 +499,8 @@ export class BrokerClient {
       params: o.params,
       requirements: o.requirements,
       fallbackModels: o.fallbackModels ?? [],
+      metadata: o.metadata_,
+      providerOptions: o.providerOptions ?? {},
     });
   }
 

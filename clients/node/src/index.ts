@@ -6,6 +6,8 @@ export {
   Capability,
   type Cost,
   type GenerationParams,
+  type GetUsageResponse,
+  type KeyUsage,
   type Message,
   ModelKind,
   type ModelInfo,
@@ -19,4 +21,5 @@ export {
   type ToolChoice,
   ToolChoiceMode,
   type Usage,
+  type UsageWindow,
 } from "../gen/modelbroker/v1/broker";

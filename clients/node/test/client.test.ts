@@ -19,6 +19,7 @@ import {
   RateLimitedError,
   type StreamEvent,
   StreamInterruptedError,
+  Turn,
   UnavailableError,
 } from "../src";
 import { brokerConfig, Daemon, FakeUpstream, PACKAGE_DIR, stopAll, waitFor } from "./harness";
@@ -96,6 +97,8 @@ describe("stream()", () => {
       name: "get_weather",
       description: "Weather by city",
       parameters: { type: "object", properties: { city: { type: "string" } }, required: ["city"] },
+      strict: false,
+      cacheControl: undefined,
     };
     const events = await collect(client.stream("fast", [{ role: "user", content: "Weather in Paris?" }], { tools: [weather] }));
     const calls = events.filter((e) => e.type === "toolCallDelta");
@@ -133,6 +136,35 @@ describe("stream()", () => {
       },
     );
     assert.deepEqual(seen, ["one ", "two "], "what arrived before the failure is all there is");
+  });
+});
+
+describe("reasoning", () => {
+  test("reasoning deltas come apart from the text; Turn and complete() keep them for the next turn", async () => {
+    await fake!.command("reasoning [\"Think \", \"first.\"]");
+    await fake!.command('reply {"text_chunks": ["Done", "."], "input_tokens": 10, "output_tokens": 4}');
+    try {
+      const events = await collect(client.stream("openai/gpt-4o-mini", "Think, then answer."));
+      const kinds = events.map((e) => e.type);
+      assert.deepEqual(kinds, ["start", "reasoningDelta", "reasoningDelta", "textDelta", "textDelta", "end"]);
+      assert.equal(events[0]?.type === "start" ? events[0].providerType : "", "openai");
+      const turn = new Turn();
+      events.forEach((e) => turn.add(e));
+      const msg = turn.message();
+      assert.deepEqual(
+        msg.content.map((p) => p.part),
+        [
+          { $case: "reasoning", value: { text: "Think first.", signature: "", redactedData: "", providerType: "openai" } },
+          { $case: "text", value: "Done." },
+        ],
+      );
+      const answer = await client.complete("openai/gpt-4o-mini", "Think, then answer.");
+      assert.equal(answer.text, "Done.");
+      assert.equal(answer.reasoning, "Think first.");
+      assert.equal(answer.message.content[0]?.part?.$case, "reasoning");
+    } finally {
+      await fake!.command("reasoning []");
+    }
   });
 });
 

@@ -6,6 +6,10 @@
             if isinstance(ev, TextDelta): print(ev.text, end="")
         answer = c.complete("openai/gpt-4o-mini", "Hi")      # a str is one user message
 
+Reasoning models: `ReasoningDelta` events come apart from the text; to continue a
+conversation (a tool loop with Anthropic thinking), send back the assistant turn as the
+broker gave it: `answer.message` (unary) or `Turn` fed every stream event, `.message()`.
+
 gRPC errors surface as `BrokerError` subclasses (by status code) carrying the ErrorInfo
 reason and metadata, RetryInfo's delay and BadRequest's field violations.
 """
@@ -137,6 +141,8 @@ class Usage:
     cached_input_tokens: int = 0
     # True when the upstream reported no usage and the broker estimated it (~4 chars a token).
     estimated: bool = False
+    # Output tokens spent reasoning (part of output_tokens), where the vendor reports them.
+    reasoning_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +161,23 @@ class StreamStarted:
     request_id: str
     model: str
     provider: str
+    provider_type: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """A piece of the model's reasoning (never part of the answer text)."""
+
+    index: int
+    text: str
+    signature: str = ""
+    redacted_data: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    explanation: str
+    category: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +198,10 @@ class StreamEnded:
     finish_reason: str
     usage: Usage
     cost: Cost
+    refusal: Refusal | None = None
 
 
-Event = StreamStarted | TextDelta | ToolCallDelta | StreamEnded
+Event = StreamStarted | TextDelta | ReasoningDelta | ToolCallDelta | StreamEnded
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +224,59 @@ class Answer:
     provider: str
     request_id: str
     tool_calls: list[ToolCall] = field(default_factory=list)
+    # The reasoning text, joined (display only; send `message` back in history).
+    reasoning: str = ""
+    refusal: Refusal | None = None
+    # The assistant turn as the broker answered it, reasoning parts included: history.
+    message: pb.Message = field(default_factory=lambda: pb.Message(role=pb.ROLE_ASSISTANT))
+
+
+class Turn:
+    """A streamed assistant turn, assembled as the broker's unary answer would be: text and
+    reasoning parts in order (signatures and redacted blocks kept), then the tool calls."""
+
+    def __init__(self) -> None:
+        self.provider_type = ""
+        self._parts: list[pb.ContentPart] = []
+        self._calls: dict[int, list[str]] = {}
+        self._index = -1  # the reasoning block the last reasoning part holds
+        self.ended: StreamEnded | None = None
+
+    def add(self, ev: Event) -> None:
+        if isinstance(ev, StreamStarted):
+            self.provider_type = ev.provider_type
+        elif isinstance(ev, TextDelta):
+            last = self._parts[-1] if self._parts else None
+            if last is not None and last.WhichOneof("part") == "text":
+                last.text += ev.text
+            elif ev.text:
+                self._parts.append(pb.ContentPart(text=ev.text))
+        elif isinstance(ev, ReasoningDelta):
+            last = self._parts[-1] if self._parts else None
+            if last is None or last.WhichOneof("part") != "reasoning" or self._index != ev.index:
+                last = pb.ContentPart(reasoning=pb.ReasoningPart(provider_type=self.provider_type))
+                self._parts.append(last)
+                self._index = ev.index
+            last.reasoning.text += ev.text
+            last.reasoning.signature += ev.signature
+            last.reasoning.redacted_data += ev.redacted_data
+        elif isinstance(ev, ToolCallDelta):
+            call = self._calls.setdefault(ev.index, ["", "", ""])
+            call[0] = ev.id or call[0]
+            call[1] = ev.name or call[1]
+            call[2] += ev.arguments_delta
+        elif isinstance(ev, StreamEnded):
+            self.ended = ev
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self._parts if p.WhichOneof("part") == "text")
+
+    def message(self) -> pb.Message:
+        m = pb.Message(role=pb.ROLE_ASSISTANT, content=self._parts)
+        for _, (cid, name, args) in sorted(self._calls.items()):
+            m.tool_calls.add(id=cid, name=name, arguments=args or "{}")
+        return m
 
 
 @dataclass(slots=True)
@@ -236,7 +313,9 @@ def build_embed_request(
     *,
     dimensions: int | None = None,
     fallback_models: Sequence[str] = (),
+    min_dimensions: int = 0,
 ) -> pb.EmbedRequest:
+    """`model` may be "" with `min_dimensions` to let the broker select an embedding model."""
     req = pb.EmbedRequest(
         model=model,
         inputs=[inputs] if isinstance(inputs, str) else list(inputs),
@@ -244,11 +323,19 @@ def build_embed_request(
     )
     if dimensions is not None:
         req.dimensions = dimensions
+    if min_dimensions:
+        req.requirements.min_dimensions = min_dimensions
     return req
 
 
 def _usage(u: pb.Usage) -> Usage:
-    return Usage(u.input_tokens, u.output_tokens, u.cached_input_tokens, u.estimated)
+    return Usage(u.input_tokens, u.output_tokens, u.cached_input_tokens, u.estimated, u.reasoning_tokens)
+
+
+def _refusal(holder: pb.CompleteResponse | pb.StreamEnd) -> Refusal | None:
+    if not holder.HasField("refusal"):
+        return None
+    return Refusal(holder.refusal.explanation, holder.refusal.category)
 
 
 def _cost(c: pb.Cost) -> Cost:
@@ -258,14 +345,22 @@ def _cost(c: pb.Cost) -> Cost:
 def event_from_proto(msg: pb.StreamCompleteResponse) -> Event:
     kind = msg.WhichOneof("event")
     if kind == "start":
-        return StreamStarted(msg.start.request_id, msg.start.model, msg.start.provider)
+        return StreamStarted(
+            msg.start.request_id, msg.start.model, msg.start.provider, msg.start.provider_type
+        )
     if kind == "text_delta":
         return TextDelta(msg.text_delta.text)
+    if kind == "reasoning_delta":
+        r = msg.reasoning_delta
+        return ReasoningDelta(r.index, r.text, r.signature, r.redacted_data)
     if kind == "tool_call_delta":
         d = msg.tool_call_delta
         return ToolCallDelta(d.index, d.id, d.name, d.arguments_delta)
     return StreamEnded(
-        FINISH_REASONS.get(msg.end.finish_reason, "unspecified"), _usage(msg.end.usage), _cost(msg.end.cost)
+        FINISH_REASONS.get(msg.end.finish_reason, "unspecified"),
+        _usage(msg.end.usage),
+        _cost(msg.end.cost),
+        _refusal(msg.end),
     )
 
 
@@ -280,6 +375,11 @@ def answer_from_proto(resp: pb.CompleteResponse) -> Answer:
         provider=resp.provider,
         request_id=resp.request_id,
         tool_calls=[ToolCall(t.id, t.name, t.arguments) for t in resp.message.tool_calls],
+        reasoning="".join(
+            p.reasoning.text for p in resp.message.content if p.WhichOneof("part") == "reasoning"
+        ),
+        refusal=_refusal(resp),
+        message=resp.message,
     )
 
 
@@ -292,8 +392,10 @@ def system(text: str) -> pb.Message:
     return pb.Message(role=pb.ROLE_SYSTEM, content=[pb.ContentPart(text=text)])
 
 
-def user(text: str, *images: pb.Image) -> pb.Message:
-    parts = [pb.ContentPart(text=text)] + [pb.ContentPart(image=i) for i in images]
+def user(text: str, *attachments: pb.Image | pb.ContentPart) -> pb.Message:
+    parts = [pb.ContentPart(text=text)] + [
+        a if isinstance(a, pb.ContentPart) else pb.ContentPart(image=a) for a in attachments
+    ]
     return pb.Message(role=pb.ROLE_USER, content=parts)
 
 
@@ -315,10 +417,44 @@ def tool_result(tool_call_id: str, content: str, *, is_error: bool = False) -> p
     )
 
 
-def tool(name: str, description: str, parameters: Mapping[str, Any]) -> pb.Tool:
+def tool(name: str, description: str, parameters: Mapping[str, Any], *, strict: bool = False) -> pb.Tool:
     s = struct_pb2.Struct()
     s.update(dict(parameters))
-    return pb.Tool(name=name, description=description, parameters=s)
+    return pb.Tool(name=name, description=description, parameters=s, strict=strict)
+
+
+def document(
+    data: bytes = b"", *, url: str = "", media_type: str = "application/pdf", title: str = ""
+) -> pb.ContentPart:
+    """A document part (PDF bytes or URL, or UTF-8 text with media_type text/plain) for `user(...)`."""
+    doc = pb.Document(media_type=media_type, title=title)
+    if url:
+        doc.url = url
+    else:
+        doc.data = data
+    return pb.ContentPart(document=doc)
+
+
+EFFORTS = {"minimal": 1, "low": 2, "medium": 3, "high": 4}
+
+
+def reasoning(effort_or_budget: str | int | None) -> pb.Reasoning:
+    """`reasoning("high")`, `reasoning(4096)` (a token budget) or `reasoning(None)` (off)."""
+    if effort_or_budget is None:
+        return pb.Reasoning(disabled=True)
+    if isinstance(effort_or_budget, int):
+        return pb.Reasoning(budget_tokens=effort_or_budget)
+    if effort_or_budget not in EFFORTS:
+        raise ValueError(f"effort must be one of {', '.join(EFFORTS)} or a token budget")
+    return pb.Reasoning(effort=pb.ReasoningEffort.Value(f"REASONING_EFFORT_{effort_or_budget.upper()}"))
+
+
+def json_schema(
+    name: str, schema: Mapping[str, Any], *, strict: bool = True, description: str = ""
+) -> pb.JsonSchema:
+    s = struct_pb2.Struct()
+    s.update(dict(schema))
+    return pb.JsonSchema(name=name, schema=s, strict=strict, description=description)
 
 
 def _message(m: MessageLike) -> pb.Message:
@@ -349,14 +485,28 @@ def build_request(
     fallback_models: Sequence[str] = (),
     requirements: pb.Requirements | None = None,
     stream: bool = True,
+    reasoning: pb.Reasoning | None = None,
+    json_schema: pb.JsonSchema | None = None,
+    end_user_id: str = "",
+    tags: Mapping[str, str] | None = None,
+    provider_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> pb.StreamCompleteRequest | pb.CompleteRequest:
     msgs = [user(messages)] if isinstance(messages, str) else [_message(m) for m in messages]
     cls = pb.StreamCompleteRequest if stream else pb.CompleteRequest
     req = cls(model=model, messages=msgs, tools=list(tools), fallback_models=list(fallback_models))
     if params is not None:
         req.params.CopyFrom(params)
+    if reasoning is not None:
+        req.params.reasoning.CopyFrom(reasoning)
+    if json_schema is not None:
+        req.params.json_schema.CopyFrom(json_schema)
     if requirements is not None:
         req.requirements.CopyFrom(requirements)
+    if end_user_id or tags:
+        req.metadata.end_user_id = end_user_id
+        req.metadata.tags.update(dict(tags or {}))
+    for ptype, options in (provider_options or {}).items():
+        req.provider_options[ptype].update(dict(options))
     return req
 
 
@@ -459,6 +609,18 @@ class BrokerClient:
             raise error_from_rpc(err) from None
         return list(resp.providers)
 
+    def usage(self, *key_names: str) -> pb.GetUsageResponse:
+        """This key's spend, budget left, requests and tokens for the UTC day and month (GetUsage);
+        an admin key may name other keys, and sees every key with no names."""
+        try:
+            return self.stub.GetUsage(  # type: ignore[no-any-return]
+                pb.GetUsageRequest(key_names=list(key_names)),
+                timeout=self.timeout,
+                metadata=_metadata(self.api_key),
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
+
 
 class AsyncBrokerClient:
     """asyncio client on grpc.aio; use `async with`."""
@@ -549,3 +711,14 @@ class AsyncBrokerClient:
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         return list(resp.providers)
+
+    async def usage(self, *key_names: str) -> pb.GetUsageResponse:
+        """As BrokerClient.usage."""
+        try:
+            return await self.stub.GetUsage(  # type: ignore[no-any-return]
+                pb.GetUsageRequest(key_names=list(key_names)),
+                timeout=self.timeout,
+                metadata=_metadata(self.api_key),
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None

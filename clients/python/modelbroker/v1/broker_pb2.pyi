@@ -1861,3 +1861,154 @@ class EmbedResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
+
+@_typing.final
+class GetUsageRequest(_message.Message):
+    """GetUsageRequest asks for the usage of API keys (caller auth must be on)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_NAMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Key names (auth.keys[].name) to report. Empty: the calling key, or every key for an
+        admin key. Only an admin key may name keys other than its own.
+        """
+
+    def __init__(
+        self,
+        *,
+        key_names: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_names", b"key_names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class GetUsageResponse(_message.Message):
+    """GetUsageResponse holds one entry per key asked for, in config order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    shared: _builtins.bool
+    """True when the counts are shared by every replica and kept across restarts
+    (state.redis_url); false: this process's own, since it started.
+    """
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyUsage]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___KeyUsage] | None = ...,
+        shared: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "shared", b"shared"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015
+
+@_typing.final
+class KeyUsage(_message.Message):
+    """KeyUsage is one API key's usage in the current UTC day and month."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DAY_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    STREAMS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The key's name in auth.keys."""
+    streams_in_flight: _builtins.int
+    """Completions of this key in flight now: on every replica with state.redis_url (there
+    only for keys with max_concurrent_streams, whose slots it keeps), else in this process.
+    """
+    @_builtins.property
+    def day(self) -> Global___UsageWindow: ...
+    @_builtins.property
+    def month(self) -> Global___UsageWindow: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        day: Global___UsageWindow | None = ...,
+        month: Global___UsageWindow | None = ...,
+        streams_in_flight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "month", b"month"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "month", b"month", "name", b"name", "streams_in_flight", b"streams_in_flight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyUsage: _TypeAlias = KeyUsage  # noqa: Y015
+
+@_typing.final
+class UsageWindow(_message.Message):
+    """UsageWindow is one budget window (a UTC day or month) of one key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    RESET_TIME_FIELD_NUMBER: _builtins.int
+    SPEND_MICRO_USD_FIELD_NUMBER: _builtins.int
+    BUDGET_MICRO_USD_FIELD_NUMBER: _builtins.int
+    BUDGET_LEFT_MICRO_USD_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    UNPRICED_REQUESTS_FIELD_NUMBER: _builtins.int
+    spend_micro_usd: _builtins.int
+    """What the key's requests that ended in this window cost, in micro-USD."""
+    budget_micro_usd: _builtins.int
+    """The key's budget for this window; unset when it has none."""
+    budget_left_micro_usd: _builtins.int
+    """max(budget - spend, 0); unset when the key has no budget for this window."""
+    requests: _builtins.int
+    """Completions admitted in this window, and the tokens of those that ended in it."""
+    input_tokens: _builtins.int
+    output_tokens: _builtins.int
+    unpriced_requests: _builtins.int
+    """Requests whose model had no known price (charged 0; see state.unpriced)."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the window began and when it resets (UTC midnight, the first of the month)."""
+
+    @_builtins.property
+    def reset_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        reset_time: _timestamp_pb2.Timestamp | None = ...,
+        spend_micro_usd: _builtins.int = ...,
+        budget_micro_usd: _builtins.int | None = ...,
+        budget_left_micro_usd: _builtins.int | None = ...,
+        requests: _builtins.int = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        unpriced_requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget_left_micro_usd", b"_budget_left_micro_usd", "_budget_micro_usd", b"_budget_micro_usd", "budget_left_micro_usd", b"budget_left_micro_usd", "budget_micro_usd", b"budget_micro_usd", "reset_time", b"reset_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget_left_micro_usd", b"_budget_left_micro_usd", "_budget_micro_usd", b"_budget_micro_usd", "budget_left_micro_usd", b"budget_left_micro_usd", "budget_micro_usd", b"budget_micro_usd", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "requests", b"requests", "reset_time", b"reset_time", "spend_micro_usd", b"spend_micro_usd", "start_time", b"start_time", "unpriced_requests", b"unpriced_requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__budget_left_micro_usd: _TypeAlias = _typing.Literal["budget_left_micro_usd"]  # noqa: Y015
+    _WhichOneofArgType__budget_left_micro_usd: _TypeAlias = _typing.Literal["_budget_left_micro_usd", b"_budget_left_micro_usd"]  # noqa: Y015
+    _WhichOneofReturnType__budget_micro_usd: _TypeAlias = _typing.Literal["budget_micro_usd"]  # noqa: Y015
+    _WhichOneofArgType__budget_micro_usd: _TypeAlias = _typing.Literal["_budget_micro_usd", b"_budget_micro_usd"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__budget_left_micro_usd) -> _WhichOneofReturnType__budget_left_micro_usd | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__budget_micro_usd) -> _WhichOneofReturnType__budget_micro_usd | None: ...
+
+Global___UsageWindow: _TypeAlias = UsageWindow  # noqa: Y015

@@ -70,6 +70,11 @@ class ModelBrokerStub:
                 request_serializer=modelbroker_dot_v1_dot_broker__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=modelbroker_dot_v1_dot_broker__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/modelbroker.v1.ModelBroker/GetUsage',
+                request_serializer=modelbroker_dot_v1_dot_broker__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=modelbroker_dot_v1_dot_broker__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class ModelBrokerServicer:
@@ -125,6 +130,14 @@ class ModelBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """GetUsage reports the calling key's spend, budget left, requests and tokens for the
+        current UTC day and month; a key marked admin sees every key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +175,11 @@ def add_ModelBrokerServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=modelbroker_dot_v1_dot_broker__pb2.EmbedRequest.FromString,
                     response_serializer=modelbroker_dot_v1_dot_broker__pb2.EmbedResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=modelbroker_dot_v1_dot_broker__pb2.GetUsageRequest.FromString,
+                    response_serializer=modelbroker_dot_v1_dot_broker__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +372,33 @@ class ModelBroker:
             '/modelbroker.v1.ModelBroker/Embed',
             modelbroker_dot_v1_dot_broker__pb2.EmbedRequest.SerializeToString,
             modelbroker_dot_v1_dot_broker__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modelbroker.v1.ModelBroker/GetUsage',
+            modelbroker_dot_v1_dot_broker__pb2.GetUsageRequest.SerializeToString,
+            modelbroker_dot_v1_dot_broker__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

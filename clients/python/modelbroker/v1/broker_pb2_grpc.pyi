@@ -49,6 +49,10 @@ class ModelBrokerStub:
     """SelectModel picks a model for a set of requirements."""
     Embed: _grpc.UnaryUnaryMultiCallable[_broker_pb2.EmbedRequest, _broker_pb2.EmbedResponse]
     """Embed returns one vector per input, in input order, with usage and cost."""
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetUsageRequest, _broker_pb2.GetUsageResponse]
+    """GetUsage reports the calling key's spend, budget left, requests and tokens for the
+    current UTC day and month; a key marked admin sees every key.
+    """
 
 @_typing.type_check_only
 class ModelBrokerAsyncStub(ModelBrokerStub):
@@ -69,6 +73,10 @@ class ModelBrokerAsyncStub(ModelBrokerStub):
     """SelectModel picks a model for a set of requirements."""
     Embed: _aio.UnaryUnaryMultiCallable[_broker_pb2.EmbedRequest, _broker_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embed returns one vector per input, in input order, with usage and cost."""
+    GetUsage: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetUsageRequest, _broker_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """GetUsage reports the calling key's spend, budget left, requests and tokens for the
+    current UTC day and month; a key marked admin sees every key.
+    """
 
 class ModelBrokerServicer(metaclass=_abc_1.ABCMeta):
     """ModelBroker keeps Google API naming (no "Service" suffix); buf.yaml excepts SERVICE_SUFFIX."""
@@ -128,5 +136,15 @@ class ModelBrokerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.EmbedResponse, _abc.Awaitable[_broker_pb2.EmbedResponse]]:
         """Embed returns one vector per input, in input order, with usage and cost."""
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _broker_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetUsageResponse, _abc.Awaitable[_broker_pb2.GetUsageResponse]]:
+        """GetUsage reports the calling key's spend, budget left, requests and tokens for the
+        current UTC day and month; a key marked admin sees every key.
+        """
 
 def add_ModelBrokerServicer_to_server(servicer: ModelBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

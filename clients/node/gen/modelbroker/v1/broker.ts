@@ -1130,6 +1130,65 @@ export interface EmbedResponse {
   cost: Cost | undefined;
 }
 
+/** GetUsageRequest asks for the usage of API keys (caller auth must be on). */
+export interface GetUsageRequest {
+  /**
+   * Key names (auth.keys[].name) to report. Empty: the calling key, or every key for an
+   * admin key. Only an admin key may name keys other than its own.
+   */
+  keyNames: string[];
+}
+
+/** GetUsageResponse holds one entry per key asked for, in config order. */
+export interface GetUsageResponse {
+  keys: KeyUsage[];
+  /**
+   * True when the counts are shared by every replica and kept across restarts
+   * (state.redis_url); false: this process's own, since it started.
+   */
+  shared: boolean;
+}
+
+/** KeyUsage is one API key's usage in the current UTC day and month. */
+export interface KeyUsage {
+  /** The key's name in auth.keys. */
+  name: string;
+  day: UsageWindow | undefined;
+  month:
+    | UsageWindow
+    | undefined;
+  /**
+   * Completions of this key in flight now: on every replica with state.redis_url (there
+   * only for keys with max_concurrent_streams, whose slots it keeps), else in this process.
+   */
+  streamsInFlight: number;
+}
+
+/** UsageWindow is one budget window (a UTC day or month) of one key. */
+export interface UsageWindow {
+  /** When the window began and when it resets (UTC midnight, the first of the month). */
+  startTime: Date | undefined;
+  resetTime:
+    | Date
+    | undefined;
+  /** What the key's requests that ended in this window cost, in micro-USD. */
+  spendMicroUsd: number;
+  /** The key's budget for this window; unset when it has none. */
+  budgetMicroUsd?:
+    | number
+    | undefined;
+  /** max(budget - spend, 0); unset when the key has no budget for this window. */
+  budgetLeftMicroUsd?:
+    | number
+    | undefined;
+  /** Completions admitted in this window, and the tokens of those that ended in it. */
+  requests: number;
+  inputTokens: number;
+  outputTokens: number;
+  /** Requests whose model had no known price (charged 0; see state.unpriced). */
+  unpricedRequests: number;
+}
+
 function createBaseImage(): Image {
   return { source: undefined, mediaType: "" };
 }
@@ -7079,6 +7138,526 @@ export const EmbedResponse: MessageFns<EmbedResponse> = {
   },
 };
 
+function createBaseGetUsageRequest(): GetUsageRequest {
+  return { keyNames: [] };
+}
+
+export const GetUsageRequest: MessageFns<GetUsageRequest> = {
+  encode(message: GetUsageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.keyNames) {
+      writer.uint32(10).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetUsageRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetUsageRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.keyNames.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetUsageRequest {
+    return {
+      keyNames: globalThis.Array.isArray(object?.keyNames)
+        ? object.keyNames.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.key_names)
+        ? object.key_names.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: GetUsageRequest): unknown {
+    const obj: any = {};
+    if (message.keyNames?.length) {
+      obj.keyNames = message.keyNames;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetUsageRequest>): GetUsageRequest {
+    return GetUsageRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetUsageRequest>): GetUsageRequest {
+    const message = createBaseGetUsageRequest();
+    message.keyNames = object.keyNames?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseGetUsageResponse(): GetUsageResponse {
+  return { keys: [], shared: false };
+}
+
+export const GetUsageResponse: MessageFns<GetUsageResponse> = {
+  encode(message: GetUsageResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.keys) {
+      KeyUsage.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.shared !== false) {
+      writer.uint32(16).bool(message.shared);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetUsageResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetUsageResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.keys.push(KeyUsage.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.shared = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetUsageResponse {
+    return {
+      keys: globalThis.Array.isArray(object?.keys) ? object.keys.map((e: any) => KeyUsage.fromJSON(e)) : [],
+      shared: isSet(object.shared) ? globalThis.Boolean(object.shared) : false,
+    };
+  },
+
+  toJSON(message: GetUsageResponse): unknown {
+    const obj: any = {};
+    if (message.keys?.length) {
+      obj.keys = message.keys.map((e) => KeyUsage.toJSON(e));
+    }
+    if (message.shared !== false) {
+      obj.shared = message.shared;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetUsageResponse>): GetUsageResponse {
+    return GetUsageResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetUsageResponse>): GetUsageResponse {
+    const message = createBaseGetUsageResponse();
+    message.keys = object.keys?.map((e) => KeyUsage.fromPartial(e)) || [];
+    message.shared = object.shared ?? false;
+    return message;
+  },
+};
+
+function createBaseKeyUsage(): KeyUsage {
+  return { name: "", day: undefined, month: undefined, streamsInFlight: 0 };
+}
+
+export const KeyUsage: MessageFns<KeyUsage> = {
+  encode(message: KeyUsage, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.day !== undefined) {
+      UsageWindow.encode(message.day, writer.uint32(18).fork()).join();
+    }
+    if (message.month !== undefined) {
+      UsageWindow.encode(message.month, writer.uint32(26).fork()).join();
+    }
+    if (message.streamsInFlight !== 0) {
+      writer.uint32(32).int64(message.streamsInFlight);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): KeyUsage {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseKeyUsage();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.day = UsageWindow.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.month = UsageWindow.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.streamsInFlight = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): KeyUsage {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      day: isSet(object.day) ? UsageWindow.fromJSON(object.day) : undefined,
+      month: isSet(object.month) ? UsageWindow.fromJSON(object.month) : undefined,
+      streamsInFlight: isSet(object.streamsInFlight)
+        ? globalThis.Number(object.streamsInFlight)
+        : isSet(object.streams_in_flight)
+        ? globalThis.Number(object.streams_in_flight)
+        : 0,
+    };
+  },
+
+  toJSON(message: KeyUsage): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.day !== undefined) {
+      obj.day = UsageWindow.toJSON(message.day);
+    }
+    if (message.month !== undefined) {
+      obj.month = UsageWindow.toJSON(message.month);
+    }
+    if (message.streamsInFlight !== 0) {
+      obj.streamsInFlight = Math.round(message.streamsInFlight);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<KeyUsage>): KeyUsage {
+    return KeyUsage.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<KeyUsage>): KeyUsage {
+    const message = createBaseKeyUsage();
+    message.name = object.name ?? "";
+    message.day = (object.day !== undefined && object.day !== null) ? UsageWindow.fromPartial(object.day) : undefined;
+    message.month = (object.month !== undefined && object.month !== null)
+      ? UsageWindow.fromPartial(object.month)
+      : undefined;
+    message.streamsInFlight = object.streamsInFlight ?? 0;
+    return message;
+  },
+};
+
+function createBaseUsageWindow(): UsageWindow {
+  return {
+    startTime: undefined,
+    resetTime: undefined,
+    spendMicroUsd: 0,
+    budgetMicroUsd: undefined,
+    budgetLeftMicroUsd: undefined,
+    requests: 0,
+    inputTokens: 0,
+    outputTokens: 0,
+    unpricedRequests: 0,
+  };
+}
+
+export const UsageWindow: MessageFns<UsageWindow> = {
+  encode(message: UsageWindow, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.startTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.startTime), writer.uint32(10).fork()).join();
+    }
+    if (message.resetTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.resetTime), writer.uint32(18).fork()).join();
+    }
+    if (message.spendMicroUsd !== 0) {
+      writer.uint32(24).int64(message.spendMicroUsd);
+    }
+    if (message.budgetMicroUsd !== undefined) {
+      writer.uint32(32).int64(message.budgetMicroUsd);
+    }
+    if (message.budgetLeftMicroUsd !== undefined) {
+      writer.uint32(40).int64(message.budgetLeftMicroUsd);
+    }
+    if (message.requests !== 0) {
+      writer.uint32(48).int64(message.requests);
+    }
+    if (message.inputTokens !== 0) {
+      writer.uint32(56).int64(message.inputTokens);
+    }
+    if (message.outputTokens !== 0) {
+      writer.uint32(64).int64(message.outputTokens);
+    }
+    if (message.unpricedRequests !== 0) {
+      writer.uint32(72).int64(message.unpricedRequests);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UsageWindow {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUsageWindow();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.startTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.resetTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.spendMicroUsd = longToNumber(reader.int64());
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.budgetMicroUsd = longToNumber(reader.int64());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.budgetLeftMicroUsd = longToNumber(reader.int64());
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.requests = longToNumber(reader.int64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.inputTokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.outputTokens = longToNumber(reader.int64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.unpricedRequests = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UsageWindow {
+    return {
+      startTime: isSet(object.startTime)
+        ? fromJsonTimestamp(object.startTime)
+        : isSet(object.start_time)
+        ? fromJsonTimestamp(object.start_time)
+        : undefined,
+      resetTime: isSet(object.resetTime)
+        ? fromJsonTimestamp(object.resetTime)
+        : isSet(object.reset_time)
+        ? fromJsonTimestamp(object.reset_time)
+        : undefined,
+      spendMicroUsd: isSet(object.spendMicroUsd)
+        ? globalThis.Number(object.spendMicroUsd)
+        : isSet(object.spend_micro_usd)
+        ? globalThis.Number(object.spend_micro_usd)
+        : 0,
+      budgetMicroUsd: isSet(object.budgetMicroUsd)
+        ? globalThis.Number(object.budgetMicroUsd)
+        : isSet(object.budget_micro_usd)
+        ? globalThis.Number(object.budget_micro_usd)
+        : undefined,
+      budgetLeftMicroUsd: isSet(object.budgetLeftMicroUsd)
+        ? globalThis.Number(object.budgetLeftMicroUsd)
+        : isSet(object.budget_left_micro_usd)
+        ? globalThis.Number(object.budget_left_micro_usd)
+        : undefined,
+      requests: isSet(object.requests) ? globalThis.Number(object.requests) : 0,
+      inputTokens: isSet(object.inputTokens)
+        ? globalThis.Number(object.inputTokens)
+        : isSet(object.input_tokens)
+        ? globalThis.Number(object.input_tokens)
+        : 0,
+      outputTokens: isSet(object.outputTokens)
+        ? globalThis.Number(object.outputTokens)
+        : isSet(object.output_tokens)
+        ? globalThis.Number(object.output_tokens)
+        : 0,
+      unpricedRequests: isSet(object.unpricedRequests)
+        ? globalThis.Number(object.unpricedRequests)
+        : isSet(object.unpriced_requests)
+        ? globalThis.Number(object.unpriced_requests)
+        : 0,
+    };
+  },
+
+  toJSON(message: UsageWindow): unknown {
+    const obj: any = {};
+    if (message.startTime !== undefined) {
+      obj.startTime = message.startTime.toISOString();
+    }
+    if (message.resetTime !== undefined) {
+      obj.resetTime = message.resetTime.toISOString();
+    }
+    if (message.spendMicroUsd !== 0) {
+      obj.spendMicroUsd = Math.round(message.spendMicroUsd);
+    }
+    if (message.budgetMicroUsd !== undefined) {
+      obj.budgetMicroUsd = Math.round(message.budgetMicroUsd);
+    }
+    if (message.budgetLeftMicroUsd !== undefined) {
+      obj.budgetLeftMicroUsd = Math.round(message.budgetLeftMicroUsd);
+    }
+    if (message.requests !== 0) {
+      obj.requests = Math.round(message.requests);
+    }
+    if (message.inputTokens !== 0) {
+      obj.inputTokens = Math.round(message.inputTokens);
+    }
+    if (message.outputTokens !== 0) {
+      obj.outputTokens = Math.round(message.outputTokens);
+    }
+    if (message.unpricedRequests !== 0) {
+      obj.unpricedRequests = Math.round(message.unpricedRequests);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<UsageWindow>): UsageWindow {
+    return UsageWindow.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<UsageWindow>): UsageWindow {
+    const message = createBaseUsageWindow();
+    message.startTime = object.startTime ?? undefined;
+    message.resetTime = object.resetTime ?? undefined;
+    message.spendMicroUsd = object.spendMicroUsd ?? 0;
+    message.budgetMicroUsd = object.budgetMicroUsd ?? undefined;
+    message.budgetLeftMicroUsd = object.budgetLeftMicroUsd ?? undefined;
+    message.requests = object.requests ?? 0;
+    message.inputTokens = object.inputTokens ?? 0;
+    message.outputTokens = object.outputTokens ?? 0;
+    message.unpricedRequests = object.unpricedRequests ?? 0;
+    return message;
+  },
+};
+
 /** ModelBroker keeps Google API naming (no "Service" suffix); buf.yaml excepts SERVICE_SUFFIX. */
 export type ModelBrokerService = typeof ModelBrokerService;
 export const ModelBrokerService = {
@@ -7155,6 +7734,19 @@ export const ModelBrokerService = {
     responseSerialize: (value: EmbedResponse): Buffer => Buffer.from(EmbedResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): EmbedResponse => EmbedResponse.decode(value),
   },
+  /**
+   * GetUsage reports the calling key's spend, budget left, requests and tokens for the
+   * current UTC day and month; a key marked admin sees every key.
+   */
+  getUsage: {
+    path: "/modelbroker.v1.ModelBroker/GetUsage" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetUsageRequest): Buffer => Buffer.from(GetUsageRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetUsageRequest => GetUsageRequest.decode(value),
+    responseSerialize: (value: GetUsageResponse): Buffer => Buffer.from(GetUsageResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetUsageResponse => GetUsageResponse.decode(value),
+  },
 } as const;
 
 export interface ModelBrokerServer extends UntypedServiceImplementation {
@@ -7172,6 +7764,11 @@ export interface ModelBrokerServer extends UntypedServiceImplementation {
   selectModel: handleUnaryCall<SelectModelRequest, SelectModelResponse>;
   /** Embed returns one vector per input, in input order, with usage and cost. */
   embed: handleUnaryCall<EmbedRequest, EmbedResponse>;
+  /**
+   * GetUsage reports the calling key's spend, budget left, requests and tokens for the
+   * current UTC day and month; a key marked admin sees every key.
+   */
+  getUsage: handleUnaryCall<GetUsageRequest, GetUsageResponse>;
 }
 
 export interface ModelBrokerClient extends Client {
@@ -7280,6 +7877,25 @@ export interface ModelBrokerClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: EmbedResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * GetUsage reports the calling key's spend, budget left, requests and tokens for the
+   * current UTC day and month; a key marked admin sees every key.
+   */
+  getUsage(
+    request: GetUsageRequest,
+    callback: (error: ServiceError | null, response: GetUsageResponse) => void,
+  ): ClientUnaryCall;
+  getUsage(
+    request: GetUsageRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: GetUsageResponse) => void,
+  ): ClientUnaryCall;
+  getUsage(
+    request: GetUsageRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetUsageResponse) => void,
   ): ClientUnaryCall;
 }
 
