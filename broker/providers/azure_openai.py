@@ -22,31 +22,19 @@ copied); this module is what Azure changes (PROTOCOLS-CLOUD.md D):
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from broker import errors
 from broker.config import ProviderConfig
 from broker.providers import azure_openai_wire as wire
 from broker.providers import register
-from broker.providers.openai import _DRAIN_SECONDS, DONE, OpenAIProvider
-from broker.providers.openai_wire import (
-    ChunkParser,
-    build_body,
-    build_embed_body,
-    error_from_payload,
-    parse_embeddings,
-)
-from broker.providers.sse import SSEDecoder
+from broker.providers.openai import OpenAIProvider
 from broker.types import (
-    CompletionEvent,
-    CompletionRequest,
     DiscoveredModel,
-    EmbedResult,
     EndEvent,
     FinishReason,
     Refusal,
-    StartEvent,
 )
 
 
@@ -71,58 +59,24 @@ class AzureOpenAIProvider(OpenAIProvider):
         """`chat/completions` or `embeddings` on the route config chose."""
         return wire.route(operation, deployment, self.api_version)
 
-    async def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionEvent, None]:
-        model = request.model
-        body = build_body(request, max_tokens_field=self.max_tokens_field, target=self.target)
-        parser = ChunkParser(provider=self.name, model=model)
-        categories: list[str] = []
+    def stream_watch(self) -> list[Any] | None:
+        return []  # the content-filter categories the chunks name, for the end
 
-        def feed(event: tuple[str, bytes]) -> list[CompletionEvent]:
-            name, payload_bytes = event
-            if payload_bytes == DONE:
-                return [self._with_filter(parser.end(), categories)]
-            if not payload_bytes:
-                return []
-            payload = self._decode(payload_bytes, model)
-            if name == "error":
-                raise error_from_payload(payload.get("error", payload), provider=self.name, model=model)
-            for choice in payload.get("choices") or ():
-                if isinstance(choice, dict):
-                    for c in wire.filtered_categories(choice.get("content_filter_results")):
-                        if c not in categories:
-                            categories.append(c)
-            return parser.feed(payload)
+    def watch(self, payload: dict[str, Any], state: list[Any]) -> None:
+        for choice in payload.get("choices") or ():
+            if isinstance(choice, dict):
+                for c in wire.filtered_categories(choice.get("content_filter_results")):
+                    if c not in state:
+                        state.append(c)
 
-        path = self.path("chat/completions", model)
-        async with self.open("POST", path, json=body, request=request) as resp:
-            await self._expect_event_stream(resp, model)
-            yield StartEvent(model=model)
-            events = self.relay(
-                resp,
-                SSEDecoder(self.config.max_line_bytes).feed,
-                feed,
-                model=model,
-                missing_end="stream ended without [DONE] (the response may be truncated)",
-                drain_seconds=_DRAIN_SECONDS,
-            )
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    yield event
-
-    @staticmethod
-    def _with_filter(end: EndEvent, categories: list[str]) -> EndEvent:
+    def finish(self, end: EndEvent, state: list[Any] | None) -> EndEvent:
         if end.finish_reason is not FinishReason.CONTENT_FILTER or end.refusal is not None:
             return end
         refusal = Refusal(
             explanation="Azure OpenAI's content filter stopped the answer",
-            category=", ".join(categories),
+            category=", ".join(state or ()),
         )
         return EndEvent(end.finish_reason, end.usage, end.usage_reported, refusal)
-
-    async def embed_part(self, model: str, inputs: tuple[str, ...], dimensions: int | None) -> EmbedResult:
-        body = build_embed_body(model, inputs, dimensions)
-        doc = await self.post_embed(self.path("embeddings", model), body, model=model)
-        return parse_embeddings(doc, len(inputs), provider=self.name, model=model)
 
     async def list_models(self) -> list[DiscoveredModel]:
         # The data plane lists no deployments (only Azure Resource Manager does): config's.

@@ -34,7 +34,14 @@ from broker.providers.openai_wire import parse_error as parse_error_body
 from broker.providers.sse import SSEDecoder
 from broker.providers.transport import UpstreamResponse
 from broker.redact import redact
-from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, EmbedResult, StartEvent
+from broker.types import (
+    CompletionEvent,
+    CompletionRequest,
+    DiscoveredModel,
+    EmbedResult,
+    EndEvent,
+    StartEvent,
+)
 
 DONE = b"[DONE]"
 # After [DONE] only the chunked-body terminator should follow, at once. Reading it puts the
@@ -57,24 +64,46 @@ class OpenAIProvider(Provider):
         # Local compatible servers usually run without a key; sending "Bearer " would be noise.
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
+    # --- what a server speaking this wire may change (azure_openai does) -------------------
+
+    def path(self, operation: str, model: str) -> str:
+        """Where `chat/completions` or `embeddings` is, below the base URL, for `model`."""
+        return operation
+
+    def stream_watch(self) -> list[Any] | None:
+        """Per-stream state for `watch` and `finish`; None (the default): nothing to watch, and
+        the per-chunk path makes no call for it."""
+        return None
+
+    def watch(self, payload: dict[str, Any], state: list[Any]) -> None:
+        """Sees each decoded chunk before the parser (only when stream_watch gave a state)."""
+
+    def finish(self, end: EndEvent, state: list[Any] | None) -> EndEvent:
+        """The stream's EndEvent, after [DONE]."""
+        return end
+
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionEvent, None]:
         model = request.model
         # InvalidRequest (a request this protocol cannot express) before any I/O.
         body = build_body(request, max_tokens_field=self.max_tokens_field, target=self.target)
         parser = ChunkParser(provider=self.name, model=model)
+        state = self.stream_watch()
 
         def feed(event: tuple[str, bytes]) -> list[CompletionEvent]:
             name, payload_bytes = event
             if payload_bytes == DONE:
-                return [parser.end()]
+                return [self.finish(parser.end(), state)]
             if not payload_bytes:
                 return []  # an event without data
             payload = self._decode(payload_bytes, model)
             if name == "error":
                 raise error_from_payload(payload.get("error", payload), provider=self.name, model=model)
+            if state is not None:
+                self.watch(payload, state)
             return parser.feed(payload)
 
-        async with self.open("POST", "chat/completions", json=body, request=request) as resp:
+        path = self.path("chat/completions", model)
+        async with self.open("POST", path, json=body, request=request) as resp:
             await self._expect_event_stream(resp, model)
             yield StartEvent(model=model)
             events = self.relay(
@@ -90,7 +119,8 @@ class OpenAIProvider(Provider):
                     yield event
 
     async def embed_part(self, model: str, inputs: tuple[str, ...], dimensions: int | None) -> EmbedResult:
-        doc = await self.post_embed("embeddings", build_embed_body(model, inputs, dimensions), model=model)
+        body = build_embed_body(model, inputs, dimensions)
+        doc = await self.post_embed(self.path("embeddings", model), body, model=model)
         return parse_embeddings(doc, len(inputs), provider=self.name, model=model)
 
     async def list_models(self) -> list[DiscoveredModel]:
