@@ -65,7 +65,7 @@ def build_body(
             system += blocks
             continue
         role = "assistant" if msg.role == Role.ASSISTANT else "user"
-        results, blocks = _blocks(msg, i, own_type)
+        results, blocks = _blocks(msg, i)
         if not results and not blocks:
             if msg.role == Role.ASSISTANT:
                 # An empty assistant turn in history (a model that said nothing) is valid
@@ -235,14 +235,13 @@ def _system_strings(request: CompletionRequest) -> list[str]:
     return [m.text() for m in request.messages if m.role == Role.SYSTEM]
 
 
-def _blocks(msg: Message, i: int, own_type: str) -> tuple[list[Block], list[Block]]:
+def _blocks(msg: Message, i: int) -> tuple[list[Block], list[Block]]:
     """(tool_result blocks, other blocks) for one non-system message."""
     content: list[Block] = []
     for j, part in enumerate(msg.content):
         where = f"messages[{i}].content[{j}]"
         if isinstance(part, ReasoningPart):
-            if part.provider_type and part.provider_type != own_type:
-                continue  # another vendor's reasoning (CompletionCall.upstream drops it already)
+            # Only this type's reasoning is here: CompletionCall.upstream dropped the rest.
             if msg.role != Role.ASSISTANT:
                 raise errors.InvalidRequest([(where, "reasoning parts belong in assistant messages")])
             block = _reasoning_block(part, where)

@@ -78,7 +78,7 @@ def build_body(request: CompletionRequest, notes: list[str] | None = None) -> di
             system += _system_blocks(msg, i)
             continue
         role = "assistant" if msg.role == Role.ASSISTANT else "user"
-        results, blocks = _blocks(msg, i, own, names)
+        results, blocks = _blocks(msg, i, names)
         if not results and not blocks:
             if msg.role == Role.ASSISTANT:
                 continue  # an empty answer in history: Converse rejects empty content
@@ -161,13 +161,12 @@ def _system_blocks(msg: Message, i: int) -> list[Block]:
     return out
 
 
-def _blocks(msg: Message, i: int, own: str, names: _DocumentNames) -> tuple[list[Block], list[Block]]:
+def _blocks(msg: Message, i: int, names: _DocumentNames) -> tuple[list[Block], list[Block]]:
     content: list[Block] = []
     for j, part in enumerate(msg.content):
         where = f"messages[{i}].content[{j}]"
         if isinstance(part, ReasoningPart):
-            if part.provider_type and part.provider_type != own:
-                continue  # another vendor's reasoning (CompletionCall.upstream drops it already)
+            # Only this type's reasoning is here: CompletionCall.upstream dropped the rest.
             if msg.role != Role.ASSISTANT:
                 raise errors.InvalidRequest([(where, "reasoning parts belong in assistant messages")])
             block = _reasoning_block(part, where)

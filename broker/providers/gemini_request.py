@@ -68,7 +68,7 @@ def build_body(request: CompletionRequest, notes: list[str] | None = None) -> di
         role = "model" if msg.role == Role.ASSISTANT else "user"
         responses: list[Part]
         if msg.role == Role.ASSISTANT:
-            responses, parts = [], _model_parts(msg, i, own_type, request.model, notes)
+            responses, parts = [], _model_parts(msg, i, request.model, notes)
             names.update((c.id, c.name) for c in msg.tool_calls)
         elif msg.role == Role.TOOL:
             responses, parts = _tool_parts(msg, i, names)
@@ -174,7 +174,7 @@ def _media(data: bytes | None, url: str | None, media_type: str, where: str, wha
     raise errors.InvalidRequest([(where, f"{what} needs bytes or a URL")])
 
 
-def _model_parts(msg: Message, i: int, own_type: str, model: str, notes: list[str] | None) -> list[Part]:
+def _model_parts(msg: Message, i: int, model: str, notes: list[str] | None) -> list[Part]:
     """An assistant turn as the model produced it: thought summaries and text in order, then
     the function calls; each signature back on the part it came on (see the module doc)."""
     parts: list[Part] = []
@@ -182,8 +182,10 @@ def _model_parts(msg: Message, i: int, own_type: str, model: str, notes: list[st
     for j, part in enumerate(msg.content):
         where = f"messages[{i}].content[{j}]"
         if isinstance(part, ReasoningPart):
-            if (part.provider_type and part.provider_type != own_type) or part.redacted_data:
-                continue  # another vendor's reasoning (CompletionCall.upstream drops it already)
+            # Only this type's reasoning is here (CompletionCall.upstream dropped the rest);
+            # Gemini has no redacted blocks to send back.
+            if part.redacted_data:
+                continue
             if part.text:
                 thought: Part = {"text": part.text, "thought": True}
                 if part.signature:
