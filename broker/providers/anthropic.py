@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import structlog
 
@@ -18,6 +19,7 @@ from broker.providers import register
 from broker.providers.base import Provider, UpstreamErrorInfo
 from broker.providers.options import option_keys
 from broker.providers.sse import SSEDecoder
+from broker.providers.transport import UpstreamResponse
 from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
 
 # After message_stop only the body's end should remain; reading it lets the pooled
@@ -27,6 +29,43 @@ _DRAIN_SECONDS = 1.0
 _MAX_MODEL_PAGES = 50
 
 log = structlog.get_logger("broker.providers.anthropic")
+
+
+def claude_request(
+    provider: Provider, request: CompletionRequest, *, anthropic_version: str | None = None
+) -> tuple[dict[str, Any], wire.StreamParser]:
+    """The Messages body for `request` and the parser of its answer, for every host of the
+    Anthropic wire (the API itself, Claude on Vertex with its `anthropic_version`).
+    InvalidRequest (a request the protocol cannot express) before any I/O."""
+    model = request.model
+    notes: list[str] = []
+    try:
+        body = wire.build_body(request, notes, anthropic_version=anthropic_version)
+    except errors.BrokerError as exc:
+        raise exc.with_target(provider.name, model) from None
+    for note in notes:
+        log.debug("anthropic request adjusted", provider=provider.name, model=model, note=note)
+    if request.provider_options:
+        # By key only: the values are the caller's and may hold anything.
+        log.debug(
+            "provider options merged", provider=provider.name, keys=option_keys(request.provider_options)
+        )
+    parser = wire.StreamParser(provider=provider.name, model=model, json_tool=wire.forced_json_tool(request))
+    return body, parser
+
+
+def relay_events(
+    provider: Provider, resp: UpstreamResponse, parser: wire.StreamParser, model: str
+) -> AsyncGenerator[CompletionEvent, None]:
+    """A Messages event stream (after its 200 and content-type check) as neutral events."""
+    return provider.relay(
+        resp,
+        SSEDecoder(provider.config.max_line_bytes).feed,
+        lambda ev: parser.feed(ev[0], ev[1].decode("utf-8", "replace")),
+        model=model,
+        missing_end="the stream ended before message_stop (the answer may be cut short)",
+        drain_seconds=_DRAIN_SECONDS,
+    )
 
 
 @register
@@ -41,19 +80,7 @@ class AnthropicProvider(Provider):
 
     async def stream(self, request: CompletionRequest) -> AsyncGenerator[CompletionEvent, None]:
         model = request.model
-        notes: list[str] = []
-        try:
-            body = wire.build_body(request, notes)
-        except errors.BrokerError as exc:
-            raise exc.with_target(self.name, model) from None
-        for note in notes:
-            log.debug("anthropic request adjusted", provider=self.name, model=model, note=note)
-        if request.provider_options:
-            # By key only: the values are the caller's and may hold anything.
-            log.debug(
-                "provider options merged", provider=self.name, keys=option_keys(request.provider_options)
-            )
-        parser = wire.StreamParser(provider=self.name, model=model, json_tool=wire.forced_json_tool(request))
+        body, parser = claude_request(self, request)
         async with self.open("POST", "v1/messages", json=body, request=request) as resp:
             content_type = resp.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
@@ -64,14 +91,7 @@ class AnthropicProvider(Provider):
                     model=model,
                 )
             yield StartEvent(model=model)
-            events = self.relay(
-                resp,
-                SSEDecoder(self.config.max_line_bytes).feed,
-                lambda ev: parser.feed(ev[0], ev[1].decode("utf-8", "replace")),
-                model=model,
-                missing_end="the stream ended before message_stop (the answer may be cut short)",
-                drain_seconds=_DRAIN_SECONDS,
-            )
+            events = relay_events(self, resp, parser, model)
             async with contextlib.aclosing(events):
                 async for event in events:
                     yield event

@@ -23,23 +23,17 @@ import contextlib
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
-import structlog
-
 from broker import errors
 from broker.config import ProviderConfig
-from broker.providers import anthropic_request, anthropic_wire, gemini, register
+from broker.providers import anthropic, anthropic_wire, gemini, register
 from broker.providers import gemini_wire as gwire
 from broker.providers import vertex_wire as wire
 from broker.providers.base import Provider, UpstreamErrorInfo, decode_json
 from broker.providers.google_auth import GoogleCredentials
-from broker.providers.sse import SSEDecoder
 from broker.providers.transport import MAX_SMALL_BODY
 from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
 
-_DRAIN_SECONDS = 1.0
 _MAX_MODEL_PAGES = 20
-
-log = structlog.get_logger("broker.providers.vertex")
 
 
 @register
@@ -105,29 +99,14 @@ class VertexProvider(Provider):
 
     async def _claude(self, request: CompletionRequest, name: str) -> AsyncGenerator[CompletionEvent, None]:
         model = request.model
-        notes: list[str] = []
-        try:
-            body = anthropic_request.build_body(request, notes, anthropic_version=wire.ANTHROPIC_VERSION)
-        except errors.BrokerError as exc:
-            raise exc.with_target(self.name, model) from None
-        for note in notes:
-            log.debug("claude request adjusted", provider=self.name, model=model, note=note)
-        json_tool = anthropic_wire.forced_json_tool(request)
-        parser = anthropic_wire.StreamParser(provider=self.name, model=model, json_tool=json_tool)
+        body, parser = anthropic.claude_request(self, request, anthropic_version=wire.ANTHROPIC_VERSION)
         path = wire.claude_path(self.project, self.location, name)
         headers = await self._auth(model)
         async with self.open("POST", path, json=body, request=request, headers=headers) as resp:
             ctype = resp.headers.get("content-type", "")
             if "text/event-stream" in ctype:
                 yield StartEvent(model=model)
-                events = self.relay(
-                    resp,
-                    SSEDecoder(self.config.max_line_bytes).feed,
-                    lambda ev: parser.feed(ev[0], ev[1].decode("utf-8", "replace")),
-                    model=model,
-                    missing_end="the stream ended before message_stop (the answer may be cut short)",
-                    drain_seconds=_DRAIN_SECONDS,
-                )
+                events = anthropic.relay_events(self, resp, parser, model)
                 async with contextlib.aclosing(events):
                     async for event in events:
                         yield event
@@ -140,7 +119,9 @@ class VertexProvider(Provider):
                 )
             # A whole message (rawPredict's answer, from a server that does not stream).
             doc = decode_json(await resp.read(MAX_SMALL_BODY), provider=self.name, what="streamRawPredict")
-            whole = anthropic_wire.message_events(doc, provider=self.name, model=model, json_tool=json_tool)
+            whole = anthropic_wire.message_events(
+                doc, provider=self.name, model=model, json_tool=parser.json_tool
+            )
         yield StartEvent(model=model)
         for event in whole:
             yield event
