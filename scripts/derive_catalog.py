@@ -93,6 +93,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Iterable
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -224,16 +225,27 @@ def bedrock_entries(source: dict[str, Any], date: str, problems: list[str]) -> l
     out = [_bedrock_entry(k, source[k]) | {"date": date} for k in bedrock_keys(source)]
     if not out:
         problems.append("bedrock: no source key matches BEDROCK_CHAT")
-    for model in BEDROCK_EMBEDDING:
+    return out + vendor_embedding_entries("bedrock", BEDROCK_EMBEDDING, source, date, problems)
+
+
+def vendor_embedding_entries(
+    provider_type: str, models: Iterable[str], source: dict[str, Any], date: str, problems: list[str]
+) -> list[dict[str, Any]]:
+    """Embedding rows for models the source lists under their own id as the vendor's
+    embedding entries; a key that is missing or is anything else is a problem, not a row."""
+    out = []
+    for model in models:
         raw = source.get(model)
         if (
             not isinstance(raw, dict)
-            or raw.get("litellm_provider") != "bedrock"
+            or raw.get("litellm_provider") != provider_type
             or raw.get("mode") != "embedding"
         ):
-            problems.append(f"bedrock/{model}: source key {model!r} is no bedrock embedding entry")
+            problems.append(
+                f"{provider_type}/{model}: source key {model!r} is no {provider_type} embedding entry"
+            )
             continue
-        out.append(_embedding_entry("bedrock", model, raw) | {"date": date})
+        out.append(_embedding_entry(provider_type, model, raw) | {"date": date})
     return out
 
 
@@ -506,16 +518,7 @@ def derive(source: dict[str, Any], date: str) -> dict[str, Any]:
             problems.append(f"{provider_type}/{model}: source key {key!r} is no {provider_type} chat entry")
             continue
         models.append(_entry(provider_type, model, key, raw) | {"date": date})
-    for model in OPENAI_EMBEDDING:
-        raw = source.get(model)
-        if (
-            not isinstance(raw, dict)
-            or raw.get("litellm_provider") != "openai"
-            or raw.get("mode") != "embedding"
-        ):
-            problems.append(f"openai/{model}: source key {model!r} is no openai embedding entry")
-            continue
-        models.append(_embedding_entry("openai", model, raw) | {"date": date})
+    models += vendor_embedding_entries("openai", OPENAI_EMBEDDING, source, date, problems)
     for model in OLLAMA_EMBEDDING:
         models.append(_embedding_entry("ollama", model, None) | {"date": date})
     models += bedrock_entries(source, date, problems)
