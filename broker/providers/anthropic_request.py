@@ -364,14 +364,7 @@ def _data_url_image(url: str, where: str) -> Block:
 
 
 def _tool_input(arguments: str, i: int, j: int) -> dict[str, Any]:
-    where = f"messages[{i}].tool_calls[{j}].arguments"
-    try:
-        value = checks.strict_json(arguments) if arguments.strip() else {}
-    except ValueError as exc:
-        raise errors.InvalidRequest([(where, f"not valid JSON ({exc})")]) from None
-    if not isinstance(value, dict):
-        raise errors.InvalidRequest([(where, "must be a JSON object (Anthropic's tool input is an object)")])
-    return value
+    return checks.tool_arguments(arguments, i, j, vendor_says="Anthropic's tool input is an object")
 
 
 def _tool_choice(request: CompletionRequest) -> dict[str, Any] | None:

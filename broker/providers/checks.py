@@ -149,6 +149,20 @@ def _finite(text: str) -> float:
     return value
 
 
+def tool_arguments(arguments: str, i: int, j: int, *, vendor_says: str) -> dict[str, Any]:
+    """`messages[i].tool_calls[j].arguments` (JSON text from history) as the object every
+    wire but OpenAI's sends (empty text: no arguments); InvalidRequest at that path when it
+    is not strict JSON or not an object. `vendor_says` completes "must be a JSON object (...)"."""
+    where = f"messages[{i}].tool_calls[{j}].arguments"
+    try:
+        value = strict_json(arguments) if arguments.strip() else {}
+    except ValueError as exc:
+        raise errors.InvalidRequest([(where, f"not valid JSON ({exc})")]) from None
+    if not isinstance(value, dict):
+        raise errors.InvalidRequest([(where, f"must be a JSON object ({vendor_says})")])
+    return value
+
+
 def strict_json(text: str) -> Any:
     """JSON text a caller gave (tool-call arguments in history), parsed for a wire body:
     NaN, Infinity and numbers that overflow a double are refused (ValueError), and so is

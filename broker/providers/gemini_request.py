@@ -217,14 +217,7 @@ def _model_parts(msg: Message, i: int, model: str, notes: list[str] | None) -> l
 
 
 def _args(arguments: str, i: int, j: int) -> dict[str, Any]:
-    where = f"messages[{i}].tool_calls[{j}].arguments"
-    try:
-        value = checks.strict_json(arguments) if arguments.strip() else {}
-    except ValueError as exc:
-        raise errors.InvalidRequest([(where, f"not valid JSON ({exc})")]) from None
-    if not isinstance(value, dict):
-        raise errors.InvalidRequest([(where, "must be a JSON object (Gemini's function args are an object)")])
-    return value
+    return checks.tool_arguments(arguments, i, j, vendor_says="Gemini's function args are an object")
 
 
 def _tool_parts(msg: Message, i: int, names: dict[str, str]) -> tuple[list[Part], list[Part]]:

@@ -184,17 +184,8 @@ def _image_base64(part: ImagePart, where: str) -> str:
     raise errors.InvalidRequest([(where, "an image needs bytes or a URL")])
 
 
-def _arguments(arguments: str, i: int, k: int) -> Json:
-    where = f"messages[{i}].tool_calls[{k}].arguments"
-    try:
-        value = checks.strict_json(arguments) if arguments.strip() else {}
-    except ValueError as exc:
-        raise errors.InvalidRequest([(where, f"not valid JSON ({exc})")]) from None
-    if not isinstance(value, dict):
-        raise errors.InvalidRequest(
-            [(where, "must be a JSON object (Ollama's tool arguments are an object)")]
-        )
-    return value
+def _arguments(arguments: str, i: int, k: int) -> dict[str, Any]:
+    return checks.tool_arguments(arguments, i, k, vendor_says="Ollama's tool arguments are an object")
 
 
 def _tools(request: CompletionRequest) -> list[Json]:
