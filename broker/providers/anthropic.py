@@ -17,7 +17,6 @@ from broker import errors
 from broker.providers import anthropic_wire as wire
 from broker.providers import register
 from broker.providers.base import Provider, UpstreamErrorInfo
-from broker.providers.options import option_keys
 from broker.providers.sse import SSEDecoder
 from broker.providers.transport import UpstreamResponse
 from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, StartEvent
@@ -45,11 +44,6 @@ def claude_request(
         raise exc.with_target(provider.name, model) from None
     for note in notes:
         log.debug("anthropic request adjusted", provider=provider.name, model=model, note=note)
-    if request.provider_options:
-        # By key only: the values are the caller's and may hold anything.
-        log.debug(
-            "provider options merged", provider=provider.name, keys=option_keys(request.provider_options)
-        )
     parser = wire.StreamParser(provider=provider.name, model=model, json_tool=wire.forced_json_tool(request))
     return body, parser
 

@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import orjson
+import structlog
 
 from broker import errors
 from broker.config import ProviderConfig
+from broker.providers.options import option_keys
 from broker.providers.sse import SSEError
 from broker.providers.transport import (
     MAX_SMALL_BODY,
@@ -45,6 +47,8 @@ from broker.types import (
     EmbedResult,
     EndEvent,
 )
+
+log = structlog.get_logger("broker.providers")
 
 MAX_ERROR_BODY = 64 * 1024
 # One embeddings answer (a part of a split batch) is read up to this size: 2048 vectors of
@@ -228,6 +232,12 @@ class Provider(abc.ABC):
         """
         model = model or (request.model if request else "")
         deadline = request.timeout if request is not None else None
+        if request is not None and request.provider_options:
+            # Every type merges them into its body (options.merge_options); logged here once,
+            # by key only: the values are the caller's and may hold anything.
+            log.debug(
+                "provider options merged", provider=self.name, keys=option_keys(request.provider_options)
+            )
         # A completion read by the completion service is timed there (time to first token,
         # stalls: one timer, one message); the transport's read timeout is for everything else.
         timed_reads = request is None or not request.caller_times_reads

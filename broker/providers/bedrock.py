@@ -28,7 +28,6 @@ from broker.providers import aws_auth, register
 from broker.providers import bedrock_wire as wire
 from broker.providers.base import MAX_EMBED_BODY, Provider, UpstreamErrorInfo, _json_bytes, decode_json
 from broker.providers.eventstream import EventStreamDecoder
-from broker.providers.options import option_keys
 from broker.providers.transport import MAX_SMALL_BODY, Transport, UpstreamResponse
 from broker.redact import redact
 from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, EmbedResult, StartEvent
@@ -112,10 +111,6 @@ class BedrockProvider(Provider):
             raise exc.with_target(self.name, model) from None
         for note in notes:
             log.debug("bedrock request adjusted", provider=self.name, model=model, note=note)
-        if request.provider_options:
-            log.debug(
-                "provider options merged", provider=self.name, keys=option_keys(request.provider_options)
-            )
         parser = wire.StreamParser(provider=self.name, model=model)
         async with self.open("POST", path, json=data, request=request, headers=headers) as resp:
             await self._expect_event_stream(resp, model)

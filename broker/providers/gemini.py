@@ -20,7 +20,6 @@ from broker import errors
 from broker.providers import gemini_wire as wire
 from broker.providers import register
 from broker.providers.base import Provider, UpstreamErrorInfo, decode_json
-from broker.providers.options import option_keys
 from broker.providers.transport import MAX_SMALL_BODY
 from broker.redact import redact
 from broker.types import CompletionEvent, CompletionRequest, DiscoveredModel, EmbedResult, StartEvent
@@ -43,10 +42,6 @@ def build(provider: Provider, request: CompletionRequest) -> dict[str, Any]:
         raise exc.with_target(provider.name, request.model) from None
     for note in notes:
         log.debug("gemini request adjusted", provider=provider.name, model=request.model, note=note)
-    if request.provider_options:
-        log.debug(
-            "provider options merged", provider=provider.name, keys=option_keys(request.provider_options)
-        )
     return body
 
 
