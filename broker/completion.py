@@ -986,9 +986,6 @@ class Accumulated:
                 out.append(ReasoningPart("".join(pieces[2:]), pieces[0], pieces[1], ptype))
         return out
 
-    def text(self) -> str:
-        return "".join("".join(p) for k, _, p in self.runs if k == "text")
-
     def calls(self) -> list[ToolCall]:
         return [
             ToolCall(id=p[0], name=p[1], arguments="".join(p[2:]) or "{}")
