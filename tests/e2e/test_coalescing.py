@@ -40,6 +40,9 @@ async def deltas(s, model: str = "openai/gpt-4o-mini") -> tuple[list[str], list[
 async def test_a_burst_the_caller_cannot_keep_up_with_arrives_merged_and_whole(s, upstream) -> None:
     chunks = [f" w{i}" for i in range(300)]
     upstream.reply = Reply(text_chunks=chunks)  # written back to back, faster than any caller
+    # In one piece: cut into random segments (MB_TEST_SEGMENT), each awaited, the burst can
+    # arrive slowly enough for the caller to keep up, and then nothing is merged (rightly).
+    upstream.server.segmenter = None
     kinds, texts = await deltas(s)
     assert kinds[0] == "start" and kinds[-1] == "end"
     assert "".join(texts) == "".join(chunks), "merging must not lose, reorder or duplicate text"
