@@ -13,9 +13,9 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from broker.cli_client import (
     EXIT_CONNECT,
@@ -77,6 +77,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     if getattr(args, "preset", None):
         return preset_settings(args.preset)
     return settings_from_env()
+
+
+def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run the daemon's coroutine on the configured event loop (server.event_loop)."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -149,7 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             orphan_watch.cancel()
 
     try:
-        asyncio.run(run())
+        run_loop(run(), settings.server.event_loop)
     except ConfigError as exc:  # e.g. a TLS file that cannot be read
         print(f"model-broker: {exc}", file=sys.stderr)
         return 2
