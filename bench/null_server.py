@@ -3,7 +3,8 @@
 It is the floor under the broker (what grpc.aio in Python costs by itself on this machine;
 the report gives the broker's unary throughput as a share of it) and the check on the gRPC
 load generator: driven by the same generator, it shows how far that generator goes when
-the server costs almost nothing. bench-think-R-N models stream R reasoning deltas first.
+the server costs almost nothing. bench-think-R-N models stream R reasoning deltas first; bench-hold-N-MS ones pace their N
+chunks MS apart, as bench.upstream does (held streams: what grpc.aio alone holds).
 
     python -m bench.null_server --port N      prints "PORT <n>" when it listens
 """
@@ -39,7 +40,9 @@ class NullBroker(pb_grpc.ModelBrokerServicer):
         yield msg(start=pb.StreamStart(request_id="null", model=request.model, provider="null"))
         for text in reasoning_texts(shape.reasoning if shape else 0):
             yield msg(reasoning_delta=pb.ReasoningDelta(text=text))
-        for text in chunk_texts(shape.chunks if shape else 1):
+        for i, text in enumerate(chunk_texts(shape.chunks if shape else 1)):
+            if i and shape and shape.gap:  # bench-hold-N-MS: held open, as the upstream paces it
+                await asyncio.sleep(shape.gap)
             yield msg(text_delta=pb.TextDelta(text=text))
         yield msg(end=pb.StreamEnd(finish_reason=pb.FINISH_REASON_STOP))
 

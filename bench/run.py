@@ -118,7 +118,9 @@ WORKLOADS = [
         hold_gap_ms=3000,
         channels=16,
         deadline=150,
-        ways=("direct", "broker"),
+        # The floor too: a bare grpc.aio server holding the same streams shows what grpc alone
+        # loses to the burst (CANCELLED before any handler runs), apart from the broker's cost.
+        ways=("direct", "broker", "grpc-null"),
     ),
     # Embeddings: 16 inputs per call (256 floats each), direct POST /v1/embeddings vs the Embed RPC.
     Workload("embed16_c1", "embed", 16, 1, warmup=0.5, duration=4.0, ways=("direct", "broker")),
