@@ -396,6 +396,10 @@ class BrokerServer:
             ready=self.health.ready(),
             auth=f"{len(self.settings.auth.keys)} keys" if self.gate.enabled else "off",
             state="redis" if self.state.shared else "process",
+            # The loop actually running (server.event_loop picks it; cli.run_loop starts it).
+            event_loop="uvloop"
+            if type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+            else "asyncio",
             tls="mtls" if tls.client_ca_file else "tls" if tls.enabled else "off",
             metrics=f"{self.metrics_server.host}:{self.metrics_server.port}" if self.metrics_server else "",
             **({"discovery_pending": pending} if pending else {}),
