@@ -1,11 +1,11 @@
 """x-request-id in the trailers of every RPC outcome (issue 11, item 6).
 
-The interceptor gives each ModelBroker RPC its id before the handler runs: the caller's
+The auth gate gives each ModelBroker RPC its id before the servicer runs: the caller's
 `x-request-id` when it is 1-128 of [A-Za-z0-9._:-] (used, echoed in the trailers, in the
 body of completions and in the log line), else a fresh 32-hex id (an invalid one is
 ignored, not refused). Checked here for stream errors before and after the first
 message (the StreamComplete handler relays through a task of its own, which once lost the
-id), unary errors, refusals by the auth interceptor, and the other RPCs.
+id), unary errors, refusals by the auth gate, and the other RPCs.
 """
 
 from __future__ import annotations
