@@ -24,10 +24,10 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import os
 import re
 import secrets
 import sys
-import uuid
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -73,7 +73,16 @@ def request_id_for(metadata: Sequence[tuple[str, Any]] | None) -> str:
             if redact(value) == value:
                 return value
             break
-    return uuid.uuid4().hex
+    return fresh_request_id()
+
+
+def fresh_request_id() -> str:
+    """32 hex digits of a random (version 4) UUID, what `uuid.uuid4().hex` gives, without a UUID
+    object per request (measured: ~4.7k instructions instead of ~16k)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    return b.hex()
 
 
 @dataclass(frozen=True, slots=True)

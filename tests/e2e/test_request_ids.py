@@ -11,6 +11,7 @@ id), unary errors, refusals by the auth gate, and the other RPCs.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
@@ -121,6 +122,14 @@ def test_request_id_rule() -> None:
     for bad in ["", "a b", "ok\n", "x" * 129, "semi;colon", "ümlaut", "a/b"]:
         assert FRESH.fullmatch(request_id_for([("x-request-id", bad)])), bad
     assert FRESH.fullmatch(request_id_for(None))
+
+
+def test_fresh_ids_are_uuid4_hex_as_before() -> None:
+    ids = {request_id_for(None) for _ in range(2000)}
+    assert len(ids) == 2000
+    for fresh in ids:
+        u = uuid.UUID(hex=fresh)
+        assert u.hex == fresh and u.version == 4 and u.variant == uuid.RFC_4122
 
 
 @pytest.mark.parametrize(
