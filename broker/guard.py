@@ -12,12 +12,18 @@ the descriptor (`diagnose`). Each handler also maps anything the servicer lets e
 bug) to INTERNAL with a stable reason through the servicer's own abort, and a unary answer
 over the send limit to RESOURCE_EXHAUSTED RESPONSE_TOO_LARGE with ErrorInfo (grpc's own
 refusal has none).
+
+The same handlers are the auth gate's (broker/auth.py): each starts with `Gatekeeper.enter`
+(key, request id, admission, the server span) and ends with `Gatekeeper.leave`, mounted once
+here instead of a grpc interceptor wrapping every call. Streaming handlers write their
+messages themselves (`context.write`), so no generator of ours sits between the servicer's
+and grpc.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +31,7 @@ import grpc
 import structlog
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from broker import convert, errors
+from broker import auth, convert, errors
 from modelbroker.v1 import broker_pb2 as pb
 
 log = structlog.get_logger("broker.guard")
@@ -282,47 +288,82 @@ async def _default_abort(context: Any, exc: BaseException) -> None:
 
 
 def _unary(
-    name: str, method: Callable[[Any, Any], Awaitable[Any]], abort: Abort, max_response_bytes: int
+    name: str,
+    method: Callable[[Any, Any], Awaitable[Any]],
+    abort: Abort,
+    max_response_bytes: int,
+    gate: auth.Gatekeeper,
 ) -> Callable[[Any, Any], Awaitable[Any]]:
+    full_name = auth.SERVICE_PREFIX + name
+    enter, leave = gate.enter, gate.leave
+
     async def behavior(request: Any, context: Any) -> Any:
-        if isinstance(request, Undecodable):
-            _log_undecodable(name, request)
-            await abort(context, request.error)
-            raise AssertionError("abort returned")
+        # The gate first (an unauthenticated caller learns nothing about its bytes), and its
+        # `leave` in the finally, whatever ends the RPC.
+        admission = await enter(full_name, context)
         try:
-            response = await method(request, context)
-            size = response.ByteSize()
-            if size > max_response_bytes:
-                raise errors.ResponseTooLarge(
-                    f"the {name} answer is {size} bytes, over the {max_response_bytes}-byte message limit",
-                    metadata={"limit_bytes": str(max_response_bytes)},
-                )
-            return response
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await abort(context, exc)
-            raise AssertionError("abort returned") from exc
+            if isinstance(request, Undecodable):
+                _log_undecodable(name, request)
+                await abort(context, request.error)
+                raise AssertionError("abort returned")
+            try:
+                response = await method(request, context)
+                size = response.ByteSize()
+                if size > max_response_bytes:
+                    raise errors.ResponseTooLarge(
+                        f"the {name} answer is {size} bytes, over the {max_response_bytes}-byte message limit",
+                        metadata={"limit_bytes": str(max_response_bytes)},
+                    )
+                return response
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                await abort(context, exc)
+                raise AssertionError("abort returned") from exc
+        finally:
+            storing = leave(admission, context)
+            if storing is not None:
+                await asyncio.shield(storing)
 
     return behavior
 
 
-def _streaming(name: str, method: Callable[[Any, Any], Any], abort: Abort) -> Callable[[Any, Any], Any]:
-    async def behavior(request: Any, context: Any) -> AsyncIterator[Any]:
-        if isinstance(request, Undecodable):
-            _log_undecodable(name, request)
-            await abort(context, request.error)
-            return
-        responses = method(request, context)
+def _streaming(
+    name: str, method: Callable[[Any, Any], Any], abort: Abort, gate: auth.Gatekeeper
+) -> Callable[[Any, Any], Awaitable[None]]:
+    full_name = auth.SERVICE_PREFIX + name
+    enter, leave = gate.enter, gate.leave
+
+    # A coroutine that writes each response itself (grpc's reader/writer form), not an async
+    # generator grpc iterates: grpc's loop does the same `context.write` per message, and one
+    # generator hop less per message is what a stream's chunks save.
+    async def behavior(request: Any, context: Any) -> None:
+        admission = await enter(full_name, context)
         try:
-            async for response in responses:
-                yield response
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await abort(context, exc)
+            if isinstance(request, Undecodable):
+                _log_undecodable(name, request)
+                await abort(context, request.error)
+                return
+            write = context.write
+            responses = method(request, context)
+            writing = False
+            try:
+                async for response in responses:
+                    writing = True
+                    await write(response)
+                    writing = False
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                if writing:
+                    raise  # grpc's own write failing (the caller gone, the server stopped): grpc's to handle
+                await abort(context, exc)
+            finally:
+                await responses.aclose()
         finally:
-            await responses.aclose()
+            storing = leave(admission, context)
+            if storing is not None:
+                await asyncio.shield(storing)
 
     return behavior
 
@@ -333,35 +374,41 @@ def _log_undecodable(name: str, request: Undecodable) -> None:
 
 
 def handlers(
-    servicer: Any, *, abort: Abort | None = None, max_response_bytes: int
+    servicer: Any, gate: auth.Gatekeeper, *, abort: Abort | None = None, max_response_bytes: int
 ) -> dict[str, grpc.RpcMethodHandler]:
-    """The ModelBroker method handlers, guarded (see the module doc). `abort(context, exc)`
-    turns an exception into the RPC's status and must raise (the servicer's own `_abort`,
-    which adds the request id); `max_response_bytes`: the server's send limit."""
+    """The ModelBroker method handlers, guarded (see the module doc) and gated (`gate`:
+    authentication, request id, admission; broker/auth.py). `abort(context, exc)` turns an
+    exception into the RPC's status and must raise (the servicer's own `_abort`, which adds
+    the request id); `max_response_bytes`: the server's send limit."""
     abort = abort or _default_abort
     service = pb.DESCRIPTOR.services_by_name["ModelBroker"]
     out: dict[str, grpc.RpcMethodHandler] = {}
     for m in service.methods:
+        if m.client_streaming:
+            # None today; a new shape needs its own gated handler, never an ungated one.
+            raise TypeError(f"{m.full_name}: client-streaming RPCs have no gated handler")
         request_cls = getattr(pb, m.input_type.name)
         response_cls = getattr(pb, m.output_type.name)
         method = getattr(servicer, m.name)
         if m.server_streaming:
             out[m.name] = grpc.unary_stream_rpc_method_handler(
-                _streaming(m.name, method, abort),
+                _streaming(m.name, method, abort, gate),
                 request_deserializer=deserializer(request_cls),
                 response_serializer=response_cls.SerializeToString,
             )
         else:
             out[m.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(m.name, method, abort, max_response_bytes),
+                _unary(m.name, method, abort, max_response_bytes, gate),
                 request_deserializer=deserializer(request_cls),
                 response_serializer=response_cls.SerializeToString,
             )
     return out
 
 
-def add_servicer(server: Any, servicer: Any, *, abort: Abort | None = None, max_response_bytes: int) -> None:
-    """What `add_ModelBrokerServicer_to_server(servicer, server)` does, guarded."""
-    rpc_handlers = handlers(servicer, abort=abort, max_response_bytes=max_response_bytes)
+def add_servicer(
+    server: Any, servicer: Any, gate: auth.Gatekeeper, *, abort: Abort | None = None, max_response_bytes: int
+) -> None:
+    """What `add_ModelBrokerServicer_to_server(servicer, server)` does, guarded and gated."""
+    rpc_handlers = handlers(servicer, gate, abort=abort, max_response_bytes=max_response_bytes)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, rpc_handlers),))
     server.add_registered_method_handlers(SERVICE, rpc_handlers)

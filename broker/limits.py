@@ -16,7 +16,6 @@ stays in the process whatever the store.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from broker import errors
@@ -25,9 +24,6 @@ from broker.config import CallerKey
 
 # No clock tells when a stream slot frees up; this is a nominal "try again soon".
 STREAM_RETRY_SECONDS = 1.0
-
-# Called once when an admitted RPC ends; done once its usage is charged (bounded).
-Release = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,13 +3,21 @@
 Every event passes through `redact_processor` last-but-one, so no provider or caller key
 can reach a log line whatever a call site puts in it. Whatever bounds a line's size must run
 after it (redact first, then truncate: a cut key may be too short to recognise).
+
+Every request writes a line, so the chain is kept cheap where it can be without changing a
+byte of it: `bound_and_redact` does `errors.bound_log_processor` + `redact_processor` in one
+pass when every value is a plain scalar or a short string (the two-step path otherwise), the
+timestamp is structlog's ISO-UTC text without a datetime per line (`iso_utc_stamp`), and the
+JSON is json.dumps's with one encoder for all lines (`json_renderer`).
 """
 
 from __future__ import annotations
 
+import json as _json
 import logging
 import sys
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -17,11 +25,18 @@ import structlog
 from broker import errors
 from broker.redact import redact
 
+# What `_redact_value` passes through untouched (a tuple built once: `bool | int | float` in
+# an isinstance call builds a union object per call).
+_SCALARS = (bool, int, float)
+# The exact types a value may have for `bound_and_redact`'s one pass (subclasses take the
+# general path, so they are treated exactly as before).
+_PLAIN = frozenset({bool, int, float, type(None)})
+
 
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
-    if value is None or isinstance(value, bool | int | float):
+    if value is None or isinstance(value, _SCALARS):
         return value
     if isinstance(value, dict):
         return {redact(k) if isinstance(k, str) else k: _redact_value(v) for k, v in value.items()}
@@ -34,6 +49,71 @@ def _redact_value(value: Any) -> Any:
 
 def redact_processor(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
     return {k: _redact_value(v) for k, v in event.items()}
+
+
+def bound_and_redact(logger: Any, name: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+    """`redact_processor(errors.bound_log_processor(event))`, the same result: when every value
+    is a str within `errors.MAX_LOG_VALUE_CHARS` (which bounding leaves alone) or a plain
+    scalar, one pass that only redacts the strings; anything else takes both steps."""
+    out: dict[str, Any] = {}
+    limit = errors.MAX_LOG_VALUE_CHARS
+    for k, v in event.items():
+        t = type(v)
+        if t is str:
+            if len(v) > limit:
+                break
+            out[k] = redact(v)
+        elif t in _PLAIN:
+            out[k] = v
+        else:
+            break
+    else:
+        return out
+    return redact_processor(logger, name, errors.bound_log_processor(logger, name, event))
+
+
+def iso_utc_stamp(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog's `TimeStamper(fmt="iso", utc=True)`: the same text (`datetime.now(utc)
+    .isoformat()` with `Z`, microseconds floored, none shown when 0), with the date and time
+    formatted once per second instead of a datetime per line."""
+    secs, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    cached = _stamp_second
+    if cached[0] != secs:
+        t = time.gmtime(secs)
+        text = f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+        cached = _set_stamp_second(secs, text)
+    event["timestamp"] = f"{cached[1]}.{micros:06d}Z" if micros else f"{cached[1]}Z"
+    return event
+
+
+# (second, its text): replaced whole, so a thread never pairs one second with another's text.
+_stamp_second: tuple[int, str] = (-1, "")
+
+
+def _set_stamp_second(secs: int, text: str) -> tuple[int, str]:
+    global _stamp_second
+    _stamp_second = (secs, text)
+    return _stamp_second
+
+
+def _json_fallback(obj: Any) -> Any:
+    # What structlog's JSONRenderer does with a value json cannot encode (after
+    # redact_processor every value is JSON already, so this is only a safety net).
+    try:
+        return obj.__structlog__()
+    except AttributeError:
+        return repr(obj)
+
+
+def json_renderer() -> Callable[[Any, str, MutableMapping[str, Any]], str]:
+    """structlog's `JSONRenderer()`: `json.dumps(event, default=...)`, the same text, from one
+    encoder (json.dumps with `default` builds a JSONEncoder per call)."""
+    encode = _json.JSONEncoder(default=_json_fallback).encode
+
+    def render(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> str:
+        return encode(event)
+
+    return render
 
 
 def _static_fields(fields: Mapping[str, Any]) -> Any:
@@ -52,19 +132,17 @@ def configure_logging(
     so a request line says which process served it."""
     if json is None:
         json = not sys.stderr.isatty()
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer: Any = json_renderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     extra = [_static_fields(dict(static))] if static else []
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             *extra,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            iso_utc_stamp,
             structlog.processors.format_exc_info,
-            errors.bound_log_processor,  # bounded lines: no caller string makes a 3 MB line
-            redact_processor,
+            # Bounded lines (no caller string makes a 3 MB line), then redacted.
+            bound_and_redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -82,13 +160,12 @@ def configure_logging(
                 *extra,
                 structlog.stdlib.add_logger_name,
                 structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                iso_utc_stamp,
             ],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
-                errors.bound_log_processor,
-                redact_processor,
+                bound_and_redact,
                 renderer,
             ],
         )

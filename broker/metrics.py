@@ -2,11 +2,12 @@
 
 Served on `metrics.listen` / `serve --metrics-listen HOST:PORT` at any path (use /metrics).
 
-Cost on the hot path: one dict lookup for the (model, provider) children plus a handful of
-inc/observe calls per request, once at its end; nothing per chunk. Label values come from
-the resolved target, never from raw request text, and distinct models are capped
-(`MAX_MODELS`, then "_other") so a caller naming random models cannot grow the series
-without bound.
+Cost on the hot path: one dict lookup for all of a request's children (`_series`, keyed by
+its rpc, model, provider and status: `.labels()` is a lock and a few Python calls per use)
+plus a handful of inc/observe calls per request, once at its end; nothing per chunk. Label
+values come from the resolved target, never from raw request text, and distinct models are
+capped (`MAX_MODELS`, then "_other") so a caller naming random models cannot grow the series
+without bound (nor the lookup table, emptied at `MAX_SERIES`).
 
 With `serve --workers N` each worker writes its samples to files in
 PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, picked when that variable
@@ -40,6 +41,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 MAX_MODELS = 256
 OTHER = "_other"
+# Entries of the (rpc, model, provider, status) -> children table before it is emptied (the
+# children themselves stay registered: this only bounds the table of shortcuts to them).
+MAX_SERIES = 4096
 RPCS = ("Complete", "StreamComplete", "Embed")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -59,6 +63,16 @@ class _Children:
     tokens_in: Any
     tokens_out: Any
     cost: Any
+
+
+@dataclass(slots=True)
+class _Series:
+    """Everything one finished request of (rpc, model, provider, status) touches."""
+
+    requests: Any  # modelbroker_requests{rpc, model, provider, status}
+    duration: Any  # modelbroker_request_duration_seconds{model, provider}
+    children: _Children | None  # None: no provider (refused before one was chosen)
+    overhead: Any  # modelbroker_overhead_seconds{rpc}, None for an rpc without it
 
 
 class BrokerMetrics:
@@ -171,6 +185,9 @@ class BrokerMetrics:
         self._overhead = {rpc: self.overhead.labels(rpc) for rpc in RPCS}
         self._children: dict[tuple[str, str], _Children] = {}
         self._models: set[str] = set()
+        # (rpc, model as the request named it, provider, status) -> its children; by the raw
+        # model, as `model_label` maps a given model the same way for good.
+        self._series: dict[tuple[str, str, str, str], _Series] = {}
 
     def _for(self, model: str, provider: str) -> _Children:
         key = (model, provider)
@@ -193,6 +210,20 @@ class BrokerMetrics:
         self._models.add(model)
         return model
 
+    def _series_for(self, rpc: str, model: str, provider: str, status: str) -> _Series:
+        label = self.model_label(model)
+        children = self._for(label, provider) if provider else None
+        series = _Series(
+            self.requests.labels(rpc, label, provider, status),
+            self.duration.labels(label, provider) if children is None else children.duration,
+            children,
+            self._overhead.get(rpc),
+        )
+        if len(self._series) >= MAX_SERIES:
+            self._series.clear()
+        self._series[(rpc, model, provider, status)] = series
+        return series
+
     def observe(
         self,
         rpc: str,
@@ -208,13 +239,14 @@ class BrokerMetrics:
         cost_micro_usd: int | None = None,
     ) -> None:
         """One finished completion RPC. `upstream_wait` None: it never reached a provider."""
-        model = self.model_label(model)
-        self.requests.labels(rpc, model, provider, status).inc()
-        if not provider:  # refused before any provider was chosen: only count and time it
-            self.duration.labels(model, provider).observe(duration)
+        series = self._series.get((rpc, model, provider, status))
+        if series is None:
+            series = self._series_for(rpc, model, provider, status)
+        series.requests.inc()
+        series.duration.observe(duration)
+        c = series.children
+        if c is None:  # refused before any provider was chosen: only count and time it
             return
-        c = self._for(model, provider)
-        c.duration.observe(duration)
         if ttft is not None:
             c.ttft.observe(ttft)
         if tokens_in:
@@ -223,8 +255,8 @@ class BrokerMetrics:
             c.tokens_out.inc(tokens_out)
         if cost_micro_usd:
             c.cost.inc(cost_micro_usd)
-        if upstream_wait is not None and rpc in self._overhead:
-            self._overhead[rpc].observe(max(duration - upstream_wait, 0.0))
+        if upstream_wait is not None and series.overhead is not None:
+            series.overhead.observe(max(duration - upstream_wait, 0.0))
 
     def count_spend(self, caller: str, micro_usd: int) -> None:
         self.spend.labels(caller).inc(micro_usd)

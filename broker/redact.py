@@ -22,7 +22,10 @@ prefix or mask, or every `http://...` would go: its credentials are registered o
 
 It runs on every log line, so it is one compiled regex (the well-known shapes plus a
 lookahead over the first 3 characters of every registered secret) and, only where one of
-those matches, a few string comparisons against the secrets starting that way.
+those matches, a few string comparisons against the secrets starting that way. Short texts
+are remembered with their result (a request line's model, provider, rpc and status repeat
+line after line; a dict lookup is a fraction of a regex search), in a table that is
+replaced whenever a secret is registered, so no answer from before a secret counts after.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ _PREFIX_ANYWHERE = 16
 _by_head: dict[str, list[str]] = {}
 # None: no secret registered, only the shapes apply.
 _pattern: re.Pattern[str] | None = None
+# Texts up to _MEMO_MAX_CHARS -> their redaction, at most _MEMO_ENTRIES (then emptied). A
+# new dict whenever the secrets change: a redaction under way while a secret is registered
+# stores its (older) answer in the dict being dropped, never in the current one.
+_MEMO_MAX_CHARS = 128
+_MEMO_ENTRIES = 4096
+_memo: dict[str, str] = {}
 
 
 def _rebuild() -> None:
@@ -78,6 +87,13 @@ def _rebuild() -> None:
     _pattern = re.compile(f"(?=[{first}])(?:(?=(?P<head>{heads}))|(?P<shape>{_KEY_SHAPES_SRC}))")
     _by_head.clear()
     _by_head.update(by_head)
+    _forget()
+
+
+def _forget() -> None:
+    """Drop every remembered redaction (the secrets changed); last, after the pattern."""
+    global _memo
+    _memo = {}
 
 
 def register_secret(secret: str | None) -> None:
@@ -174,6 +190,19 @@ def redact(text: str) -> str:
     """`text` with every registered secret, its prefixes and masked echoes, and key shapes replaced."""
     if not text:
         return text
+    if len(text) > _MEMO_MAX_CHARS or type(text) is not str:  # a str subclass comes back as itself
+        return _redact(text)
+    memo = _memo  # taken before the pattern is read: see _memo
+    done = memo.get(text)
+    if done is None:
+        done = _redact(text)
+        if len(memo) >= _MEMO_ENTRIES:
+            memo.clear()
+        memo[text] = done
+    return done
+
+
+def _redact(text: str) -> str:
     pattern = _pattern
     if pattern is None:
         return _KEY_SHAPES.sub(REDACTED, text)
@@ -209,3 +238,4 @@ def _reset_for_tests() -> None:
     _partial.clear()
     _by_head.clear()
     _pattern = None
+    _forget()

@@ -3,7 +3,7 @@
 The servicer opens a `RequestScope` for each Complete / StreamComplete / Embed (`Scopes.open`) and
 does only convert -> service -> convert inside it. The scope owns:
 
-- the request id (set by the auth interceptor before the handler runs; a servicer mounted
+- the request id (set by the auth gate before the servicer runs; a servicer mounted
   without it makes its own), the caller's deadline, the call's `CallRecord`;
 - drain: refusing new completions once `draining` (SHUTTING_DOWN), the in-flight count,
   and cutting what still runs when the grace period ends (each cut call ends with

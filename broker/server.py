@@ -6,8 +6,8 @@ away or its deadline passes, grpc.aio raises CancelledError in the handler at it
 await; the provider stream is closed by `aclosing` on the way out (closing the upstream
 HTTP request) and the CancelledError is re-raised.
 
-Request ids: the auth interceptor (broker/auth.py) gives every ModelBroker RPC its id
-before the handler runs (the caller's valid `x-request-id`, else a fresh one) and puts it
+Request ids: the auth gate (broker/auth.py) gives every ModelBroker RPC its id
+before the servicer runs (the caller's valid `x-request-id`, else a fresh one) and puts it
 in the trailers; `_abort` keeps it there for every error, streams included.
 
 Start and stop (`serve_until_signal`): the SIGTERM/SIGINT handlers are installed before the
@@ -317,14 +317,14 @@ class BrokerServer:
         self.server = grpc.aio.server(
             options=options,
             maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
-            interceptors=[self.gate.interceptor],
         )
         self.servicer = ModelBrokerServicer(
             settings, self.registry, self.health, self.metrics, state=self.state
         )
-        # Deserializers that never raise and a catch-all around every handler (broker/guard.py).
+        # Deserializers that never raise and a catch-all around every handler (broker/guard.py),
+        # each handler starting with the gate (auth, request id, admission).
         guard.add_servicer(
-            self.server, self.servicer, abort=self.servicer._abort, max_response_bytes=max_bytes
+            self.server, self.servicer, self.gate, abort=self.servicer._abort, max_response_bytes=max_bytes
         )
         from grpc_health.v1 import health_pb2_grpc
 

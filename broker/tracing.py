@@ -12,8 +12,8 @@ Shape of a trace, one per RPC:
 
 - the server span `modelbroker.v1.ModelBroker/<Method>` (kind SERVER), a child of the
   caller's `traceparent` (W3C trace context read from the gRPC metadata, with `baggage`),
-  started by the auth interceptor before admission (refusals are traced too) and ended when
-  the RPC ends; the request scope adds the request's outcome (broker/scope.py);
+  started by the auth gate before admission (refusals are traced too) and ended when
+  the RPC ends (`Gatekeeper.enter` and `leave`, broker/auth.py); the request scope adds the request's outcome (broker/scope.py);
 - per upstream attempt a client span `chat <model>` or `embeddings <model>` (kind CLIENT),
   a child of the server span: retries and fallbacks are siblings, numbered by
   `modelbroker.attempt` in the order the request log counts them.
@@ -34,11 +34,10 @@ context, so nothing has to be attached and detached across a stream's awaits.
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import grpc
@@ -92,8 +91,6 @@ class _MetadataGetter(Getter[Mapping[str, str]]):
 
 
 _GETTER = _MetadataGetter()
-# What the auth gate's admission returns: called once when the RPC ends.
-_Release = TypeVar("_Release", bound=Callable[[], Any])
 
 
 @dataclass(slots=True)
@@ -148,7 +145,7 @@ class RequestTrace:
 
 
 # The current RPC's trace (None: tracing off, or not a ModelBroker RPC). Set by the auth
-# interceptor in the RPC's own task; tasks the handler starts copy it.
+# gate in the RPC's own task; tasks the handler starts copy it.
 CURRENT: ContextVar[RequestTrace | None] = ContextVar("modelbroker_trace", default=None)
 
 
@@ -287,34 +284,6 @@ class Tracing:
         rt = RequestTrace(self, span, set_span_in_context(span, parent), rpc_method.endswith("Complete"))
         CURRENT.set(rt)
         return rt
-
-    def around(
-        self,
-        enter: Callable[[Any], Coroutine[Any, Any, _Release]],
-        method: str,
-        metadata: Sequence[tuple[str, Any]] | None,
-    ) -> Callable[[Any], Coroutine[Any, Any, _Release]]:
-        """The auth gate's `enter` (admission, returning the release to call when the RPC
-        ends) inside a server span: a refusal ends the span with its status; otherwise the
-        release ends it, with the status of the RPC's end (read from the context)."""
-
-        async def traced(context: Any) -> _Release:
-            rt = self.start_rpc(method, metadata)
-            try:
-                release = await enter(context)
-            except BaseException as exc:
-                self.end_rpc(rt, context, exc)
-                raise
-
-            def ending() -> Any:
-                # Called from the handler's `finally`: exc_info is what ends the RPC, if anything.
-                result = release()
-                self.end_rpc(rt, context, sys.exc_info()[1])
-                return result
-
-            return cast(_Release, ending)
-
-        return traced
 
     @staticmethod
     def end_rpc(rt: RequestTrace, context: Any, error: BaseException | None = None) -> None:

@@ -213,3 +213,14 @@ def test_cli_providers_prints_the_errors_time_and_state(capsys, monkeypatch) -> 
     monkeypatch.setattr(modelbroker.client, "BrokerClient", FakeClient)
     assert cli.main(["providers"]) == 0
     assert "last error (resolved, 2027-01-15T08:00:00Z): boom" in capsys.readouterr().out
+
+
+def test_a_text_redacted_before_its_secret_was_registered_is_redacted_after() -> None:
+    """Short texts are remembered with their redaction: registering a secret forgets them."""
+    s = f"zz{secrets.token_hex(12)}"
+    text = f"key {s}"
+    assert redact(text) == text and redact(text) == text  # remembered: nothing to hide yet
+    register_secret(s)
+    assert redact(text) == f"key {REDACTED}"
+    long_text = f"{'x' * 200} {s}"  # past the remembered length: redacted afresh every time
+    assert redact(long_text) == f"{'x' * 200} {REDACTED}"

@@ -209,6 +209,19 @@ async def test_health_and_reflection_stay_open_without_a_key(authed) -> None:
     assert "modelbroker.v1.ModelBroker" in names and "grpc.health.v1.Health" in names
 
 
+@pytest.mark.parametrize(
+    "method", ["/modelbroker.v1.ModelBroker/NoSuchMethod", "/modelbroker.v1.Elsewhere/Complete"]
+)
+async def test_unknown_methods_are_unimplemented_with_or_without_a_key(authed, method) -> None:
+    """The gate lives in the handlers the guard mounts: a method with none is grpc's
+    UNIMPLEMENTED, keyed or not, never UNAUTHENTICATED."""
+    _, ch = authed
+    call = ch.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    for metadata in ((), bearer(KEY_A)):
+        err = await refused(call(b"", metadata=metadata, timeout=10))
+        assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 async def test_request_rate_limit_refuses_with_retry_info_then_recovers(upstream, daemon, channel_to) -> None:
     # 30/minute refills one request every 2 s; a burst of 2 lets two through at once.
     limited = key("team-a", KEY_A, requests_per_minute=30, burst=2)

@@ -135,6 +135,64 @@ def test_model_labels_are_capped() -> None:
     assert m.model_label("m0") == "m0", "models seen before the cap keep their label"
 
 
+def test_observe_records_the_same_series_through_its_lookup_table(monkeypatch) -> None:
+    """`observe` reaches its children through a table of shortcuts (bounded, emptied when
+    full): what is recorded is what `.labels()` per request recorded, the model cap included."""
+    monkeypatch.setattr("broker.metrics.MAX_SERIES", 8)
+    m = BrokerMetrics(process=False)
+    get = m.registry.get_sample_value
+    for i in range(MAX_MODELS + 20):
+        m.observe(
+            "Complete", model=f"m{i}", provider="p", status="OK", duration=0.5, ttft=0.1, upstream_wait=0.4
+        )
+    for _ in range(3):  # again, after the table was emptied many times over
+        m.observe(
+            "Complete",
+            model="m0",
+            provider="p",
+            status="OK",
+            duration=0.5,
+            ttft=0.1,
+            upstream_wait=0.4,
+            tokens_in=7,
+            tokens_out=2,
+            cost_micro_usd=5,
+        )
+        m.observe(
+            "Complete",
+            model=f"m{MAX_MODELS + 5}",
+            provider="p",
+            status="OK",
+            duration=0.5,
+            ttft=None,
+            upstream_wait=None,
+        )
+        m.observe(
+            "StreamComplete",
+            model="",
+            provider="",
+            status="RESOURCE_EXHAUSTED",
+            duration=0.001,
+            ttft=None,
+            upstream_wait=None,
+        )
+    assert len(m._series) <= 8
+    ok = {"rpc": "Complete", "provider": "p", "status": "OK"}
+    assert get("modelbroker_requests_total", {**ok, "model": "m0"}) == 4
+    assert get("modelbroker_requests_total", {**ok, "model": OTHER}) == 20 + 3
+    assert get("modelbroker_request_duration_seconds_count", {"model": "m0", "provider": "p"}) == 4
+    assert get("modelbroker_time_to_first_token_seconds_count", {"model": "m0", "provider": "p"}) == 4
+    assert get("modelbroker_time_to_first_token_seconds_count", {"model": OTHER, "provider": "p"}) == 20
+    assert get("modelbroker_tokens_total", {"model": "m0", "provider": "p", "direction": "input"}) == 21
+    assert get("modelbroker_cost_micro_usd_total", {"model": "m0", "provider": "p"}) == 15
+    assert get("modelbroker_overhead_seconds_count", {"rpc": "Complete"}) == MAX_MODELS + 20 + 3
+    refused = {"rpc": "StreamComplete", "model": "", "provider": "", "status": "RESOURCE_EXHAUSTED"}
+    assert get("modelbroker_requests_total", refused) == 3
+    assert get("modelbroker_request_duration_seconds_count", {"model": "", "provider": ""}) == 3
+    assert get("modelbroker_time_to_first_token_seconds_count", {"model": "", "provider": ""}) is None
+    assert get("modelbroker_overhead_seconds_count", {"rpc": "StreamComplete"}) == 0
+
+
 def test_metrics_listen_is_validated_with_its_path() -> None:
     with pytest.raises(ConfigError) as err:
         settings_from_dict({"metrics": {"listen": "9464"}}, env={})

@@ -1,16 +1,17 @@
 """x-request-id in the trailers of every RPC outcome (issue 11, item 6).
 
-The interceptor gives each ModelBroker RPC its id before the handler runs: the caller's
+The auth gate gives each ModelBroker RPC its id before the servicer runs: the caller's
 `x-request-id` when it is 1-128 of [A-Za-z0-9._:-] (used, echoed in the trailers, in the
 body of completions and in the log line), else a fresh 32-hex id (an invalid one is
 ignored, not refused). Checked here for stream errors before and after the first
 message (the StreamComplete handler relays through a task of its own, which once lost the
-id), unary errors, refusals by the auth interceptor, and the other RPCs.
+id), unary errors, refusals by the auth gate, and the other RPCs.
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
@@ -121,6 +122,14 @@ def test_request_id_rule() -> None:
     for bad in ["", "a b", "ok\n", "x" * 129, "semi;colon", "ümlaut", "a/b"]:
         assert FRESH.fullmatch(request_id_for([("x-request-id", bad)])), bad
     assert FRESH.fullmatch(request_id_for(None))
+
+
+def test_fresh_ids_are_uuid4_hex_as_before() -> None:
+    ids = {request_id_for(None) for _ in range(2000)}
+    assert len(ids) == 2000
+    for fresh in ids:
+        u = uuid.UUID(hex=fresh)
+        assert u.hex == fresh and u.version == 4 and u.variant == uuid.RFC_4122
 
 
 @pytest.mark.parametrize(
