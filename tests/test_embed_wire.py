@@ -7,7 +7,7 @@ import math
 import pytest
 
 from broker import errors
-from broker.providers import ollama_wire, openai_wire
+from broker.providers import checks, ollama_wire, openai_wire
 
 KW = {"provider": "p", "model": "m"}
 
@@ -74,3 +74,61 @@ def test_ollama_body_and_answer() -> None:
         ollama_wire.parse_embed({"embeddings": [[0.1]]}, 2, **KW)
     with pytest.raises(errors.UpstreamProtocolError):
         ollama_wire.parse_embed({"embeddings": [[0.1], [float("nan")]]}, 2, **KW)
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (None, "data[0].embedding is null, not an embedding vector"),
+        ([], "data[0].embedding is a JSON list, not an embedding vector"),
+        ({"a": 1}, "data[0].embedding is a JSON dict, not an embedding vector"),
+        ([1.0] * 65537, "data[0].embedding is a JSON list, not an embedding vector"),
+        ([1.0, True, "x"], "data[0].embedding holds True, not a finite number"),
+        ([False], "data[0].embedding holds False, not a finite number"),
+        ([0.5, 2, "x"], "data[0].embedding holds 'x', not a finite number"),
+        ([1.0, None], "data[0].embedding holds null, not a finite number"),
+        ([1.0, [1.0]], "data[0].embedding holds a JSON list, not a finite number"),
+        ([1.0, {"k": 1}], "data[0].embedding holds a JSON dict, not a finite number"),
+        ([1.0, float("nan"), True], "data[0].embedding holds nan, not a finite number"),
+        ([float("inf")], "data[0].embedding holds inf, not a finite number"),
+        ([1.0, float("-inf")], "data[0].embedding holds -inf, not a finite number"),
+        ([1.0, 10**400], "data[0].embedding holds an integer of 1329 bits, not a finite number"),
+    ],
+)
+def test_a_bad_vector_is_named_with_its_first_bad_number(value: object, says: str) -> None:
+    with pytest.raises(errors.UpstreamProtocolError) as err:
+        openai_wire.parse_embeddings({"data": [{"index": 0, "embedding": value}]}, 1, **KW)
+    assert err.value.message == f"p: {says}" and err.value.reason == "UPSTREAM_PROTOCOL_ERROR"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [0.25, -0.5, 1e-30],
+        [1, 0, -3],  # integers, as JavaScript's JSON.stringify writes 1.0 and 0.0
+        [0.5, 2, 0.25],
+        [2**70, 0.5],
+        [1e308, 1e308],  # finite, though their sum overflows
+        [float.fromhex("0x1.fffffffffffffp+1023")] * 3,
+    ],
+)
+def test_good_vectors_are_floats(value: list[float]) -> None:
+    (v,) = openai_wire.parse_embeddings({"data": [{"embedding": value}]}, 1, **KW).vectors
+    assert isinstance(v, tuple) and v == tuple(float(x) for x in value)
+    assert all(type(x) is float for x in v)
+
+
+def test_a_float_subclass_becomes_a_float() -> None:
+    class F(float):
+        pass
+
+    v = checks.vector([F(0.5), 0.25], field="f", **KW)
+    assert v == (0.5, 0.25) and all(type(x) is float for x in v)
+
+
+def test_mean_pooling_is_a_mean_per_dimension() -> None:
+    rows = [[0.1, 0.7, -0.2], [0.3, 0.3, 0.9], [0.25, -0.1, 0.05]]
+    (v,) = openai_wire.parse_embeddings({"data": [{"embedding": rows}]}, 1, **KW).vectors
+    mean = [sum(r[d] for r in rows) / 3 for d in range(3)]
+    norm = math.sqrt(sum(x * x for x in mean))
+    assert v == tuple(x / norm for x in mean)  # exactly: the same additions, in the same order

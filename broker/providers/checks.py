@@ -10,6 +10,8 @@ and counts against the provider's health like any other broken stream. Used by t
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any
 
 import orjson
@@ -63,14 +65,30 @@ def vector(value: Any, *, field: str, provider: str, model: str) -> tuple[float,
     """An embedding: a non-empty list of finite numbers, at most MAX_DIMENSIONS long."""
     if not isinstance(value, list) or not value or len(value) > MAX_DIMENSIONS:
         raise protocol_error(provider, model, f"{field} is {_show(value)}, not an embedding vector")
+    # The common case, all floats, in two C passes instead of a Python loop per number (about
+    # 250 instead of 4,000 instructions a number; a 1536-dimension vector is 1536 of them):
+    # float.conjugate is the identity on a float and a TypeError on anything else (bool and
+    # int included), so the tuple is built and every type checked at once; a sum of finite
+    # numbers is finite unless it overflows, and NaN or an infinity anywhere makes it not.
+    try:
+        out = tuple(map(float.conjugate, value))
+    except TypeError:
+        return _numbers(value, field=field, provider=provider, model=model)
+    if math.isfinite(sum(out)):
+        return out
+    return _numbers(value, field=field, provider=provider, model=model)
+
+
+def _numbers(value: list[Any], *, field: str, provider: str, model: str) -> tuple[float, ...]:
+    """`vector`, number by number: the first bad one named; ints (JSON writers may send 0 or
+    1) become floats; finite numbers whose sum overflowed pass."""
     for x in value:
-        if (
-            isinstance(x, bool)
-            or not isinstance(x, int | float)
-            or x != x
-            or x in (float("inf"), float("-inf"))
-        ):
-            raise protocol_error(provider, model, f"{field} holds {_show(x)}, not a finite number")
+        if isinstance(x, float):
+            if math.isfinite(x):
+                continue
+        elif isinstance(x, int) and not isinstance(x, bool) and abs(x) <= sys.float_info.max:
+            continue  # in range for float() (orjson gives larger integers as floats already)
+        raise protocol_error(provider, model, f"{field} holds {_show(x)}, not a finite number")
     return tuple(float(x) for x in value)
 
 

@@ -410,7 +410,8 @@ def mean_pooled(rows: list[Any], *, field: str, provider: str, model: str) -> tu
     dims = len(tokens[0])
     if any(len(t) != dims for t in tokens):
         raise checks.protocol_error(provider, model, f"{field}: per-token vectors of different lengths")
-    mean = [sum(t[d] for t in tokens) / len(tokens) for d in range(dims)]
+    # Column sums through zip: the same additions in the same order as a loop per dimension.
+    mean = [total / len(tokens) for total in map(sum, zip(*tokens, strict=True))]
     norm = math.sqrt(sum(x * x for x in mean)) or 1.0
     return tuple(x / norm for x in mean)
 
