@@ -14,7 +14,9 @@ same thing with nothing but a model id:
                      and vLLM send them), then N content chunks, all written at once
 
 POST /v1/embeddings (any model) answers one EMBED_DIMS-float vector per input, as
-api.openai.com's embeddings endpoint does (`object: list`, `data[].embedding`, usage).
+api.openai.com's embeddings endpoint does (`object: list`, `data[].embedding`, usage): JSON
+floats, or with `"encoding_format": "base64"` the base64 of the little-endian float32 values.
+EMBED_DIMS is 256, or $BENCH_EMBED_DIMS (1536 is text-embedding-3-small's size).
 
 Streams have the shape of api.openai.com's: a role chunk with empty content, the content
 chunks, a finish chunk, the usage chunk with `"choices":[]`, then `data: [DONE]`, each SSE
@@ -28,9 +30,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import os
 import re
 import signal
+import struct
 import sys
 from typing import Any, NamedTuple, cast
 
@@ -117,7 +122,7 @@ _STREAM_HEAD = (
 )
 
 
-EMBED_DIMS = 256
+EMBED_DIMS = int(os.environ.get("BENCH_EMBED_DIMS") or 256)
 
 
 def _usage(n: int, reasoning: int = 0) -> dict[str, Any]:
@@ -138,19 +143,23 @@ class Replies:
     def __init__(self) -> None:
         self._streams: dict[str, tuple[bytes, list[bytes], bytes]] = {}
         self._unary: dict[str, bytes] = {}
-        self._embeddings: dict[tuple[str, int], bytes] = {}
+        self._embeddings: dict[tuple[str, int, bool], bytes] = {}
 
-    def embeddings(self, model: str, n: int) -> bytes:
-        raw = self._embeddings.get((model, n))
+    def embeddings(self, model: str, n: int, as_base64: bool = False) -> bytes:
+        raw = self._embeddings.get((model, n, as_base64))
         if raw is None:
             vector = [round((i % 17) / 17 - 0.5, 4) for i in range(EMBED_DIMS)]
+            packed = base64.b64encode(struct.pack(f"<{EMBED_DIMS}f", *vector)).decode()
+            embedding = packed if as_base64 else vector
             doc = {
                 "object": "list",
-                "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(n)],
+                "data": [{"object": "embedding", "index": i, "embedding": embedding} for i in range(n)],
                 "model": model,
                 "usage": {"prompt_tokens": 4 * n, "total_tokens": 4 * n},
             }
-            raw = self._embeddings[(model, n)] = _whole(200, json.dumps(doc, separators=(",", ":")).encode())
+            raw = self._embeddings[(model, n, as_base64)] = _whole(
+                200, json.dumps(doc, separators=(",", ":")).encode()
+            )
         return raw
 
     def stream_parts(self, model: str, shape: Shape) -> tuple[bytes, list[bytes], bytes]:
@@ -288,7 +297,8 @@ class UpstreamProtocol(asyncio.Protocol):
                 doc = _loads(body)
                 inputs = doc["input"]
                 count = len(inputs) if isinstance(inputs, list) else 1
-                self.transport.write(self.replies.embeddings(str(doc["model"]), count))
+                as_base64 = doc.get("encoding_format") == "base64"
+                self.transport.write(self.replies.embeddings(str(doc["model"]), count, as_base64))
             except Exception:
                 self.transport.write(_error(400, "body is not an embeddings request"))
             return

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import math
+import struct
+from typing import Any
 
 import pytest
 
 from broker import errors
 from broker.providers import checks, ollama_wire, openai_wire
+from broker.types import EmbedResult
 
-KW = {"provider": "p", "model": "m"}
+KW: dict[str, Any] = {"provider": "p", "model": "m"}
 
 
 def test_openai_body_is_an_array_of_floats_request() -> None:
@@ -132,3 +136,72 @@ def test_mean_pooling_is_a_mean_per_dimension() -> None:
     mean = [sum(r[d] for r in rows) / 3 for d in range(3)]
     norm = math.sqrt(sum(x * x for x in mean))
     assert v == tuple(x / norm for x in mean)  # exactly: the same additions, in the same order
+
+
+def b64(*values: float) -> str:
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+
+
+def parse64(doc: object, expected: int) -> EmbedResult:
+    """An answer to a body that asked for base64."""
+    return openai_wire.parse_embeddings(doc, expected, provider="p", model="m", base64=True)
+
+
+def test_openai_body_asks_for_base64_when_told() -> None:
+    assert openai_wire.build_embed_body("text-embedding-3-small", ("a",), None, base64=True) == {
+        "model": "text-embedding-3-small",
+        "input": ["a"],
+        "encoding_format": "base64",
+    }
+
+
+def test_openai_base64_answer_is_the_float32_values() -> None:
+    values = (0.0023064255, -0.009327292, 0.5, -1.0, 3.4e38)
+    as_f32 = struct.unpack("<5f", struct.pack("<5f", *values))
+    doc = {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": 1, "embedding": [0.25, 0.5]},  # a server may send floats
+            {"object": "embedding", "index": 0, "embedding": b64(*values)},
+        ],
+        "usage": {"prompt_tokens": 3, "total_tokens": 3},
+    }
+    r = parse64(doc, 2)
+    assert r.vectors == (as_f32, (0.25, 0.5)) and r.input_tokens == 3
+    assert all(type(x) is float for x in r.vectors[0])
+    # A whole MAX_DIMENSIONS vector is one.
+    (big,) = parse64({"data": [{"embedding": b64(*[0.125] * checks.MAX_DIMENSIONS)}]}, 1).vectors
+    assert big == (0.125,) * checks.MAX_DIMENSIONS
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("not base64!", "data[0].embedding is 'not base64!', not base64"),
+        ("AAAAAA=", "data[0].embedding is 'AAAAAA=', not base64"),  # padding cut short
+        ("AAAA\nAAAA", "data[0].embedding is 'AAAA\\nAAAA', not base64"),
+        ("AAAAAA==AAAA", "data[0].embedding is 'AAAAAA==AAAA', not base64"),  # data after the padding
+        ("ÀÀÀÀ", "data[0].embedding is 'ÀÀÀÀ', not base64"),
+        ("", "data[0].embedding is '', not an embedding vector"),
+        ("AAAAAAA=", "data[0].embedding is 5 bytes of base64, not a whole number of float32 values"),
+        (b64(0.5, float("nan")), "data[0].embedding holds nan, not a finite number"),
+        (b64(float("-inf"), 0.5), "data[0].embedding holds -inf, not a finite number"),
+        (
+            "A" * 349_532,
+            "data[0].embedding is 'AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA..., not an embedding vector",
+        ),
+        (None, "data[0].embedding is null, not an embedding vector"),
+        ([1.0, True], "data[0].embedding holds True, not a finite number"),
+    ],
+)
+def test_a_bad_base64_vector_is_a_protocol_error(value: object, says: str) -> None:
+    doc = {"data": [{"index": 0, "embedding": value}]}
+    with pytest.raises(errors.UpstreamProtocolError) as err:
+        parse64(doc, 1)
+    assert err.value.message == f"p: {says}" and err.value.reason == "UPSTREAM_PROTOCOL_ERROR"
+
+
+def test_base64_not_asked_for_is_refused_as_before() -> None:
+    with pytest.raises(errors.UpstreamProtocolError) as err:
+        openai_wire.parse_embeddings({"data": [{"index": 0, "embedding": b64(0.5)}]}, 1, **KW)
+    assert err.value.message == "p: data[0].embedding is 'AAAAPw==', not an embedding vector"

@@ -10,7 +10,9 @@ and counts against the provider's health like any other broken stream. Used by t
 
 from __future__ import annotations
 
+import binascii
 import math
+import struct
 import sys
 from typing import Any
 
@@ -59,6 +61,9 @@ def index(value: Any, *, field: str, limit: int, provider: str, model: str) -> i
 
 # An embedding's length: the largest models have 4096-8192 dimensions.
 MAX_DIMENSIONS = 65536
+# Base64 of MAX_DIMENSIONS float32 values (4 characters per 3 bytes, padded): a string this
+# long decodes to at most 2 bytes more, so a whole number of float32s is at most MAX_DIMENSIONS.
+_MAX_BASE64_CHARS = (4 * MAX_DIMENSIONS + 2) // 3 * 4
 
 
 def vector(value: Any, *, field: str, provider: str, model: str) -> tuple[float, ...]:
@@ -90,6 +95,28 @@ def _numbers(value: list[Any], *, field: str, provider: str, model: str) -> tupl
             continue  # in range for float() (orjson gives larger integers as floats already)
         raise protocol_error(provider, model, f"{field} holds {_show(x)}, not a finite number")
     return tuple(float(x) for x in value)
+
+
+def base64_vector(value: str, *, field: str, provider: str, model: str) -> tuple[float, ...]:
+    """An embedding as `encoding_format: "base64"` sends it: the vector's float32 values,
+    little-endian, base64-encoded (PROTOCOLS-2026.md 7.1), held to `vector`'s rules."""
+    if not value or len(value) > _MAX_BASE64_CHARS:
+        raise protocol_error(provider, model, f"{field} is {_show(value)}, not an embedding vector")
+    try:
+        raw = binascii.a2b_base64(value, strict_mode=True)
+    except ValueError:  # binascii.Error; or a str that is not ASCII
+        raise protocol_error(provider, model, f"{field} is {_show(value)}, not base64") from None
+    if not raw or len(raw) % 4:
+        raise protocol_error(
+            provider, model, f"{field} is {len(raw)} bytes of base64, not a whole number of float32 values"
+        )
+    out: tuple[float, ...] = struct.unpack(f"<{len(raw) // 4}f", raw)
+    # float32 values sum to at most 2**128 * MAX_DIMENSIONS, far inside a double: only NaN or
+    # an infinity makes the sum not finite.
+    if not math.isfinite(sum(out)):
+        bad = next(x for x in out if not math.isfinite(x))
+        raise protocol_error(provider, model, f"{field} holds {_show(bad)}, not a finite number")
+    return out
 
 
 def text(value: Any, *, field: str, limit: int, provider: str, model: str) -> str:

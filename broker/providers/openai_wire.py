@@ -393,9 +393,16 @@ def _snip(text: str) -> str:
 # --- embeddings: POST /v1/embeddings (PROTOCOLS-2026.md 7.1) ---------------------------------
 
 
-def build_embed_body(model: str, inputs: tuple[str, ...], dimensions: int | None) -> dict[str, Any]:
-    """An array of strings, always (never a bare string), vectors as JSON floats."""
-    body: dict[str, Any] = {"model": model, "input": list(inputs), "encoding_format": "float"}
+def build_embed_body(
+    model: str, inputs: tuple[str, ...], dimensions: int | None, *, base64: bool = False
+) -> dict[str, Any]:
+    """An array of strings, always (never a bare string); vectors as JSON floats, or with
+    `base64` as base64 float32 (api.openai.com documents both; other servers may not)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "input": list(inputs),
+        "encoding_format": "base64" if base64 else "float",
+    }
     if dimensions is not None:
         body["dimensions"] = dimensions
     return body
@@ -416,8 +423,11 @@ def mean_pooled(rows: list[Any], *, field: str, provider: str, model: str) -> tu
     return tuple(x / norm for x in mean)
 
 
-def parse_embeddings(doc: Any, expected: int, *, provider: str, model: str) -> EmbedResult:
-    """`{"data":[{"index":i,"embedding":[...]}...],"usage":{"prompt_tokens":n}}`, put in index order."""
+def parse_embeddings(
+    doc: Any, expected: int, *, provider: str, model: str, base64: bool = False
+) -> EmbedResult:
+    """`{"data":[{"index":i,"embedding":[...]}...],"usage":{"prompt_tokens":n}}`, put in index order.
+    With `base64` (the body asked for it) an embedding may also be a base64 string."""
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, list):
         raise checks.protocol_error(provider, model, "the embeddings answer has no data list")
@@ -432,7 +442,9 @@ def parse_embeddings(doc: Any, expected: int, *, provider: str, model: str) -> E
             raise checks.protocol_error(provider, model, f"data[{k}].index {i} appears twice")
         raw = item.get("embedding")
         where = f"data[{k}].embedding"
-        if isinstance(raw, list) and raw and isinstance(raw[0], list):
+        if base64 and isinstance(raw, str):
+            vectors[i] = checks.base64_vector(raw, field=where, provider=provider, model=model)
+        elif isinstance(raw, list) and raw and isinstance(raw[0], list):
             vectors[i] = mean_pooled(raw, field=where, provider=provider, model=model)
         else:
             vectors[i] = checks.vector(raw, field=where, provider=provider, model=model)

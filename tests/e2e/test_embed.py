@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import struct
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
+from broker.providers import kinds
 from modelbroker.v1 import broker_pb2 as pb
 from tests.conftest import OPENAI_TEST_KEY, broker_settings, stub
 from tests.e2e.test_openai_e2e import details, openai_provider
@@ -229,3 +233,66 @@ async def test_requirements_bind_a_named_embedding_model_and_nothing_fits_is_exp
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "use Embed" in err.value.details()
+
+
+def float32(values: list[float]) -> list[float]:
+    return list(struct.unpack(f"<{len(values)}f", struct.pack(f"<{len(values)}f", *values)))
+
+
+@pytest.fixture
+async def platform_broker(upstream, daemon, channel_to, monkeypatch):
+    """The fake on 127.0.0.1 counts as api.openai.com (kinds.py vendor_hosts) for this daemon."""
+    openai = kinds.kind("openai")
+    monkeypatch.setitem(
+        kinds.KINDS, "openai", dataclasses.replace(openai, vendor_hosts=frozenset({"127.0.0.1"}))
+    )
+    settings = broker_settings([openai_provider(upstream.url, embed_batch_size=3)], models=[PRICED])
+    _, target = await daemon(settings)
+    return stub(channel_to(target))
+
+
+async def test_api_openai_com_is_asked_for_base64_and_other_servers_for_floats(
+    broker, platform_broker, upstream
+) -> None:
+    _, s = broker
+    texts = ["a b", "c", "d e f", "g"]
+    resp = await s.Embed(pb.EmbedRequest(model=SMALL, inputs=texts, dimensions=8), timeout=10)
+    assert {r.json()["encoding_format"] for r in upstream.requests if r.path == "/v1/embeddings"} == {"float"}
+    by_floats = values(resp)
+    seen = len(upstream.requests)
+    resp = await platform_broker.Embed(pb.EmbedRequest(model=SMALL, inputs=texts, dimensions=8), timeout=10)
+    sent = [r.json() for r in upstream.requests[seen:] if r.path == "/v1/embeddings"]
+    assert [b["encoding_format"] for b in sent] == ["base64", "base64"]  # split in parts of 3
+    # The caller gets the same vectors either way: the proto carries float32.
+    assert values(resp) == by_floats == [float32(fake_vector(t, 8)) for t in texts]
+    assert resp.usage.input_tokens == 7 and not resp.usage.estimated
+
+
+@pytest.mark.parametrize(
+    ("vector", "says"),
+    [
+        ("not base64!", "data[0].embedding is 'not base64!', not base64"),
+        ("AAAAAAA=", "data[0].embedding is 5 bytes of base64, not a whole number of float32 values"),
+        (base64.b64encode(struct.pack("<2f", 0.5, float("nan"))).decode(), "data[0].embedding holds nan"),
+        ([0.5, True], "data[0].embedding holds True, not a finite number"),
+    ],
+)
+async def test_a_bad_base64_vector_is_an_upstream_protocol_error(
+    platform_broker, upstream, vector, says
+) -> None:
+    upstream.embed_vector = vector
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await platform_broker.Embed(pb.EmbedRequest(model=SMALL, inputs=["x"], dimensions=2), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert says in (err.value.details() or "")
+    assert details(err.value)[0].reason == "UPSTREAM_PROTOCOL_ERROR"
+
+
+async def test_a_bad_float_vector_is_an_upstream_protocol_error(broker, upstream) -> None:
+    _, s = broker
+    upstream.embed_vector = [0.5, "x"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await s.Embed(pb.EmbedRequest(model=SMALL, inputs=["x"], dimensions=2), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "data[0].embedding holds 'x', not a finite number" in (err.value.details() or "")
+    assert details(err.value)[0].reason == "UPSTREAM_PROTOCOL_ERROR"

@@ -17,10 +17,12 @@ empty delta, the usage chunk with `"choices":[]`, then `data: [DONE]`. Every chu
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import math
 import secrets
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +62,11 @@ def fake_vector(text: str, dims: int) -> list[float]:
     raw = [((seed[i % 32] + i * 37) % 251) / 125.0 - 1.0 for i in range(dims)]
     norm = math.sqrt(sum(x * x for x in raw)) or 1.0
     return [round(x / norm, 6) for x in raw]
+
+
+def base64_vector(vector: list[float]) -> str:
+    """`encoding_format: "base64"`: the vector's float32 values, little-endian, in base64."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 @dataclass
@@ -130,6 +137,8 @@ class FakeOpenAI:
         self.embed_sizes: list[int] = []
         self.embed_open = 0
         self.embed_peak = 0
+        # Not None: every vector of an answer is this instead (bad-vector tests).
+        self.embed_vector: Any = None
         self.server = _DroppingServer(self._handle, port=port)
 
     @property
@@ -286,10 +295,19 @@ class FakeOpenAI:
                 )
                 return
         dims = body.get("dimensions") or EMBED_DIMENSIONS[model]
+        # "base64": the little-endian float32 bytes of each vector, as api.openai.com sends them.
+        as_base64 = body.get("encoding_format") == "base64"
         data = [
-            {"object": "embedding", "index": i, "embedding": fake_vector(t, dims)}
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64_vector(fake_vector(t, dims)) if as_base64 else fake_vector(t, dims),
+            }
             for i, t in enumerate(inputs)
         ]
+        if self.embed_vector is not None:
+            for item in data:
+                item["embedding"] = self.embed_vector
         total = sum(tokens)
         doc = {
             "object": "list",
