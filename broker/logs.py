@@ -23,14 +23,11 @@ from typing import Any
 import structlog
 
 from broker import errors
-from broker.redact import redact
+from broker.redact import redact, redact_fields
 
 # What `_redact_value` passes through untouched (a tuple built once: `bool | int | float` in
 # an isinstance call builds a union object per call).
 _SCALARS = (bool, int, float)
-# The exact types a value may have for `bound_and_redact`'s one pass (subclasses take the
-# general path, so they are treated exactly as before).
-_PLAIN = frozenset({bool, int, float, type(None)})
 
 
 def _redact_value(value: Any) -> Any:
@@ -54,20 +51,10 @@ def redact_processor(_logger: Any, _name: str, event: MutableMapping[str, Any]) 
 def bound_and_redact(logger: Any, name: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
     """`redact_processor(errors.bound_log_processor(event))`, the same result: when every value
     is a str within `errors.MAX_LOG_VALUE_CHARS` (which bounding leaves alone) or a plain
-    scalar, one pass that only redacts the strings; anything else takes both steps."""
-    out: dict[str, Any] = {}
-    limit = errors.MAX_LOG_VALUE_CHARS
-    for k, v in event.items():
-        t = type(v)
-        if t is str:
-            if len(v) > limit:
-                break
-            out[k] = redact(v)
-        elif t in _PLAIN:
-            out[k] = v
-        else:
-            break
-    else:
+    scalar, one pass that only redacts the strings (`redact_fields`); anything else takes
+    both steps."""
+    out = redact_fields(event, errors.MAX_LOG_VALUE_CHARS)
+    if out is not None:
         return out
     return redact_processor(logger, name, errors.bound_log_processor(logger, name, event))
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 MIN_SECRET_LEN = 6
@@ -200,6 +202,31 @@ def redact(text: str) -> str:
             memo.clear()
         memo[text] = done
     return done
+
+
+# The exact types `redact_fields` passes through as they are.
+_PLAIN = frozenset({bool, int, float, type(None)})
+
+
+def redact_fields(fields: Mapping[str, Any], max_chars: int) -> dict[str, Any] | None:
+    """`{k: redact(v)}` for fields whose values are all strs (of at most `max_chars`) or plain
+    scalars (None, bool, int, float: kept as they are), in one loop that looks remembered
+    redactions up itself (a log line's dozen strings, without a call each); None when any
+    value is something else, for the caller's general path."""
+    memo = _memo  # taken before the pattern is read: see _memo
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        t = type(v)
+        if t is str:
+            if len(v) > max_chars:
+                return None
+            done = memo.get(v)
+            out[k] = redact(v) if done is None else done
+        elif t in _PLAIN:
+            out[k] = v
+        else:
+            return None
+    return out
 
 
 def _redact(text: str) -> str:

@@ -47,8 +47,13 @@ def status_name(exc: BaseException | None) -> str:
     return "INTERNAL"
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class RequestScope:
+    """One request's scope, and the context manager that opens and closes it (`Scopes.open`:
+    `with scopes.open(...) as scope`). A class of its own rather than an asynccontextmanager:
+    nothing in it awaits, and the generator and contextlib frames were per-request cost."""
+
+    scopes: Scopes
     kind: str  # "Complete", "StreamComplete" or "Embed" (which sets `finished` from its usage)
     request_id: str
     requested_model: str
@@ -65,6 +70,48 @@ class RequestScope:
     # Time spent awaiting the completion pipeline (provider + upstream) for its next output;
     # the rest is the broker's own overhead (metrics). None: the call never got that far.
     upstream_wait: float | None = None
+    # Set on entry: the in-flight gauge's child for `kind`, and the task running the call
+    # (the handler's, or coalesced()'s reader for streams): what `cut` cancels.
+    inflight: Any = None
+    task: asyncio.Task[Any] | None = None
+
+    def __enter__(self) -> RequestScope:
+        scopes = self.scopes
+        inflight = self.inflight = scopes.metrics.inflight.get(self.kind)
+        if inflight is not None:
+            inflight.inc()
+        scopes.in_flight += 1
+        task = self.task = asyncio.current_task()
+        if task is not None:
+            scopes._runs.add(task)
+        if scopes.draining:
+            refused = errors.ShuttingDown("the broker is shutting down: send this request to another replica")
+            self.__exit__(type(refused), refused, None)  # counted, logged and measured like any end
+            raise refused
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        scopes = self.scopes
+        try:
+            if exc is None:
+                pass
+            elif isinstance(exc, asyncio.CancelledError):
+                if not scopes.cutting:
+                    self.failure = exc
+                else:
+                    # Ours, at the end of the grace period: the upstream is closed by now (the
+                    # cancellation ran through the provider); the caller gets a status that says why.
+                    if self.task is not None:
+                        self.task.uncancel()
+                    self.failure = scopes.cut_error()
+                    raise self.failure from None
+            else:
+                # GeneratorExit while cutting: coalesced()'s reader was cancelled between two reads.
+                self.failure = (
+                    scopes.cut_error() if scopes.cutting and isinstance(exc, GeneratorExit) else exc
+                )
+        finally:
+            scopes._close(self)
 
     async def relay(self, outputs: AsyncIterator[Output]) -> AsyncIterator[Output]:
         """The completion's outputs, timed (two clock reads per output, nothing else per chunk)."""
@@ -104,8 +151,10 @@ class Scopes:
         self._runs: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
 
-    @contextlib.asynccontextmanager
-    async def open(self, kind: str, context: Any, requested_model: str) -> AsyncIterator[RequestScope]:
+    def open(self, kind: str, context: Any, requested_model: str) -> RequestScope:
+        """The scope of one completion RPC, to enter with `with`: on entry it is counted in
+        flight (or refused with SHUTTING_DOWN once draining); on exit, whatever the outcome,
+        it is charged, logged and measured."""
         t0 = time.monotonic()
         request_id = auth.current_request_id.get()
         if not request_id:
@@ -113,47 +162,21 @@ class Scopes:
             auth.current_request_id.set(request_id)
             context.set_trailing_metadata(((auth.REQUEST_ID_HEADER, request_id),))
         remaining = context.time_remaining()
-        scope = RequestScope(
-            kind, request_id, requested_model, t0, None if remaining is None else t0 + remaining
+        return RequestScope(
+            self, kind, request_id, requested_model, t0, None if remaining is None else t0 + remaining
         )
-        inflight = self.metrics.inflight.get(kind)
-        if inflight is not None:
-            inflight.inc()
-        self.in_flight += 1
-        # The task running the call (the handler's, or coalesced()'s reader for streams):
-        # what `cut` cancels when the grace period ends.
-        task = asyncio.current_task()
-        if task is not None:
-            self._runs.add(task)
-        try:
-            if self.draining:
-                raise errors.ShuttingDown("the broker is shutting down: send this request to another replica")
-            yield scope
-        except asyncio.CancelledError as exc:
-            if not self.cutting:
-                scope.failure = exc
-                raise
-            # Ours, at the end of the grace period: the upstream is closed by now (the
-            # cancellation ran through the provider); the caller gets a status that says why.
-            if task is not None:
-                task.uncancel()
-            scope.failure = self.cut_error()
-            raise scope.failure from None
-        except BaseException as exc:
-            # GeneratorExit while cutting: coalesced()'s reader was cancelled between two reads.
-            scope.failure = self.cut_error() if self.cutting and isinstance(exc, GeneratorExit) else exc
-            raise
-        finally:
-            if inflight is not None:
-                inflight.dec()
-            self.in_flight -= 1
-            if task is not None:
-                self._runs.discard(task)
-            if self.in_flight == 0:
-                self._idle.set()
-            self._charge(scope)
-            self._log(scope)
-            self._observe(scope, time.monotonic() - t0)
+
+    def _close(self, scope: RequestScope) -> None:
+        if scope.inflight is not None:
+            scope.inflight.dec()
+        self.in_flight -= 1
+        if scope.task is not None:
+            self._runs.discard(scope.task)
+        if self.in_flight == 0:
+            self._idle.set()
+        self._charge(scope)
+        self._log(scope)
+        self._observe(scope, time.monotonic() - scope.t0)
 
     # --- drain -----------------------------------------------------------------------------------
 

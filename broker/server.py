@@ -143,7 +143,7 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
         acc = Accumulated()
-        async with self.scopes.open("Complete", context, request.model) as scope:
+        with self.scopes.open("Complete", context, request.model) as scope:
             async for out in self._outputs(request, scope):
                 acc.add(out)
         return convert.complete_response(acc)
@@ -153,7 +153,7 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
     ) -> AsyncIterator[pb.StreamCompleteResponse]:
         deltas = 0  # content messages sent
         try:
-            async with self.scopes.open("StreamComplete", context, request.model) as scope:
+            with self.scopes.open("StreamComplete", context, request.model) as scope:
                 # coalesced(): deltas that queue up while the caller is still reading the last
                 # message go out as one; a caller that keeps up gets every delta on its own.
                 async for out in coalesced(self._outputs(request, scope)):
@@ -174,7 +174,7 @@ class ModelBrokerServicer(pb_grpc.ModelBrokerServicer):
 
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         max_bytes = self.settings.server.max_message_bytes
-        async with self.scopes.open("Embed", context, request.model) as scope:
+        with self.scopes.open("Embed", context, request.model) as scope:
             call = convert.embed_from_proto(request, max_message_bytes=max_bytes)
             out = await self.embeddings.embed(
                 call, scope.request_id, record=scope.record, permissions=auth.permissions()
