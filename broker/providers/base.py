@@ -20,7 +20,8 @@ import contextlib
 import email.utils
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -211,8 +212,7 @@ class Provider(abc.ABC):
 
     # --- shared HTTP mechanics ---------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def open(
+    def open(
         self,
         method: str,
         path: str,
@@ -223,9 +223,10 @@ class Provider(abc.ABC):
         read_timeout: float | None = None,
         gated: bool = True,
         headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[UpstreamResponse]:
-        """Send a request and yield the 2xx response; map every failure to a BrokerError.
-        `headers`: added for this request only (a per-request credential).
+    ) -> Opened:
+        """`async with provider.open(...) as resp`: send a request and yield the 2xx response;
+        map every failure to a BrokerError. `headers`: added for this request only (a
+        per-request credential).
 
         The response is closed on exit, whatever the reason (including cancellation): a body
         not read to its end closes its connection, which stops the upstream generating.
@@ -241,22 +242,17 @@ class Provider(abc.ABC):
         # A completion read by the completion service is timed there (time to first token,
         # stalls: one timer, one message); the transport's read timeout is for everything else.
         timed_reads = request is None or not request.caller_times_reads
-        try:
-            async with self.transport.request(
-                method,
-                path,
-                _json_bytes(json),
-                deadline=deadline,
-                read_timeout=read_timeout,
-                timed_reads=timed_reads,
-                gated=gated,
-                headers=headers,
-            ) as resp:
-                if resp.status >= 300:
-                    raise await self._status_error(resp, model)
-                yield resp
-        except errors.BrokerError as exc:
-            raise exc.with_target(self.name, model)  # noqa: B904 - the same exception, its target filled in
+        exchange = self.transport.request(
+            method,
+            path,
+            _json_bytes(json),
+            deadline=deadline,
+            read_timeout=read_timeout,
+            timed_reads=timed_reads,
+            gated=gated,
+            headers=headers,
+        )
+        return Opened(self, exchange, model)
 
     async def _status_error(self, resp: UpstreamResponse, model: str) -> errors.BrokerError:
         if resp.status < 400:
@@ -306,35 +302,18 @@ class Provider(abc.ABC):
         The EndEvent is held back until the rest of the body is read (at most drain_seconds):
         a consumer may stop at EndEvent and close us, and only a body read to its end lets
         the pooled connection be reused. A body that ends with no EndEvent is cut short.
+        A protocol's `stream` may run the same loop itself on a `Relay` (openai.py does), which
+        spares every event one async-generator step.
         """
-        end: EndEvent | None = None
+        relay = Relay(self.name, frames, feed, model=model, missing_end=missing_end)
         chunks = resp.chunks()
         async with contextlib.aclosing(chunks):
             async for data in chunks:
-                try:
-                    framed = frames(data)
-                except SSEError as exc:
-                    raise errors.UpstreamProtocolError(
-                        f"{self.name}: {exc}", provider=self.name, model=model
-                    ) from None
-                for frame in framed:
-                    for event in feed(frame):
-                        if isinstance(event, EndEvent):
-                            end = event
-                        else:
-                            yield event
-                    if end is not None:
-                        break
-                if end is not None:
+                for event in relay.events(data):
+                    yield event
+                if relay.end is not None:
                     break
-            if end is None:
-                raise errors.UpstreamProtocolError(
-                    f"{self.name}: {missing_end}", provider=self.name, model=model
-                )
-            with contextlib.suppress(errors.BrokerError, TimeoutError):
-                async with asyncio.timeout(drain_seconds):
-                    async for _ in chunks:
-                        pass
+            end = await relay.finish(resp, chunks, drain_seconds)
         yield end
 
     def error_for_status(
@@ -345,6 +324,122 @@ class Provider(abc.ABC):
         message = f"{self.name} returned HTTP {status}: {redact(info.message) or 'no message'}"
         kw: dict[str, Any] = {"provider": self.name, "model": model, "upstream_status": status}
         return classify_error(status, info, message, headers, kw)
+
+
+class Opened:
+    """One `async with provider.open(...)`: the transport's exchange, a status >= 300 turned
+    into its BrokerError (the body read for it), and every BrokerError, raised inside or
+    out, given this provider and model where the raiser did not know them.
+
+    A class rather than an asynccontextmanager: that is an async generator per request."""
+
+    __slots__ = ("_exchange", "_model", "_provider")
+
+    def __init__(
+        self, provider: Provider, exchange: AbstractAsyncContextManager[UpstreamResponse], model: str
+    ) -> None:
+        self._provider = provider
+        self._exchange = exchange
+        self._model = model
+
+    async def __aenter__(self) -> UpstreamResponse:
+        exchange = self._exchange
+        try:
+            resp = await exchange.__aenter__()
+        except errors.BrokerError as exc:
+            exc.with_target(self._provider.name, self._model)
+            raise
+        if resp.status >= 300:
+            try:
+                error = await self._provider._status_error(resp, self._model)
+            except BaseException as exc:
+                await self.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            await self.__aexit__(type(error), error, None)
+            raise error
+        return resp
+
+    async def __aexit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            await self._exchange.__aexit__(typ, exc, tb)
+        except errors.BrokerError as err:
+            err.with_target(self._provider.name, self._model)
+            raise
+        if isinstance(exc, errors.BrokerError):
+            exc.with_target(self._provider.name, self._model)
+
+
+class Relay:
+    """A framed body turned into events one network read at a time, for `Provider.relay` or a
+    protocol's own loop over `resp.chunks()` (openai.py's):
+
+        for event in relay.events(data): yield event     # per read; EndEvent held back
+        if relay.end is not None: break
+        ... then: end = await relay.finish(resp, chunks, drain_seconds); yield end
+
+    `events` is a plain generator (an event is yielded as soon as it is fed, and a frame that
+    fails fails after the events before it), so the read loop adds no async step per event.
+    A loop that handles the frames itself calls `frames` (then `feed` may be None) and sets
+    `end`."""
+
+    __slots__ = ("_feed", "_frames", "_missing_end", "_model", "_provider", "end")
+
+    def __init__(
+        self,
+        provider: str,
+        frames: Callable[[bytes], list[F]],
+        feed: Callable[[F], Iterable[CompletionEvent]] | None = None,
+        *,
+        model: str,
+        missing_end: str,
+    ) -> None:
+        self._provider = provider
+        self._frames: Callable[[bytes], list[Any]] = frames
+        self._feed: Callable[[Any], Iterable[CompletionEvent]] | None = feed
+        self._model = model
+        self._missing_end = missing_end
+        self.end: EndEvent | None = None
+
+    def frames(self, data: bytes) -> list[Any]:
+        """The frames `data` completes; a framing error (oversize line) is a protocol error."""
+        try:
+            return self._frames(data)
+        except SSEError as exc:
+            raise errors.UpstreamProtocolError(
+                f"{self._provider}: {exc}", provider=self._provider, model=self._model
+            ) from None
+
+    def events(self, data: bytes) -> Iterator[CompletionEvent]:
+        """The events the frames completed by `data` make, but the EndEvent (kept in `end`;
+        the frames after the one that ended the stream are not fed)."""
+        feed = self._feed
+        assert feed is not None, "Relay.events needs a feed"
+        for frame in self.frames(data):
+            for event in feed(frame):
+                if isinstance(event, EndEvent):
+                    self.end = event
+                else:
+                    yield event
+            if self.end is not None:
+                return
+
+    async def finish(
+        self, resp: UpstreamResponse, chunks: AsyncIterator[bytes], drain_seconds: float
+    ) -> EndEvent:
+        """The EndEvent once the rest of the body is read (at most drain_seconds, then the
+        response is closed unfinished); a body that ended without one is cut short."""
+        end = self.end
+        if end is None:
+            raise errors.UpstreamProtocolError(
+                f"{self._provider}: {self._missing_end}", provider=self._provider, model=self._model
+            )
+        if resp.at_eof:
+            return end  # read to its end already (the usual case): no timer, no last read
+        with contextlib.suppress(errors.BrokerError, TimeoutError):
+            async with asyncio.timeout(drain_seconds):
+                async for _ in chunks:
+                    pass
+        return end
 
 
 def classify_error(

@@ -20,7 +20,7 @@ import orjson
 from broker import errors
 from broker.config import ProviderConfig
 from broker.providers import register
-from broker.providers.base import Provider, UpstreamErrorInfo
+from broker.providers.base import Provider, Relay, UpstreamErrorInfo
 from broker.providers.openai_wire import (
     ChunkParser,
     WireTarget,
@@ -89,34 +89,46 @@ class OpenAIProvider(Provider):
         parser = ChunkParser(provider=self.name, model=model)
         state = self.stream_watch()
 
-        def feed(event: tuple[str, bytes]) -> list[CompletionEvent]:
-            name, payload_bytes = event
-            if payload_bytes == DONE:
-                return [self.finish(parser.end(), state)]
-            if not payload_bytes:
-                return []  # an event without data
-            payload = self._decode(payload_bytes, model)
-            if name == "error":
-                raise error_from_payload(payload.get("error", payload), provider=self.name, model=model)
-            if state is not None:
-                self.watch(payload, state)
-            return parser.feed(payload)
-
         path = self.path("chat/completions", model)
         async with self.open("POST", path, json=body, request=request) as resp:
-            await self._expect_event_stream(resp, model)
+            if "text/event-stream" not in resp.headers.get("content-type", ""):
+                await self._expect_event_stream(resp, model)  # raises
             yield StartEvent(model=model)
-            events = self.relay(
-                resp,
+            # Provider.relay's loop, run here with the event handling inline: per event, no
+            # async-generator step and no call besides orjson's and the parser's.
+            relay = Relay(
+                self.name,
                 SSEDecoder(self.config.max_line_bytes).feed,
-                feed,
                 model=model,
                 missing_end="stream ended without [DONE] (the response may be truncated)",
-                drain_seconds=_DRAIN_SECONDS,
             )
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    yield event
+            chunks = resp.chunks()
+            async with contextlib.aclosing(chunks):
+                async for data in chunks:
+                    for name, payload_bytes in relay.frames(data):
+                        if payload_bytes == DONE:
+                            relay.end = self.finish(parser.end(), state)
+                            break
+                        if not payload_bytes:
+                            continue  # an event without data
+                        try:
+                            payload = orjson.loads(payload_bytes)
+                        except orjson.JSONDecodeError:
+                            payload = None
+                        if type(payload) is not dict:  # orjson's objects are dicts, never a subclass
+                            raise self._not_an_object(payload_bytes, model)
+                        if name == "error":
+                            raise error_from_payload(
+                                payload.get("error", payload), provider=self.name, model=model
+                            )
+                        if state is not None:
+                            self.watch(payload, state)
+                        for event in parser.feed(payload):
+                            yield event
+                    if relay.end is not None:
+                        break
+                end = await relay.finish(resp, chunks, _DRAIN_SECONDS)
+            yield end
 
     async def embed_part(self, model: str, inputs: tuple[str, ...], dimensions: int | None) -> EmbedResult:
         # api.openai.com documents base64 vectors (little-endian float32; its own SDK asks for
@@ -155,16 +167,10 @@ class OpenAIProvider(Provider):
             model=model,
         )
 
-    def _decode(self, data: bytes, model: str) -> dict[str, Any]:
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            payload = None
-        if not isinstance(payload, dict):
-            snippet = redact(data[:4096].decode("utf-8", "replace"))[:200]  # redact, then cut
-            raise errors.UpstreamProtocolError(
-                f"{self.name}: a stream chunk is not a JSON object: {snippet!r}",
-                provider=self.name,
-                model=model,
-            )
-        return payload
+    def _not_an_object(self, data: bytes, model: str) -> errors.UpstreamProtocolError:
+        snippet = redact(data[:4096].decode("utf-8", "replace"))[:200]  # redact, then cut
+        return errors.UpstreamProtocolError(
+            f"{self.name}: a stream chunk is not a JSON object: {snippet!r}",
+            provider=self.name,
+            model=model,
+        )

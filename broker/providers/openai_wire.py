@@ -97,8 +97,7 @@ class ChunkParser:
         self.provider = provider
         self.model = model
         self._finish: FinishReason | None = None
-        self._usage = Usage()
-        self._usage_reported = False
+        self._usage: Usage | None = None  # made at the end if no chunk carried usage
         self._content = False  # any answer text or tool call seen
         # The refusal's fragments (delta.refusal), concatenated for the EndEvent.
         self._refusal: list[str] = []
@@ -112,22 +111,30 @@ class ChunkParser:
     def feed(self, payload: Any) -> list[CompletionEvent]:
         if not isinstance(payload, dict):
             raise self._protocol(f"a stream chunk is not a JSON object: {_snip(json.dumps(payload))}")
-        if payload.get("error") is not None:
+        get = payload.get
+        if get("error") is not None:
             raise error_from_payload(payload["error"], provider=self.provider, model=self.model)
-        if isinstance(payload.get("usage"), dict):
-            self._usage = usage_from(payload["usage"], provider=self.provider, model=self.model)
-            self._usage_reported = True
+        usage = get("usage")
+        if usage is not None and isinstance(usage, dict):  # null on every chunk but the last
+            self._usage = usage_from(usage, provider=self.provider, model=self.model)
         events: list[CompletionEvent] = []
-        for choice in payload.get("choices") or ():
+        for choice in get("choices") or ():
             # n is never sent, so only choice 0 exists; ignore anything else defensively.
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             # `message` is the whole-answer shape (a server that answers a stream in one piece).
-            delta = choice.get("delta") or choice.get("message") or {}
-            if isinstance(delta, dict):
-                events.extend(self._delta(delta))
+            delta = choice.get("delta") or choice.get("message")
+            if delta and isinstance(delta, dict):
+                text = delta.get("content")
+                if len(delta) == 1 and text is not None:
+                    # Only `content` (nearly every chunk of an answer): nothing else to look for.
+                    if isinstance(text, str) and text:
+                        self._content = True
+                        events.append(TextDeltaEvent(text))
+                else:
+                    self._delta(delta, text, events)
             reason = choice.get("finish_reason")
-            if isinstance(reason, str) and reason:
+            if reason and isinstance(reason, str):
                 self._finish = _FINISH.get(reason, FinishReason.OTHER)
                 events.extend(self._close_empty_calls())
         return events
@@ -139,31 +146,34 @@ class ChunkParser:
         self._with_arguments.update(empty)
         return [ToolCallDeltaEvent(index=i, arguments_delta="{}") for i in empty]
 
-    def _delta(self, delta: dict[str, Any]) -> list[CompletionEvent]:
-        events: list[CompletionEvent] = []
+    def _delta(self, delta: dict[str, Any], text: Any, events: list[CompletionEvent]) -> None:
+        """The events of one `delta` (or `message`; `text` its content), appended to `events`."""
+        get = delta.get
         # Reasoning first: a server that sends reasoning and content in one chunk thought first.
-        reasoning = _reasoning_text(delta)
-        if reasoning:
+        # `reasoning ?? reasoning_content`: the current name first (vLLM renamed it), then the
+        # DeepSeek-style one; OpenRouter sends `"reasoning": null` beside its details.
+        reasoning = get("reasoning")
+        if not (reasoning and isinstance(reasoning, str)):
+            reasoning = get("reasoning_content")
+        if reasoning and isinstance(reasoning, str):
             events.append(ReasoningDeltaEvent(0, text=reasoning))
-        text = delta.get("content")
-        if isinstance(text, str) and text:
+        if text and isinstance(text, str):
             self._content = True
             events.append(TextDeltaEvent(text))
         # `refusal` is the model declining (OpenAI; the stream then ends with finish "stop"):
         # not answer text, so kept for the EndEvent; meanwhile the model is working, which is
         # progress for the time-to-first-token and stall timers.
-        refusal = delta.get("refusal")
-        if isinstance(refusal, str) and refusal:
+        refusal = get("refusal")
+        if refusal and isinstance(refusal, str):
             room = MAX_REFUSAL_CHARS - self._refusal_chars
             if room > 0:
                 self._refusal.append(refusal[:room])
                 self._refusal_chars += min(len(refusal), room)
             events.append(ProgressEvent(len(refusal)))
-        for call in delta.get("tool_calls") or ():
+        for call in get("tool_calls") or ():
             if isinstance(call, dict) and (ev := self._tool_delta(call)) is not None:
                 self._content = True
                 events.append(ev)
-        return events
 
     def _tool_delta(self, call: dict[str, Any]) -> ToolCallDeltaEvent | None:
         where = {"provider": self.provider, "model": self.model}
@@ -220,24 +230,18 @@ class ChunkParser:
         if reason == FinishReason.STOP and self._calls:
             # Some compatible servers report "stop" after tool calls; callers loop on tool_calls.
             reason = FinishReason.TOOL_CALLS
+        usage = self._usage
         return EndEvent(
-            finish_reason=reason, usage=self._usage, usage_reported=self._usage_reported, refusal=refusal
+            finish_reason=reason,
+            usage=usage if usage is not None else Usage(),
+            usage_reported=usage is not None,
+            refusal=refusal,
         )
 
     def _protocol(self, message: str) -> errors.UpstreamProtocolError:
         return errors.UpstreamProtocolError(
             f"{self.provider}: {message}", provider=self.provider, model=self.model
         )
-
-
-def _reasoning_text(delta: dict[str, Any]) -> str:
-    """`reasoning ?? reasoning_content`: the current name first (vLLM renamed it), then the
-    DeepSeek-style one; OpenRouter sends `"reasoning": null` beside its details."""
-    for key in ("reasoning", "reasoning_content"):
-        value = delta.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return ""
 
 
 def usage_from(u: dict[str, Any], *, provider: str = "", model: str = "") -> Usage:
@@ -249,18 +253,26 @@ def usage_from(u: dict[str, Any], *, provider: str = "", model: str = "") -> Usa
     details = details if isinstance(details, dict) else {}
     out_details = u.get("completion_tokens_details")
     out_details = out_details if isinstance(out_details, dict) else {}
-    where = {"provider": provider, "model": model}
+    cached = details.get("cached_tokens")
+    written = details.get("cache_write_tokens")
+    reasoning = out_details.get("reasoning_tokens")
+    count = checks.count  # provider/model spelled out: `**where` would merge a dict per call
+    # An absent detail is 0 without a call (most usage objects carry only the two counts).
     return Usage(
-        input_tokens=checks.count(u.get("prompt_tokens"), field="prompt_tokens", **where),
-        output_tokens=checks.count(u.get("completion_tokens"), field="completion_tokens", **where),
-        cached_input_tokens=checks.count(
-            details.get("cached_tokens"), field="prompt_tokens_details.cached_tokens", **where
+        input_tokens=count(u.get("prompt_tokens"), field="prompt_tokens", provider=provider, model=model),
+        output_tokens=count(
+            u.get("completion_tokens"), field="completion_tokens", provider=provider, model=model
         ),
-        cache_write_input_tokens=checks.count(
-            details.get("cache_write_tokens"), field="prompt_tokens_details.cache_write_tokens", **where
-        ),
-        reasoning_tokens=checks.count(
-            out_details.get("reasoning_tokens"), field="completion_tokens_details.reasoning_tokens", **where
+        cached_input_tokens=0
+        if cached is None
+        else count(cached, field="prompt_tokens_details.cached_tokens", provider=provider, model=model),
+        cache_write_input_tokens=0
+        if written is None
+        else count(written, field="prompt_tokens_details.cache_write_tokens", provider=provider, model=model),
+        reasoning_tokens=0
+        if reasoning is None
+        else count(
+            reasoning, field="completion_tokens_details.reasoning_tokens", provider=provider, model=model
         ),
     )
 

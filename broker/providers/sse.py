@@ -24,6 +24,7 @@ from __future__ import annotations
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
 _COLON = 58  # ord(":")
+_LF = 10  # ord("\n")
 
 
 class SSEError(ValueError):
@@ -115,7 +116,48 @@ class SSEDecoder:
             self._skip_lf = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         out: list[tuple[str, bytes]] = []
-        for line in self._pending.split(chunk):
+        pending = self._pending
+        if not pending.parts and not self._data and not self._event:
+            # Nothing carried over from the last read: take the one-`data:`-line events at the
+            # start whole (most events, and most reads are nothing else), then the rest below.
+            pos = self._whole_events(chunk, out)
+            if pos:
+                if pos == len(chunk):
+                    return out
+                # What _Pending.split would do with the rest of the read: its first line is a
+                # middle line of this read (in hand already, so not held to the cap).
+                rest = chunk[pos:]
+                last = rest.rfind(b"\n")
+                if last < 0:
+                    pending.add(rest)
+                    return out
+                pending.add(rest[last + 1 :])
+                self._lines(rest[:last].split(b"\n"), out)
+                return out
+        self._lines(pending.split(chunk), out)
+        return out
+
+    def _whole_events(self, chunk: bytes, out: list[tuple[str, bytes]]) -> int:
+        """The events at the start of `chunk` that are one `data: ` line and a blank line,
+        appended to `out`; returns where the first other line starts. The same events (and
+        the same LineTooLong for the read's first line) as the line rules give them, with
+        one find per event instead of a split, a partition and a join."""
+        limit = self._pending.limit
+        find, startswith = chunk.find, chunk.startswith
+        pos, size = 0, len(chunk)
+        while pos < size:
+            end = find(b"\n", pos)
+            if end < 0 or end + 1 == size or chunk[end + 1] != _LF or not startswith(b"data: ", pos):
+                break
+            if not pos and end > limit:
+                raise LineTooLong(limit)
+            out.append(("message", chunk[pos + 6 : end]))
+            pos = end + 2
+        return pos
+
+    def _lines(self, lines: list[bytes], out: list[tuple[str, bytes]]) -> None:
+        """The SSE line rules: a blank line dispatches, `:` is a comment, `data`/`event` kept."""
+        for line in lines:
             if not line:
                 if self._data:
                     out.append((self._event or "message", b"\n".join(self._data)))
@@ -131,4 +173,3 @@ class SSEDecoder:
                 self._data.append(value)
             elif name == b"event":
                 self._event = value.decode("utf-8", "replace")
-        return out

@@ -41,7 +41,7 @@ import contextlib
 import ssl
 import weakref
 import zlib
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ CONTROL_RESERVE = 4
 # Oversize status lines or headers are a broken or hostile upstream, not a big answer.
 _MAX_LINE = 16 * 1024
 _MAX_FIELD = 64 * 1024
+# aiohttp timeouts kept per transport (see Transport._timeout).
+_MAX_CACHED = 64
 
 
 def display_url(url: str | URL) -> str:
@@ -142,9 +144,16 @@ class UpstreamResponse:
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives; raises BrokerErrors (stall, disconnect, bad framing, bomb)."""
         content = self._resp.content
+        transport = self._transport
         while True:
-            with self._transport.mapped_errors(stage="body"):
+            try:
                 data = await content.readany()
+            except Exception as exc:
+                # Not `with mapped_errors(...)`: that is a generator, built and stepped per read.
+                mapped = transport.mapped(exc, stage="body")
+                if mapped is exc:
+                    raise
+                raise mapped from exc
             if not data:
                 if self._inflater is not None:
                     tail = self._inflater.flush()
@@ -226,6 +235,95 @@ class UpstreamResponse:
             self._resp.close()
 
 
+class _Exchange:
+    """One `async with transport.request(...)`: the slot, the request, the response, and on
+    exit the response closed and the slot given back, whatever the reason.
+
+    A class rather than an asynccontextmanager: that costs an async generator per request
+    (its context-manager object, the loop's asyncgen hooks, two more steps)."""
+
+    __slots__ = ("_args", "_transport", "_wrapped")
+
+    def __init__(
+        self,
+        transport: Transport,
+        method: str,
+        path: str,
+        body: bytes | None,
+        deadline: float | None,
+        read_timeout: float | None,
+        timed_reads: bool,
+        gated: bool,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        self._transport = transport
+        self._args = (method, path, body, deadline, read_timeout, timed_reads, gated, headers)
+        self._wrapped: UpstreamResponse | None = None
+
+    async def __aenter__(self) -> UpstreamResponse:
+        t = self._transport
+        method, path, body, deadline, read_timeout, timed_reads, gated, headers = self._args
+        session = t._session
+        assert session is not None  # checked by Transport.request
+        read: float | None = None
+        if timed_reads:
+            read = read_timeout if read_timeout is not None else t.read_timeout
+        connect = t.connect_timeout
+        pool_wait = t.pool_timeout
+        if deadline is not None:
+            remaining = max(deadline, 0.001)
+            connect, pool_wait = min(connect, remaining), min(pool_wait, remaining)
+            if read is not None:
+                read = min(read, remaining)
+        if gated:
+            await t._acquire(pool_wait)
+        try:
+            try:
+                resp = await session.request(
+                    method,
+                    t.base_url + path,
+                    data=body,
+                    headers=headers,
+                    timeout=t._timeout(connect, read),
+                    allow_redirects=False,
+                    proxy=t.proxy,
+                )
+            except Exception as exc:
+                mapped = t.mapped(exc, stage="request", read=read, connect=connect)
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+            try:
+                if resp.status == 407:
+                    # Only a proxy answers 407; over CONNECT aiohttp raises it, for an http
+                    # upstream it arrives as a response. Either way: the proxy, not the caller.
+                    raise errors.UpstreamUnavailable(
+                        f"{t.name}: the proxy {t._proxy_name()} refused the request: HTTP 407 "
+                        "Proxy Authentication Required (check the proxy credentials)",
+                        provider=t.name,
+                        upstream_status=407,
+                    )
+                wrapped = UpstreamResponse(resp, t)
+            except BaseException:
+                resp.close()
+                raise
+        except BaseException:
+            if gated:
+                t._release()
+            raise
+        self._wrapped = wrapped
+        return wrapped
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        wrapped, self._wrapped = self._wrapped, None
+        try:
+            if wrapped is not None:
+                wrapped.close()
+        finally:
+            if self._args[6]:  # gated
+                self._transport._release()
+
+
 class Transport:
     """One provider's HTTP: session, pool, proxy, TLS trust, error mapping."""
 
@@ -259,6 +357,7 @@ class Transport:
         self._slots = asyncio.Semaphore(max_connections)
         self._in_use = 0
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float, float | None], aiohttp.ClientTimeout] = {}
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -281,11 +380,17 @@ class Transport:
             auto_decompress=False,
             trust_env=False,  # proxies resolved once above
             headers=self.headers,
-            skip_auto_headers=("User-Agent",),
+            # aiohttp's own User-Agent is never sent. A skip list makes aiohttp copy the headers
+            # and build a CIMultiDict of it per request, so it is given only when there is no
+            # User-Agent of our own (which aiohttp then leaves alone anyway).
+            skip_auto_headers=None if self._has_user_agent() else ("User-Agent",),
             max_line_size=_MAX_LINE,
             max_field_size=_MAX_FIELD,
             timeout=aiohttp.ClientTimeout(total=None),
         )
+
+    def _has_user_agent(self) -> bool:
+        return any(k.lower() == "user-agent" for k in self.headers)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -294,8 +399,7 @@ class Transport:
 
     # --- requests ------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def request(
+    def request(
         self,
         method: str,
         path: str,
@@ -306,64 +410,31 @@ class Transport:
         timed_reads: bool = True,
         gated: bool = True,
         headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[UpstreamResponse]:
+    ) -> _Exchange:
         """Send a request and yield its response (any status); closed on exit, whatever the reason.
 
-        `deadline` is the seconds the caller will still wait: it bounds the pool wait, the
-        connect and each read. `read_timeout` overrides the provider's for this call.
-        `timed_reads=False`: no read timeout at all, the caller times each wait itself (the
-        completion service's time-to-first-token and stall timer); the pool wait and the
-        connect stay bounded. `gated=False` (health, discovery) skips the slot gate and uses
-        the reserve. `headers` are added to the session's for this request only (a credential
-        that changes while the provider runs: Vertex's OAuth2 access token).
+        `async with transport.request(...) as resp:`. `deadline` is the seconds the caller will
+        still wait: it bounds the pool wait, the connect and each read. `read_timeout`
+        overrides the provider's for this call. `timed_reads=False`: no read timeout at all,
+        the caller times each wait itself (the completion service's time-to-first-token and
+        stall timer); the pool wait and the connect stay bounded. `gated=False` (health,
+        discovery) skips the slot gate and uses the reserve. `headers` are added to the
+        session's for this request only (a credential that changes while the provider runs:
+        Vertex's OAuth2 access token).
         """
         if self._session is None:
             raise RuntimeError(f"provider {self.name} used before start()")
-        read: float | None = None
-        if timed_reads:
-            read = read_timeout if read_timeout is not None else self.read_timeout
-        connect = self.connect_timeout
-        pool_wait = self.pool_timeout
-        if deadline is not None:
-            remaining = max(deadline, 0.001)
-            connect, pool_wait = min(connect, remaining), min(pool_wait, remaining)
-            if read is not None:
-                read = min(read, remaining)
-        if gated:
-            await self._acquire(pool_wait)
-        try:
+        return _Exchange(self, method, path, body, deadline, read_timeout, timed_reads, gated, headers)
+
+    def _timeout(self, connect: float, read: float | None) -> aiohttp.ClientTimeout:
+        """The aiohttp timeout for these bounds, reused: most requests share a few."""
+        key = (connect, read)
+        timeout = self._timeouts.get(key)
+        if timeout is None:
             timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect, sock_read=read)
-            with self.mapped_errors(stage="request", read=read, connect=connect):
-                resp = await self._session.request(
-                    method,
-                    self.base_url + path,
-                    data=body,
-                    headers=headers,
-                    timeout=timeout,
-                    allow_redirects=False,
-                    proxy=self.proxy,
-                )
-            wrapped: UpstreamResponse | None = None
-            try:
-                if resp.status == 407:
-                    # Only a proxy answers 407; over CONNECT aiohttp raises it, for an http
-                    # upstream it arrives as a response. Either way: the proxy, not the caller.
-                    raise errors.UpstreamUnavailable(
-                        f"{self.name}: the proxy {self._proxy_name()} refused the request: HTTP 407 "
-                        "Proxy Authentication Required (check the proxy credentials)",
-                        provider=self.name,
-                        upstream_status=407,
-                    )
-                wrapped = UpstreamResponse(resp, self)
-                yield wrapped
-            finally:
-                if wrapped is not None:
-                    wrapped.close()
-                else:
-                    resp.close()
-        finally:
-            if gated:
-                self._release()
+            if len(self._timeouts) < _MAX_CACHED:  # a short deadline clamps to any value: keep a few
+                self._timeouts[key] = timeout
+        return timeout
 
     async def _acquire(self, wait: float) -> None:
         if not self._slots.locked():
@@ -398,8 +469,24 @@ class Transport:
         """aiohttp/OS/TLS errors -> the broker's typed errors, worded for where they happened.
 
         A sync context manager so it can wrap an await or a yield alike; BrokerErrors and
-        cancellation pass through untouched.
+        cancellation pass through untouched. The hot paths (a request, a body read) call
+        `mapped` from their own `except` instead: this is a generator per use.
         """
+        try:
+            yield
+        except Exception as exc:
+            mapped = self.mapped(exc, stage=stage, read=read, connect=connect)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def mapped(
+        self, exc: Exception, *, stage: str, read: float | None = None, connect: float | None = None
+    ) -> Exception:
+        """The broker's error for `exc` (raise it `from exc`), or `exc` itself when it is not
+        one to map (a BrokerError, anything not aiohttp's, OS's or TLS's): re-raise it."""
+        if isinstance(exc, errors.BrokerError):
+            return exc
         read = self.read_timeout if read is None else read
         connect = self.connect_timeout if connect is None else connect
         mid = stage == "body"
@@ -408,67 +495,60 @@ class Transport:
         def failed(kind: type[errors.BrokerError], what: str) -> errors.BrokerError:
             return kind(f"{self.name}: {what}", provider=self.name)
 
-        try:
-            yield
-        except errors.BrokerError:
-            raise
-        except _BrokenFraming as exc:
-            raise failed(
-                errors.UpstreamProtocolError, f"the upstream sent invalid HTTP ({_short(exc)})"
-            ) from exc
-        except aiohttp.ClientHttpProxyError as exc:
-            raise failed(
+        if isinstance(exc, _BrokenFraming):
+            return failed(errors.UpstreamProtocolError, f"the upstream sent invalid HTTP ({_short(exc)})")
+        if isinstance(exc, aiohttp.ClientHttpProxyError):
+            return failed(
                 errors.UpstreamUnavailable,
                 f"the proxy {self._proxy_name()} refused the request: HTTP {exc.status} {exc.message}",
-            ) from exc
-        except aiohttp.ClientProxyConnectionError as exc:
-            raise failed(
+            )
+        if isinstance(exc, aiohttp.ClientProxyConnectionError):
+            return failed(
                 errors.UpstreamUnavailable, f"cannot reach the proxy {self._proxy_name()}: {_os_reason(exc)}"
-            ) from exc
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise failed(
+            )
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            return failed(
                 errors.UpstreamUnavailable,
                 f"TLS certificate verification failed for {display_url(self.base_url)}: {exc.certificate_error}",
-            ) from exc
-        except (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError, ssl.SSLError) as exc:
-            raise failed(
+            )
+        if isinstance(exc, (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError, ssl.SSLError)):
+            return failed(
                 errors.UpstreamUnavailable,
                 f"TLS handshake with {display_url(self.base_url)} failed: {_os_reason(exc)}",
-            ) from exc
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise failed(
-                errors.UpstreamTimeout, f"cannot reach {base}: no connection within {connect:g}s"
-            ) from exc
-        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+            )
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return failed(errors.UpstreamTimeout, f"cannot reach {base}: no connection within {connect:g}s")
+        if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
             if mid:
-                raise errors.stream_stalled(self.name, read) from exc
-            raise failed(errors.UpstreamTimeout, f"no response within {read:g}s") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise failed(
+                return errors.stream_stalled(self.name, read)
+            return failed(errors.UpstreamTimeout, f"no response within {read:g}s")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return failed(
                 errors.UpstreamUnavailable, f"cannot reach {base}: connection failed ({_os_reason(exc)})"
-            ) from exc
-        except aiohttp.ClientPayloadError as exc:
+            )
+        if isinstance(exc, aiohttp.ClientPayloadError):
             # "Response payload is not completed": the connection ended inside the body.
-            raise failed(
+            return failed(
                 errors.UpstreamUnavailable,
                 f"connection lost {'mid-stream' if mid else 'inside the answer'} ({_payload_reason(exc)})",
-            ) from exc
-        except aiohttp.ServerDisconnectedError as exc:
+            )
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
             what = (
                 "connection lost mid-stream" if mid else "the server closed the connection before answering"
             )
-            raise failed(errors.UpstreamUnavailable, what) from exc
-        except aiohttp.ClientResponseError as exc:
+            return failed(errors.UpstreamUnavailable, what)
+        if isinstance(exc, aiohttp.ClientResponseError):
             # aiohttp's parser refusing the status line, headers or chunk framing (oversize,
             # malformed, a negative or non-hex chunk size).
             detail = exc.__cause__ if exc.__cause__ is not None else exc.message
-            raise failed(
+            return failed(
                 errors.UpstreamProtocolError,
                 f"the upstream sent invalid HTTP ({_short(getattr(detail, 'message', detail))})",
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
+            )
+        if isinstance(exc, (aiohttp.ClientError, OSError)):
             what = "connection lost mid-stream" if mid else f"cannot reach {base}"
-            raise failed(errors.UpstreamUnavailable, f"{what}: {_os_reason(exc)}") from exc
+            return failed(errors.UpstreamUnavailable, f"{what}: {_os_reason(exc)}")
+        return exc
 
     def _proxy_name(self) -> str:
         if self.proxy is None:
