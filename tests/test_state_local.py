@@ -34,6 +34,17 @@ def test_windows_are_the_utc_day_and_month_and_roll_over_at_their_ends() -> None
     assert windows(at(2026, 1, 1))[0].id == "20260101"
 
 
+def test_windows_remembered_within_a_day_are_the_windows_computed_afresh() -> None:
+    from broker.state import budget
+
+    instants = [at(2025, 12, 31, 23, 59, 59), at(2025, 12, 31, 23, 59, 59) + 0.999, at(2026, 1, 1)]
+    instants += [at(2026, 1, 1) - 1e-6, at(2026, 1, 1, 0, 0, 1), at(2024, 2, 29), at(2024, 2, 28, 23, 59, 59)]
+    instants += [at(2024, 3, 1), at(2024, 2, 29, 12), at(2030, 6, 15, 8), 0.0, at(2024, 3, 1) - 0.5]
+    for now in instants + instants[::-1]:
+        assert windows(now) == budget._windows(now), now
+        assert windows(now) == budget._windows(now), now  # remembered this time
+
+
 def test_budget_check_refuses_at_the_budget_with_retry_to_the_reset() -> None:
     policy = KeyPolicy("team-a", budget_day_micro_usd=25_000_000, budget_month_micro_usd=500_000_000)
     day, month = windows(at(2025, 3, 10, 18))

@@ -37,7 +37,16 @@ class Window:
 
 
 def windows(now: float) -> tuple[Window, Window]:
-    """The UTC day and month that contain `now` (epoch seconds)."""
+    """The UTC day and month that contain `now` (epoch seconds). Every admission and every
+    charge asks, so the last answer is kept: within its day (UTC days are all 86,400 s) it is
+    the answer, and the dates are formatted once a day instead of twice per request."""
+    last = _last
+    if last[0].start <= now < last[0].reset:
+        return last
+    return _remember(_windows(now))
+
+
+def _windows(now: float) -> tuple[Window, Window]:
     t = dt.datetime.fromtimestamp(now, dt.UTC)
     day0 = dt.datetime(t.year, t.month, t.day, tzinfo=dt.UTC)
     month0 = dt.datetime(t.year, t.month, 1, tzinfo=dt.UTC)
@@ -45,6 +54,17 @@ def windows(now: float) -> tuple[Window, Window]:
     day = Window("day", day0.strftime("%Y%m%d"), day0.timestamp(), day0.timestamp() + _DAY)
     month = Window("month", month0.strftime("%Y%m"), month0.timestamp(), month1.timestamp())
     return day, month
+
+
+# The last answer of `windows`, replaced whole (a thread never sees half of one). It starts
+# as an empty window, which contains no time.
+_last: tuple[Window, Window] = (Window("day", "", 0.0, 0.0), Window("month", "", 0.0, 0.0))
+
+
+def _remember(answer: tuple[Window, Window]) -> tuple[Window, Window]:
+    global _last
+    _last = answer
+    return answer
 
 
 def _usd(micro: int) -> str:

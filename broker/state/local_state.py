@@ -47,7 +47,8 @@ class LocalState(StateStore):
 
     def _key(self, policy: KeyPolicy) -> _Key:
         k = self._keys.get(policy.name)
-        if k is None or k.policy != policy:
+        # `is` first: the same policy object every call, unless a reload made a new one.
+        if k is None or (k.policy is not policy and k.policy != policy):
             # New, or its limits changed (a config reload): fresh buckets; the streams in
             # flight and the window counters carry over.
             requests = tokens = None
