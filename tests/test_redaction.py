@@ -231,7 +231,9 @@ def test_redact_fields_is_redact_per_string_or_none() -> None:
 
     s = fresh()
     fields = {"a": f"said {s}", "b": 3, "c": None, "d": 0.5, "e": True, "f": "", "g": "plain"}
-    assert redact_fields(fields, 100) == {k: redact(v) if isinstance(v, str) else v for k, v in fields.items()}
+    assert redact_fields(fields, 100) == {
+        k: redact(v) if isinstance(v, str) else v for k, v in fields.items()
+    }
     assert redact_fields({"x": "y" * 101}, 100) is None  # over the limit: the caller bounds it first
     assert redact_fields({"x": [s]}, 100) is None  # not plain: the general path
     assert redact_fields({"x": ValueError(s)}, 100) is None
