@@ -13,7 +13,8 @@ Shape of a trace, one per RPC:
 - the server span `modelbroker.v1.ModelBroker/<Method>` (kind SERVER), a child of the
   caller's `traceparent` (W3C trace context read from the gRPC metadata, with `baggage`),
   started by the auth gate before admission (refusals are traced too) and ended when
-  the RPC ends (`Gatekeeper.enter` and `leave`, broker/auth.py); the request scope adds the request's outcome (broker/scope.py);
+  the RPC ends (`Gatekeeper.enter` and `leave`, broker/auth.py); the request scope adds
+  the request's outcome (broker/scope.py);
 - per upstream attempt a client span `chat <model>` or `embeddings <model>` (kind CLIENT),
   a child of the server span: retries and fallbacks are siblings, numbered by
   `modelbroker.attempt` in the order the request log counts them.
