@@ -67,6 +67,17 @@ RESERVED = frozenset(
         MAX_COMPLETION_TOKENS,
     }
 )
+# Enum members as module constants for the per-request code: in Python 3.11 an attribute of
+# an Enum class goes through EnumType's __getattr__ hook (no attribute specialisation), about
+# 1k instructions per `Role.USER`; a module global is a dict hit.
+_USER, _SYSTEM, _ASSISTANT, _TOOL = Role.USER, Role.SYSTEM, Role.ASSISTANT, Role.TOOL
+_CHOICE_TOOL, _CHOICE_DEFAULT = ToolChoiceMode.TOOL, ToolChoiceMode.DEFAULT
+_FORMAT_DEFAULT, _FORMAT_JSON, _FORMAT_TEXT, _FORMAT_SCHEMA = (
+    ResponseFormat.DEFAULT,
+    ResponseFormat.JSON,
+    ResponseFormat.TEXT,
+    ResponseFormat.JSON_SCHEMA,
+)
 _BUDGET_ELSEWHERE = (
     "this provider takes a reasoning effort (minimal, low, medium, high), not a token budget; "
     "use provider_options for a server-specific budget such as vLLM's thinking_token_budget"
@@ -142,9 +153,9 @@ def build_body(
     if request.tools:
         body["tools"] = [_tool(i, t, target) for i, t in enumerate(request.tools)]
     choice = request.tool_choice
-    if choice.mode == ToolChoiceMode.TOOL:
+    if choice.mode == _CHOICE_TOOL:
         body["tool_choice"] = {"type": "function", "function": {"name": choice.tool_name}}
-    elif choice.mode != ToolChoiceMode.DEFAULT:
+    elif choice.mode != _CHOICE_DEFAULT:
         body["tool_choice"] = choice.mode.value  # "auto" | "none" | "required"
     p = request.params
     if p.temperature is not None:
@@ -160,11 +171,14 @@ def build_body(
         body["stop"] = list(p.stop)
     if p.seed is not None:
         body["seed"] = p.seed
-    if p.response_format == ResponseFormat.JSON:
+    fmt = p.response_format
+    if fmt == _FORMAT_DEFAULT:
+        pass
+    elif fmt == _FORMAT_JSON:
         body["response_format"] = {"type": "json_object"}
-    elif p.response_format == ResponseFormat.TEXT:
+    elif fmt == _FORMAT_TEXT:
         body["response_format"] = {"type": "text"}
-    elif p.response_format == ResponseFormat.JSON_SCHEMA:
+    elif fmt == _FORMAT_SCHEMA:
         body["response_format"] = _json_schema(request, target)
     if p.reasoning is not None:
         body.update(_reasoning(p.reasoning, target))
@@ -177,6 +191,8 @@ def build_body(
     # Without this OpenAI sends no usage at all when streaming, and cost needs it.
     body["stream_options"] = {"include_usage": True}
     # Last: the caller's vendor parameters may add to the body, never change what is in it.
+    if not request.provider_options:
+        return body  # (merge_options would say so too, a call later)
     return merge_options(
         body, request.provider_options, provider_type=request.provider_type or "openai", reserved=RESERVED
     )
@@ -226,15 +242,20 @@ def _json_schema(request: CompletionRequest, target: WireTarget) -> dict[str, An
 
 
 def _message(i: int, m: Message) -> dict[str, Any]:
-    if m.role != Role.USER and m.has_document():
+    role_in = m.role
+    parts = m.content
+    if role_in == _USER and len(parts) == 1 and type(parts[0]) is TextPart:
+        # One text part (most user turns): what the general path below makes of it.
+        return {"role": "user", "content": parts[0].text}
+    if role_in != _USER and m.has_document():
         raise errors.InvalidRequest(
             [(f"messages[{i}].content", "documents are only accepted in user messages")]
         )
-    if m.role == Role.TOOL:
+    if role_in == _TOOL:
         return {"role": "tool", "tool_call_id": m.tool_call_id, "content": m.text()}
-    if m.role != Role.USER and m.has_image():
+    if role_in != _USER and m.has_image():
         raise errors.InvalidRequest([(f"messages[{i}].content", "images are only accepted in user messages")])
-    if m.role == Role.ASSISTANT:
+    if role_in == _ASSISTANT:
         # m.text() is the answer text alone: reasoning parts are not sent back (module docstring).
         out: dict[str, Any] = {"role": "assistant", "content": m.text()}
         if m.tool_calls:
@@ -245,7 +266,7 @@ def _message(i: int, m: Message) -> dict[str, Any]:
             # The spec's shape for a pure tool-call turn: content is null, not "".
             out["content"] = out["content"] or None
         return out
-    role = "system" if m.role == Role.SYSTEM else "user"
+    role = "system" if role_in == _SYSTEM else "user"
     content = [(j, p) for j, p in enumerate(m.content) if not isinstance(p, ReasoningPart)]
     plain = all(isinstance(p, TextPart) for _, p in content)
     if plain and (role == "system" or len(content) <= 1):

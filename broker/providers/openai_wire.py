@@ -77,6 +77,14 @@ _FINISH = {
     "content_filter": FinishReason.CONTENT_FILTER,
     "function_call": FinishReason.TOOL_CALLS,  # the deprecated name of the same thing
 }
+# Once per stream, but `FinishReason.STOP` is a slow lookup in Python 3.11 (EnumType's
+# __getattr__ hook, ~1k instructions): module constants (see openai_request).
+_STOP, _OTHER, _REFUSAL, _TOOL_CALLS = (
+    FinishReason.STOP,
+    FinishReason.OTHER,
+    FinishReason.REFUSAL,
+    FinishReason.TOOL_CALLS,
+)
 _SNIPPET = 200
 # A refusal's explanation is kept up to this many characters (the fragments are concatenated;
 # a refusal is a sentence or two, and the rest would only grow the answer).
@@ -135,7 +143,7 @@ class ChunkParser:
                     self._delta(delta, text, events)
             reason = choice.get("finish_reason")
             if reason and isinstance(reason, str):
-                self._finish = _FINISH.get(reason, FinishReason.OTHER)
+                self._finish = _FINISH.get(reason, _OTHER)
                 events.extend(self._close_empty_calls())
         return events
 
@@ -223,13 +231,13 @@ class ChunkParser:
         """
         reason = self._finish
         refusal = Refusal(explanation="".join(self._refusal)) if self._refusal else None
-        if refusal is not None and reason in (None, FinishReason.STOP):
-            reason = FinishReason.REFUSAL
+        if refusal is not None and reason in (None, _STOP):
+            reason = _REFUSAL
         elif reason is None:
-            reason = FinishReason.STOP if self._content else FinishReason.OTHER
-        if reason == FinishReason.STOP and self._calls:
+            reason = _STOP if self._content else _OTHER
+        if reason == _STOP and self._calls:
             # Some compatible servers report "stop" after tool calls; callers loop on tool_calls.
-            reason = FinishReason.TOOL_CALLS
+            reason = _TOOL_CALLS
         usage = self._usage
         return EndEvent(
             finish_reason=reason,
