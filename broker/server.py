@@ -293,10 +293,10 @@ class BrokerServer:
                 else []
             ),
             ("grpc.so_reuseport", 1 if reuse_port else 0),
-            # Not set: grpc.server.max_pending_requests. It would let a burst of more than 1000
-            # new calls wait to be accepted instead of being CANCELLED by grpc (the 10,000-stream
-            # bench row), but setting it at all costs ~2.4 ms per request at c=1 (measured:
-            # unary p50 1.59 -> 3.94 ms), so the burst limit stays grpc's.
+            # Not set: grpc.server.max_pending_requests(_hard_limit). Under a burst of 10,000
+            # streams from another process grpc.aio still CANCELs part of it before any handler
+            # runs, with or without them (the bare null server too: 2,723 of 10,000 in the
+            # bench's held-stream row); they help only a client in the server's own process.
         ]
         # Caller limits, budgets and usage: Redis with state.redis_url, else this process
         # (broker/state/); readiness follows its policy when Redis is unavailable.
